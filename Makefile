@@ -1,0 +1,51 @@
+# catdog-serve: `make serve` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODELS_DIR ?= models
+# The development dataset, when it is beside the checkout; the build runs without it too.
+DATA ?= $(firstword $(wildcard ../shared/data/catdog-web))
+DATA_ARG := $(if $(DATA),--data $(DATA))
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: install models verify report serve test lint bench train clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+	touch $@
+
+models: $(MODELS_DIR)/manifest.json
+
+$(MODELS_DIR)/manifest.json: $(VENV)/.installed $(wildcard model_export/weights/*) $(wildcard model_export/*.py)
+	$(PY) -m model_export build --out $(MODELS_DIR) $(DATA_ARG)
+
+verify: models
+	$(PY) -m model_export verify --out $(MODELS_DIR) $(DATA_ARG)
+
+report: models
+	$(PY) -m model_export report --out $(MODELS_DIR) --plot docs/frontier.png
+
+serve: models
+	CATDOG_MODELS_DIR=$(MODELS_DIR) $(VENV)/bin/catdog-serve --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: models lint
+	$(PY) -m pytest
+
+bench: models
+	$(PY) -m bench --models-dir $(MODELS_DIR)
+
+# Developers only: retrain on the dataset, then recalibrate int8 and record the evaluation.
+train: $(VENV)/.installed
+	$(PY) -m model_export train --data $(DATA)
+	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --calibrate
+
+clean:
+	rm -rf $(MODELS_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Build step: ImageNet backbones -> fine-tuned cat/dog classifiers -> verified ONNX + manifest."""

@@ -1,0 +1,307 @@
+"""`model_export build`: pinned sources + committed weights -> verified ONNX files + manifest.
+
+Runs without the dataset (users, containers). Given the dataset it also measures accuracy,
+calibration and the cascade on the documented split; without it, those figures come from the
+evaluation recorded by the last build that had the dataset, and only if it was made from the very
+same committed weights.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_export import backbones, onnx_tools, sources
+from model_export.calibration import choose_cascade_threshold, cascade_outcome, quality, softmax
+from model_export.data import Split, load_images, stratified_split
+from model_export.quantize import quantize
+from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
+from model_export.weights_io import load_weights, read_record
+from service.manifest import (
+    CascadeEntry, InputSpec, Latency, Manifest, Metrics, ModelEntry, OutputSpec, Parity, Provenance,
+    sha256_file, write_manifest,
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+EVALUATION_RECORD = WEIGHTS_DIR / "evaluation.json"
+PARITY_TOLERANCE = 1e-4
+INT8_MAX_ACCURACY_DROP = 0.003
+INT8_MIN_AGREEMENT = 0.995
+N_PARITY_IMAGES = 32
+N_CALIBRATION_IMAGES = 64
+
+
+class ParityError(RuntimeError):
+    """An exported file does not reproduce its reference closely enough."""
+
+
+@dataclass
+class Built:
+    spec: ModelSpec
+    name: str
+    precision: str
+    path: Path
+    parity: Parity
+    exporter: str
+    parameters: int
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def synthetic_images(size: int, n: int, seed: int = 0) -> np.ndarray:
+    """Smooth random colour fields: stand-ins for photos when the dataset is absent."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float32)
+    from PIL import Image
+
+    return np.stack([
+        np.asarray(Image.fromarray(c.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))
+        for c in coarse
+    ])  # fmt: skip
+
+
+def keras_classifier(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
+    artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
+    base = backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size)
+    backbone = backbones.split_backbone(spec.family, base, spec.input_size)
+    head = backbones.top_model(backbone, len(LABELS))
+    backbones.apply_weights(head, load_weights(spec.weights_file))
+    return backbones.classifier(backbone, head, spec.name), artifact
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, temperature: float, what: str) -> Parity:
+    ref, cand = softmax(reference, temperature), softmax(candidate, temperature)
+    return Parity(
+        reference=what,
+        n_images=len(ref),
+        max_abs_diff_probability=float(np.abs(ref - cand).max()),
+        prediction_agreement=float((ref.argmax(1) == cand.argmax(1)).mean()),
+    )
+
+
+def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, temperature: float) -> Built:
+    model, _ = keras_classifier(spec, cache_dir)
+    path = out / f"{spec.name}.onnx"
+    exporter = onnx_tools.export_keras(model, path)
+    log.info("%s: exported, ops %s", spec.name, onnx_tools.check(path))
+    expected = model.predict(probe, batch_size=8, verbose=0)
+    actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
+    parity = compare(expected, actual, temperature, "keras (tensorflow backend)")
+    if parity.max_abs_diff_probability > PARITY_TOLERANCE:
+        raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
+    return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()))
+
+
+def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, temperature: float) -> Built:
+    path = fp32.path.with_name(f"{int8_name(fp32.name)}.onnx")
+    input_name, _ = onnx_tools.io_names(fp32.path)
+    quantize(fp32.path, path, fp32.spec.calibration_cache, input_name, calibration)
+    if calibration is not None:
+        _slim_calibration_cache(fp32.spec.calibration_cache)
+    onnx_tools.check(path)
+    reference = onnx_tools.run_batches(onnx_tools.session(fp32.path, 2), probe)
+    actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
+    parity = compare(reference, actual, temperature, f"{fp32.name} fp32 onnx")
+    exporter = f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile"
+    return Built(fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters)
+
+
+def _slim_calibration_cache(path: Path) -> None:
+    """Keep only each tensor's range: the histograms are large and quantization never reads them."""
+    payload = json.loads(path.read_text())
+    for entry in payload.get("data", {}).values():
+        if isinstance(entry, dict):
+            for key in ("hist", "bins", "hist_edges"):
+                entry.pop(key, None)
+    path.write_text(json.dumps(payload, sort_keys=True) + "\n")
+
+
+def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
+    return onnx_tools.run_batches(onnx_tools.session(path, 2), images)
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str) -> Metrics:
+    q = quality(logits, labels, temperature)
+    return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
+                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]  # fmt: skip
+
+
+class Evaluation:
+    """Logits of every built model on the val and test splits, when the dataset is present."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+        self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.logits: dict[tuple[str, str], np.ndarray] = {}
+
+    def images(self, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if (name, size) not in self._images:
+            loaded = load_images(self.split.samples[name], size, f"{name} images {size}px")
+            self._images[(name, size)] = (loaded.arrays, loaded.labels)
+        return self._images[(name, size)]
+
+    def run(self, built: Built, split_name: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.images(split_name, built.spec.input_size)
+        key = (built.name, split_name)
+        if key not in self.logits:
+            self.logits[key] = logits_on(built.path, images)
+        return self.logits[key], labels
+
+
+def int8_is_kept(fp32: Built, int8: Built, evaluation: Evaluation | None, previous: dict[str, Any]) -> bool:
+    """Measured on val when the dataset is here; otherwise the recorded decision for these weights."""
+    if evaluation is None:
+        return bool(previous.get("int8_kept", {}).get(int8.name, False))
+    fp_logits, labels = evaluation.run(fp32, "val")
+    q_logits, _ = evaluation.run(int8, "val")
+    drop = float((fp_logits.argmax(1) == labels).mean() - (q_logits.argmax(1) == labels).mean())
+    agreement = float((fp_logits.argmax(1) == q_logits.argmax(1)).mean())
+    kept = drop <= INT8_MAX_ACCURACY_DROP and agreement >= INT8_MIN_AGREEMENT
+    log.info("%s: val accuracy drop %.4f, agreement %.4f -> %s", int8.name, drop, agreement,
+             "kept" if kept else "dropped")  # fmt: skip
+    return kept
+
+
+def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recalibrate: bool = False) -> Manifest:
+    record = read_record()
+    out.mkdir(parents=True, exist_ok=True)
+    split = stratified_split(data, record["split"]["seed"], tuple(record["split"]["fractions"])) if data else None
+    if split is not None and split.sha256 != record["split"]["sha256"]:
+        log.warning("dataset split %s differs from the one trained on (%s): figures are not comparable",
+                    split.sha256[:12], record["split"]["sha256"][:12])  # fmt: skip
+    if recalibrate and split is None:
+        raise ValueError("--calibrate needs --data")
+    evaluation = Evaluation(split) if split is not None else None
+    previous = _previous_evaluation(record)
+    entries: dict[str, ModelEntry] = {}
+    int8_kept: dict[str, bool] = {}
+    built_models: dict[str, Built] = {}
+    for spec in MODEL_SPECS:
+        temperature = float(record["models"][spec.name]["temperature"])
+        probe = (evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES] if evaluation
+                 else synthetic_images(spec.input_size, N_PARITY_IMAGES))  # fmt: skip
+        fp32 = export_fp32(spec, out, cache_dir, probe, temperature)
+        calibration = None
+        if recalibrate and evaluation is not None:
+            calibration = load_images(evaluation.split.samples["train"][::20][:N_CALIBRATION_IMAGES],
+                                      spec.input_size, "calibration images").arrays  # fmt: skip
+        int8 = export_int8(fp32, calibration, probe, temperature)
+        int8_kept[int8.name] = int8_is_kept(fp32, int8, evaluation, previous)
+        if not int8_kept[int8.name]:
+            int8.path.unlink()
+        for built in (fp32, int8) if int8_kept[int8.name] else (fp32,):
+            built_models[built.name] = built
+            entries[built.name] = _entry(built, temperature, record, split, evaluation, previous, threads)
+    cascades = [_cascade(entries, built_models, evaluation, previous)]
+    manifest = Manifest(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), models=entries,
+                        cascades=cascades, default_model=DEFAULT_MODEL)  # fmt: skip
+    write_manifest(manifest, out / "manifest.json")
+    if evaluation is not None and recalibrate:
+        _record_evaluation(manifest, int8_kept, record)
+    log.info("wrote %s with %d models", out / "manifest.json", len(entries))
+    return manifest
+
+
+def _previous_evaluation(record: dict[str, Any]) -> dict[str, Any]:
+    """The recorded evaluation, if it was measured on exactly the committed weights."""
+    if not EVALUATION_RECORD.exists():
+        return {}
+    saved: dict[str, Any] = json.loads(EVALUATION_RECORD.read_text())
+    weights = {name: m["weights_sha256"] for name, m in record["models"].items()}
+    if saved.get("weights_sha256") != weights:
+        log.warning("recorded evaluation is for other weights; manifest will carry no accuracy figures")
+        return {}
+    return saved
+
+
+def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: dict[str, Any]) -> None:
+    payload = {
+        "weights_sha256": {name: m["weights_sha256"] for name, m in record["models"].items()},
+        "split_sha256": record["split"]["sha256"],
+        "int8_kept": int8_kept,
+        "models": {name: {"val": e.val.model_dump() if e.val else None,
+                          "test": e.test.model_dump() if e.test else None}
+                   for name, e in manifest.models.items()},  # fmt: skip
+        "cascades": [c.model_dump() for c in manifest.cascades],
+    }
+    EVALUATION_RECORD.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    log.info("int8 decisions and figures recorded in %s", EVALUATION_RECORD)
+
+
+def _entry(built: Built, temperature: float, record: dict[str, Any], split: Split | None,
+           evaluation: Evaluation | None, previous: dict[str, Any], threads: int) -> ModelEntry:  # fmt: skip
+    spec, trained = built.spec, record["models"][built.spec.name]
+    artifact = sources.ARTIFACTS[trained["source"]]
+    if evaluation is not None:
+        val = metrics(*evaluation.run(built, "val"), temperature, "val")
+        test = metrics(*evaluation.run(built, "test"), temperature, "test")
+    else:
+        saved = previous.get("models", {}).get(built.name, {})
+        val = Metrics(**saved["val"]) if saved.get("val") else None
+        test = Metrics(**saved["test"]) if saved.get("test") else None
+    sess = onnx_tools.session(built.path, threads)
+    input_name, output_name = onnx_tools.io_names(built.path)
+    digest = sha256_file(built.path)
+    return ModelEntry(
+        name=built.name, version=digest[:12], family=spec.family, precision=built.precision,  # type: ignore[arg-type]
+        file=built.path.name, sha256=digest, labels=list(LABELS), temperature=temperature,
+        input=InputSpec(name=input_name, height=spec.input_size, width=spec.input_size,
+                        in_graph_normalisation=backbones.IN_GRAPH_NORMALISATION),
+        output=OutputSpec(name=output_name), test=test, val=val,
+        latency=Latency(p50_ms_batch1=onnx_tools.latency_p50_ms(sess, spec.input_size, 1),
+                        p50_ms_batch8=onnx_tools.latency_p50_ms(sess, spec.input_size, 8),
+                        intra_op_threads=threads, machine=onnx_tools.machine_description()),
+        parameters=built.parameters, flops=onnx_tools.count_flops(built.path), parity=built.parity,
+        provenance=Provenance(
+            source_artifact=artifact.pinned_as, source_sha256=artifact.digest or "",
+            trained_weights_sha256=trained["weights_sha256"],
+            dataset_split_sha256=record["split"]["sha256"], git_commit=git_commit(), exporter=built.exporter,
+        ),
+    )  # fmt: skip
+
+
+def _cascade(entries: dict[str, ModelEntry], built: dict[str, Built], evaluation: Evaluation | None,
+             previous: dict[str, Any]) -> CascadeEntry:  # fmt: skip
+    small, large = CASCADE
+    # Compute is counted in FLOPs, not measured latency: it is exact and the same on every machine.
+    cost_small, cost_large = entries[small].flops, entries[large].flops
+    if evaluation is None:
+        saved = next((c for c in previous.get("cascades", []) if c["small"] == small), None)
+        if saved is None:
+            raise ValueError("no dataset and no recorded cascade threshold: build once with --data")
+        rate = saved["escalation_rate_val"]
+        return CascadeEntry(**{**saved, "expected_cost_ratio": (cost_small + rate * cost_large) / cost_large})
+
+    def probs(name: str, split_name: str) -> tuple[np.ndarray, np.ndarray]:
+        logits, labels = evaluation.run(built[name], split_name)
+        return softmax(logits, entries[name].temperature), labels
+
+    (small_val, labels_val), (large_val, _) = probs(small, "val"), probs(large, "val")
+    choice = choose_cascade_threshold(small_val, large_val, labels_val)
+    (small_test, labels_test), (large_test, _) = probs(small, "test"), probs(large, "test")
+    test_accuracy, test_rate = cascade_outcome(small_test, large_test, labels_test, choice.threshold)
+    log.info("cascade %s->%s: threshold %.4f, val escalation %.3f, test accuracy %.4f, escalation %.3f",
+             small, large, choice.threshold, choice.escalation_rate, test_accuracy, test_rate)  # fmt: skip
+    return CascadeEntry(
+        small=small, large=large, threshold=choice.threshold, escalation_rate_val=choice.escalation_rate,
+        accuracy_val=choice.accuracy,
+        expected_cost_ratio=(cost_small + choice.escalation_rate * cost_large) / cost_large,
+        test_accuracy=test_accuracy, test_escalation_rate=test_rate,
+    )  # fmt: skip

@@ -1,0 +1,115 @@
+"""Probabilities, calibration (temperature scaling), quality metrics and cascade thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return float(-np.mean(np.log(picked)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins (Guo et al., 2017)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising validation NLL: golden-section search on log T in [-3, 3].
+
+    NLL is convex in 1/T for softmax, so a one-dimensional search finds the optimum.
+    """
+    lo, hi = -3.0, 3.0
+    ratio = (np.sqrt(5) - 1) / 2
+
+    def nll(log_t: float) -> float:
+        return log_loss(softmax(logits, float(np.exp(log_t))), labels)
+
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2))
+
+
+@dataclass(frozen=True)
+class Quality:
+    accuracy: float
+    log_loss: float
+    ece: float
+    ece_uncalibrated: float
+    n_images: int
+
+
+def quality(logits: np.ndarray, labels: np.ndarray, temperature: float) -> Quality:
+    calibrated = softmax(logits, temperature)
+    raw = softmax(logits)
+    return Quality(
+        accuracy=float((calibrated.argmax(1) == labels).mean()) if len(labels) else 0.0,
+        log_loss=log_loss(calibrated, labels),
+        ece=expected_calibration_error(calibrated, labels),
+        ece_uncalibrated=expected_calibration_error(raw, labels),
+        n_images=len(labels),
+    )
+
+
+@dataclass(frozen=True)
+class CascadeChoice:
+    threshold: float
+    escalation_rate: float
+    accuracy: float
+    large_accuracy: float
+
+
+def cascade_outcome(
+    small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, threshold: float
+) -> tuple[float, float]:
+    """(accuracy, escalation rate) of: answer with small unless its confidence < threshold."""
+    escalate = small_probs.max(axis=1) < threshold
+    predictions = np.where(escalate, large_probs.argmax(1), small_probs.argmax(1))
+    return float((predictions == labels).mean()), float(escalate.mean())
+
+
+def choose_cascade_threshold(
+    small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, tolerance: float = 0.002
+) -> CascadeChoice:
+    """Lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's.
+
+    Candidates are the small model's own confidences (plus 0 and just above 1), so the search is
+    exact on the data it is given. Escalation rate grows with the threshold, so the first candidate
+    that meets the accuracy target is the cheapest one.
+    """
+    large_accuracy = float((large_probs.argmax(1) == labels).mean())
+    target = large_accuracy - tolerance
+    confidences = np.unique(small_probs.max(axis=1))
+    candidates = np.concatenate([[0.0], confidences, [np.nextafter(1.0, 2.0)]])
+    for threshold in candidates:
+        accuracy, rate = cascade_outcome(small_probs, large_probs, labels, float(threshold))
+        if accuracy >= target - 1e-12:
+            return CascadeChoice(float(min(threshold, 1.0)), rate, accuracy, large_accuracy)
+    raise AssertionError("escalating everything always reaches the large model's accuracy")

@@ -1,0 +1,83 @@
+"""Thin command line over the model_export library: parse arguments, set up logging, call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from model_export.sources import default_cache_dir
+
+DEFAULT_MODELS_DIR = Path("models")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="download/feature cache")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train heads/top blocks on a dataset (developers)")
+    train.add_argument("--data", type=Path, required=True, help="ImageFolder root (cat/, dog/)")
+    train.add_argument("--only", nargs="*", help="train only these model names")
+    train.add_argument("--no-finetune", action="store_true", help="skip stage 2")
+    train.add_argument("--finetune-epochs", type=int, default=4)
+
+    build = commands.add_parser("build", help="rebuild ONNX models + manifest from committed weights")
+    build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
+    build.add_argument("--data", type=Path, default=None, help="dataset for evaluation (optional)")
+    build.add_argument("--calibrate", action="store_true",
+                       help="recompute int8 calibration ranges from the train split (needs --data)")  # fmt: skip
+    build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
+
+    verify = commands.add_parser("verify", help="re-check hashes and parity of built models")
+    verify.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
+    verify.add_argument("--data", type=Path, default=None, help="check parity on val photos")
+
+    report = commands.add_parser("report", help="print the manifest as a table")
+    report.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
+    report.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
+
+    fetch = commands.add_parser("fetch", help="download and verify pretrained weight sources")
+    fetch.add_argument("--source", action="append", help="artifact key (default: the defaults)")
+    fetch.add_argument("--source-digest", default=None, help="expected hash for an unpinned source")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.command == "train":
+        from model_export.train import TrainConfig
+        from model_export.training_run import train_all
+        from model_export.weights_io import read_record
+        from model_export.specs import TRAINING_RECORD
+
+        cfg = TrainConfig(finetune=not args.no_finetune, finetune_epochs=args.finetune_epochs)
+        previous = read_record() if TRAINING_RECORD.exists() else None
+        train_all(args.data, cfg, cache_dir, args.only, previous)
+        return 0
+    if args.command == "fetch":
+        from model_export import sources
+
+        for key in args.source or list(sources.DEFAULT_SOURCES.values()):
+            path = sources.fetch(sources.ARTIFACTS[key], cache_dir, args.source_digest)
+            logging.getLogger("model_export").info("%s verified: %s", key, path)
+        return 0
+    if args.command == "build":
+        from model_export.build import build_all
+
+        build_all(args.out, args.data, cache_dir, args.threads, recalibrate=args.calibrate)
+        return 0
+    if args.command == "verify":
+        from model_export.verify import verify_all
+
+        return verify_all(args.out, cache_dir, args.data)
+    if args.command == "report":
+        from model_export.report import print_report
+
+        print_report(args.out, args.plot)
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,108 @@
+"""ONNX export, structural checks, FLOP counting and bare onnxruntime timing."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+def export_keras(model: object, path: Path) -> str:
+    """Export a Keras (TensorFlow backend) model with a dynamic batch; return the exporter string."""
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One warm call in inference mode, as Keras requires before export.
+    shape = (1, *model.inputs[0].shape[1:])  # type: ignore[attr-defined]
+    model(np.zeros(shape, dtype=model.inputs[0].dtype), training=False)  # type: ignore[operator]
+    model.export(str(path), format="onnx", opset_version=OPSET, verbose=False)  # type: ignore[attr-defined]
+    check(path)
+    return f"keras {keras.__version__} (tensorflow {tf.__version__}) + tf2onnx {tf2onnx.__version__}, opset {OPSET}"
+
+
+def check(path: Path) -> dict[str, int]:
+    """onnx.checker full check; returns op counts so a slow, unfused graph is easy to spot."""
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch.dim_value:  # a fixed batch would silently break batching in the service
+        raise ValueError(f"{path} has a fixed batch dimension {batch.dim_value}")
+    return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def io_names(path: Path) -> tuple[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return model.graph.input[0].name, model.graph.output[0].name
+
+
+def count_flops(path: Path) -> int:
+    """FLOPs (2 x multiply-adds) of Conv, MatMul and Gemm for one image, via shape inference."""
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    }
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs = 0
+    for node in inferred.graph.node:
+        out = shapes.get(node.output[0])
+        if not out or 0 in out:
+            continue
+        if node.op_type == "Conv":
+            weight = inits.get(node.input[1]) or shapes.get(node.input[1])
+            if weight:  # weight: [M, C/group, kH, kW]; each output element costs C/group*kH*kW
+                macs += int(np.prod(out)) * int(np.prod(weight[1:]))
+        elif node.op_type in ("MatMul", "Gemm"):
+            weight = inits.get(node.input[1]) or shapes.get(node.input[1])
+            if weight:
+                macs += int(np.prod(out)) * int(weight[0])
+    return 2 * macs
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_batches(sess: ort.InferenceSession, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    outputs = [sess.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def latency_p50_ms(sess: ort.InferenceSession, size: int, batch: int, repeats: int = 20) -> float:
+    """Median wall time of one session.run on random uint8 input, after warm-up."""
+    name = sess.get_inputs()[0].name
+    data = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    for _ in range(3):
+        sess.run(None, {name: data})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, {name: data})
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def machine_description() -> str:
+    import os
+
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__}".replace("  ", " ")

@@ -1,0 +1,61 @@
+"""Static int8 quantization (QDQ, per-channel) with onnxruntime.quantization.
+
+Activation ranges come from a calibration cache: computed once from training images by a
+developer (`build --calibrate`) and committed, so every later build reproduces the same int8
+model without the dataset. Percentile calibration is used because MinMax ranges, stretched by a
+few extreme activations, destroyed Xception's accuracy (see docs/models.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+log = logging.getLogger(__name__)
+PERCENTILE = 99.99
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, input_name: str, images: np.ndarray, batch: int = 8) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            {input_name: images[i : i + batch]} for i in range(0, len(images), batch)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize(fp32: Path, int8: Path, cache: Path, input_name: str, images: np.ndarray | None) -> None:
+    """Write int8 from fp32. With images, (re)compute the cache from them; else the cache must exist."""
+    if images is None and not cache.exists():
+        raise FileNotFoundError(f"no calibration cache at {cache}; run `build --calibrate --data DIR`")
+    if images is not None and cache.exists():
+        cache.unlink()
+    prepared = int8.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantize_static(
+            str(prepared),
+            str(int8),
+            _Reader(input_name, images) if images is not None else None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            calibration_cache_path=cache,
+            extra_options={"CalibPercentile": PERCENTILE},
+        )
+    finally:
+        prepared.unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""`model_export train`: dataset -> trained heads (and tuned top blocks) -> committed weights.
+
+Only developers with the dataset run this. Its outputs (model_export/weights/) are committed, so
+users and CI rebuild the models without any data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from model_export import backbones, sources
+from model_export.calibration import fit_temperature, quality
+from model_export.data import Split, stratified_split
+from model_export.features import trunk_activations
+from model_export.specs import LABELS, MODEL_SPECS, ModelSpec
+from model_export.train import TrainConfig, stage1, stage2
+from model_export.weights_io import round_trip_fp16, save_weights, write_record
+from service.manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone, sources.Artifact]:
+    artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
+    weights = sources.fetch(artifact, cache_dir)
+    base = backbones.pretrained_base(artifact, weights, spec.input_size)
+    return backbones.split_backbone(spec.family, base, spec.input_size), artifact
+
+
+def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
+    backbone, artifact = load_backbone(spec, cache_dir)
+    train = trunk_activations(backbone, split.samples["train"], cfg.n_augmented, cfg.seed, cache_dir,
+                              f"{spec.name} train")  # fmt: skip
+    val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
+    model, first = stage1(backbone, train, val, cfg, len(LABELS))
+    results = [first]
+    chosen_tuned = False
+    if cfg.finetune:
+        bottleneck_weights = backbones.top_weights(model, include_top_block=True)
+        second = stage2(model, backbone, train, val, cfg)
+        results.append(second)
+        chosen_tuned = second.val_log_loss < first.val_log_loss and second.val_accuracy >= first.val_accuracy
+        if not chosen_tuned:
+            backbones.apply_weights(model, bottleneck_weights)
+    # Evaluate and calibrate what will actually be committed: the fp16-rounded weights.
+    committed = round_trip_fp16(backbones.top_weights(model, include_top_block=chosen_tuned))
+    backbones.apply_weights(model, committed)
+    save_weights(spec.weights_file, committed)
+    logits = model.predict(val[0], batch_size=128, verbose=0)
+    temperature = fit_temperature(logits, val[1])
+    calibrated = quality(logits, val[1], temperature)
+    log.info("%s: chose %s, T=%.3f, val %s", spec.name, "fine-tuned" if chosen_tuned else "bottleneck",
+             temperature, calibrated)  # fmt: skip
+    return {
+        "family": spec.family,
+        "input_size": spec.input_size,
+        "source": artifact.key,
+        "source_digest": artifact.digest,
+        "stages": [r.__dict__ for r in results],
+        "fine_tuned": chosen_tuned,
+        "temperature": temperature,
+        "val_accuracy": calibrated.accuracy,
+        "val_log_loss": calibrated.log_loss,
+        "val_ece": calibrated.ece,
+        "val_ece_uncalibrated": calibrated.ece_uncalibrated,
+        "weights_file": spec.weights_file.name,
+        "weights_sha256": sha256_file(spec.weights_file),
+        "weights_bytes": spec.weights_file.stat().st_size,
+    }
+
+
+def train_all(data: Path, cfg: TrainConfig, cache_dir: Path, names: list[str] | None = None,
+              previous: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    split = stratified_split(data, cfg.seed)
+    log.info("split %s: %s", split.sha256[:12], split.counts())
+    models = dict((previous or {}).get("models", {}))
+    for spec in MODEL_SPECS:
+        if names and spec.name not in names:
+            continue
+        models[spec.name] = train_one(spec, split, cfg, cache_dir)
+    record = {
+        "labels": list(LABELS),
+        "split": {"seed": split.seed, "fractions": list(split.fractions), "sha256": split.sha256,
+                  "counts": split.counts()},  # fmt: skip
+        "train_config": cfg.__dict__,
+        "models": models,
+    }
+    write_record(record)
+    return record
+

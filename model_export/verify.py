@@ -1,0 +1,55 @@
+"""`model_export verify`: re-check every built file's hash and numeric parity.
+
+fp32 files are compared with the Keras model rebuilt from the pinned source and committed weights
+(max |dp| <= 1e-4); int8 files with their fp32 file (prediction agreement >= 99.5 %). Parity uses
+val-split photos when the dataset is given, synthetic images otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from model_export.build import (
+    INT8_MIN_AGREEMENT, PARITY_TOLERANCE, N_PARITY_IMAGES, compare, keras_classifier, logits_on,
+    synthetic_images,
+)  # fmt: skip
+from model_export.data import load_images, stratified_split
+from model_export.specs import SPECS_BY_NAME
+from model_export.weights_io import read_record
+from service.manifest import load_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def verify_all(out: Path, cache_dir: Path, data: Path | None = None) -> int:
+    manifest = load_manifest(out / "manifest.json")
+    failures: list[str] = []
+    split = stratified_split(data, read_record()["split"]["seed"]) if data else None
+    for name, entry in manifest.models.items():
+        path = out / entry.file
+        actual = sha256_file(path) if path.exists() else "missing"
+        if actual != entry.sha256:
+            failures.append(f"{name}: sha256 {actual} != manifest {entry.sha256}")
+            continue
+        base = name.removesuffix("-int8")
+        spec = SPECS_BY_NAME[base]
+        probe = (load_images(split.samples["val"][:N_PARITY_IMAGES], spec.input_size, "parity").arrays
+                 if split else synthetic_images(spec.input_size, N_PARITY_IMAGES, seed=1))  # fmt: skip
+        if entry.precision == "fp32":
+            model, _ = keras_classifier(spec, cache_dir)
+            parity = compare(model.predict(probe, verbose=0), logits_on(path, probe), entry.temperature, "keras")
+            ok = parity.max_abs_diff_probability <= PARITY_TOLERANCE
+        else:
+            parity = compare(logits_on(out / manifest.models[base].file, probe), logits_on(path, probe),
+                             entry.temperature, "fp32 onnx")  # fmt: skip
+            # Synthetic images sit far from any photo; agreement is only meaningful on real photos.
+            ok = parity.prediction_agreement >= INT8_MIN_AGREEMENT or split is None
+        log.info("%s: sha256 ok, parity vs %s: max |dp| %.2e, agreement %.4f on %d %s images -> %s",
+                 name, parity.reference, parity.max_abs_diff_probability, parity.prediction_agreement,
+                 parity.n_images, "val" if split else "synthetic", "ok" if ok else "FAILED")  # fmt: skip
+        if not ok:
+            failures.append(f"{name}: parity failed ({parity})")
+    for failure in failures:
+        log.error(failure)
+    return 1 if failures else 0

@@ -1,0 +1,1 @@
+"""catdog-serve: the HTTP inference service."""

@@ -1,0 +1,55 @@
+"""Errors that carry their HTTP status, so one handler can answer every one the same way."""
+
+from __future__ import annotations
+
+
+class CatdogError(Exception):
+    """Base class: a client-visible error with a status and a stable machine-readable code."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidImage(CatdogError):
+    status, code = 415, "invalid_image"
+
+
+class UnsupportedMediaType(CatdogError):
+    status, code = 415, "unsupported_media_type"
+
+
+class PayloadTooLarge(CatdogError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(CatdogError):
+    status, code = 413, "image_too_large"
+
+
+class BadRequest(CatdogError):
+    status, code = 400, "bad_request"
+
+
+class ModelNotFound(CatdogError):
+    status, code = 404, "model_not_found"
+
+
+class Unsatisfiable(CatdogError):
+    status, code = 422, "constraints_unsatisfiable"
+
+
+class Overloaded(CatdogError):
+    status, code = 503, "overloaded"
+
+
+class NotReady(CatdogError):
+    status, code = 503, "not_ready"
+
+
+class DeadlineExceeded(CatdogError):
+    status, code = 504, "deadline_exceeded"

@@ -1,0 +1,161 @@
+"""The model manifest: one schema, written by model_export and read by the service.
+
+Everything the service needs to run a model correctly (input size, layout, dtype, labels,
+temperature) travels here with the model, so the service never hard-codes a size or a mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """How an image becomes the model's input tensor."""
+
+    name: str = Field(description="ONNX input name.")
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["uint8"] = Field(
+        "uint8", description="RGB pixel values 0..255; scaling to the backbone's range is in-graph."
+    )
+    resize: Literal["squash"] = Field(
+        "squash", description="Whole image resized to height x width, aspect ratio not kept."
+    )
+    resample: Literal["bilinear"] = "bilinear"
+    in_graph_normalisation: str = Field(description="What the graph does to the uint8 input.")
+
+
+class OutputSpec(_Strict):
+    name: str = Field(description="ONNX output name; raw logits, one per label.")
+    kind: Literal["logits"] = "logits"
+
+
+class Metrics(_Strict):
+    """Classification quality measured on one split with onnxruntime."""
+
+    split: Literal["val", "test"]
+    n_images: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)
+    log_loss: float = Field(ge=0)
+    ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
+    ece_uncalibrated: float = Field(ge=0, le=1)
+
+
+class Latency(_Strict):
+    """Bare onnxruntime latency on the build machine (p50 over repeated runs)."""
+
+    p50_ms_batch1: float = Field(gt=0)
+    p50_ms_batch8: float = Field(gt=0, description="Per call of 8 images, not per image.")
+    intra_op_threads: int = Field(gt=0)
+    machine: str
+
+
+class Parity(_Strict):
+    """Numeric checks of the exported file against its reference."""
+
+    reference: str = Field(description="What the file was compared with (framework or fp32 ONNX).")
+    n_images: int = Field(ge=0)
+    max_abs_diff_probability: float = Field(ge=0)
+    prediction_agreement: float = Field(ge=0, le=1)
+
+
+class Provenance(_Strict):
+    source_artifact: str = Field(description="Pinned artifact the pretrained backbone came from.")
+    source_sha256: str
+    trained_weights_sha256: str = Field(description="sha256 of the committed trained weights file.")
+    dataset_split_sha256: str = Field(description="Hash of the file list and split assignment.")
+    git_commit: str
+    exporter: str = Field(description="Exporter and library versions used to write the file.")
+
+
+class ModelEntry(_Strict):
+    name: str
+    version: str = Field(description="Content-derived version: first 12 hex digits of the file sha256.")
+    family: str = Field(description="Backbone family, e.g. xception or mobilenet_v1.")
+    precision: Literal["fp32", "int8"]
+    file: str = Field(description="File name relative to the manifest's folder.")
+    sha256: str
+    labels: list[str] = Field(min_length=2)
+    temperature: float = Field(gt=0, description="Logits are divided by this before softmax.")
+    input: InputSpec
+    output: OutputSpec
+    test: Metrics | None = Field(description="Test-split metrics; None when built without the dataset.")
+    val: Metrics | None = None
+    latency: Latency
+    parameters: int = Field(gt=0)
+    flops: int = Field(gt=0, description="Multiply-adds x 2 for one image.")
+    parity: Parity
+    provenance: Provenance
+
+
+class CascadeEntry(_Strict):
+    """A small model backed by a large one when the small one is unsure."""
+
+    small: str
+    large: str
+    threshold: float = Field(ge=0, le=1, description="Escalate when calibrated top probability < this.")
+    chosen_on: Literal["val"] = "val"
+    escalation_rate_val: float = Field(ge=0, le=1)
+    accuracy_val: float = Field(ge=0, le=1)
+    expected_cost_ratio: float = Field(
+        ge=0, description="Mean compute per image relative to always running the large model."
+    )
+    test_accuracy: float | None = None
+    test_escalation_rate: float | None = None
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created: str
+    models: dict[str, ModelEntry]
+    cascades: list[CascadeEntry] = []
+    default_model: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        for key, entry in self.models.items():
+            if key != entry.name:
+                raise ValueError(f"model key {key!r} differs from its name {entry.name!r}")
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not among the models")
+        for cascade in self.cascades:
+            for member in (cascade.small, cascade.large):
+                if member not in self.models:
+                    raise ValueError(f"cascade member {member!r} is not among the models")
+        return self
+
+    def path_of(self, name: str, manifest_path: Path) -> Path:
+        return manifest_path.parent / self.models[name].file
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; raises ValueError with the reason if it is not valid."""
+    return Manifest.model_validate_json(path.read_text())
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+
+
+def manifest_json_schema() -> dict[str, object]:
+    return Manifest.model_json_schema()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
