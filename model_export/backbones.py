@@ -14,10 +14,10 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from model_export.sources import Artifact  # noqa: E402
+from model_export.sources import Artifact
 
 # The top block of each family: the layers stage 2 fine-tunes. Both are plain chains.
 TOP_BLOCK_LAYERS: dict[str, tuple[str, ...]] = {
@@ -29,7 +29,7 @@ TOP_BLOCK_LAYERS: dict[str, tuple[str, ...]] = {
         "conv_dw_13", "conv_dw_13_bn", "conv_dw_13_relu",
         "conv_pw_13", "conv_pw_13_bn", "conv_pw_13_relu",
     ),
-}  # fmt: skip
+}
 IN_GRAPH_NORMALISATION = "x / 127.5 - 1 (float32), from uint8 RGB 0..255"
 
 

@@ -19,15 +19,24 @@ from typing import Any
 import numpy as np
 
 from model_export import backbones, onnx_tools, sources
-from model_export.calibration import choose_cascade_threshold, cascade_outcome, quality, softmax
+from model_export.calibration import cascade_outcome, choose_cascade_threshold, quality, softmax
 from model_export.data import Split, load_images, stratified_split
 from model_export.quantize import quantize
 from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
 from model_export.weights_io import load_weights, read_record
 from service.manifest import (
-    CascadeEntry, InputSpec, Latency, Manifest, Metrics, ModelEntry, OutputSpec, Parity, Provenance,
-    sha256_file, write_manifest,
-)  # fmt: skip
+    CascadeEntry,
+    InputSpec,
+    Latency,
+    Manifest,
+    Metrics,
+    ModelEntry,
+    OutputSpec,
+    Parity,
+    Provenance,
+    sha256_file,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +66,9 @@ class Built:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)  # fmt: skip
+                             cwd=Path(__file__).parent)
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+                               cwd=Path(__file__).parent).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -74,7 +83,7 @@ def synthetic_images(size: int, n: int, seed: int = 0) -> np.ndarray:
     return np.stack([
         np.asarray(Image.fromarray(c.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))
         for c in coarse
-    ])  # fmt: skip
+    ])
 
 
 def keras_classifier(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
@@ -140,7 +149,7 @@ def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
 def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str) -> Metrics:
     q = quality(logits, labels, temperature)
     return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
-                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]  # fmt: skip
+                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]
 
 
 class Evaluation:
@@ -175,7 +184,7 @@ def int8_is_kept(fp32: Built, int8: Built, evaluation: Evaluation | None, previo
     agreement = float((fp_logits.argmax(1) == q_logits.argmax(1)).mean())
     kept = drop <= INT8_MAX_ACCURACY_DROP and agreement >= INT8_MIN_AGREEMENT
     log.info("%s: val accuracy drop %.4f, agreement %.4f -> %s", int8.name, drop, agreement,
-             "kept" if kept else "dropped")  # fmt: skip
+             "kept" if kept else "dropped")
     return kept
 
 
@@ -185,7 +194,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
     split = stratified_split(data, record["split"]["seed"], tuple(record["split"]["fractions"])) if data else None
     if split is not None and split.sha256 != record["split"]["sha256"]:
         log.warning("dataset split %s differs from the one trained on (%s): figures are not comparable",
-                    split.sha256[:12], record["split"]["sha256"][:12])  # fmt: skip
+                    split.sha256[:12], record["split"]["sha256"][:12])
     if recalibrate and split is None:
         raise ValueError("--calibrate needs --data")
     evaluation = Evaluation(split) if split is not None else None
@@ -196,12 +205,12 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
     for spec in MODEL_SPECS:
         temperature = float(record["models"][spec.name]["temperature"])
         probe = (evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES] if evaluation
-                 else synthetic_images(spec.input_size, N_PARITY_IMAGES))  # fmt: skip
+                 else synthetic_images(spec.input_size, N_PARITY_IMAGES))
         fp32 = export_fp32(spec, out, cache_dir, probe, temperature)
         calibration = None
         if recalibrate and evaluation is not None:
             calibration = load_images(evaluation.split.samples["train"][::20][:N_CALIBRATION_IMAGES],
-                                      spec.input_size, "calibration images").arrays  # fmt: skip
+                                      spec.input_size, "calibration images").arrays
         int8 = export_int8(fp32, calibration, probe, temperature)
         int8_kept[int8.name] = int8_is_kept(fp32, int8, evaluation, previous)
         if not int8_kept[int8.name]:
@@ -211,7 +220,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
             entries[built.name] = _entry(built, temperature, record, split, evaluation, previous, threads)
     cascades = [_cascade(entries, built_models, evaluation, previous)]
     manifest = Manifest(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), models=entries,
-                        cascades=cascades, default_model=DEFAULT_MODEL)  # fmt: skip
+                        cascades=cascades, default_model=DEFAULT_MODEL)
     write_manifest(manifest, out / "manifest.json")
     if evaluation is not None and recalibrate:
         _record_evaluation(manifest, int8_kept, record)
@@ -238,7 +247,7 @@ def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: d
         "int8_kept": int8_kept,
         "models": {name: {"val": e.val.model_dump() if e.val else None,
                           "test": e.test.model_dump() if e.test else None}
-                   for name, e in manifest.models.items()},  # fmt: skip
+                   for name, e in manifest.models.items()},
         "cascades": [c.model_dump() for c in manifest.cascades],
     }
     EVALUATION_RECORD.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -246,7 +255,7 @@ def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: d
 
 
 def _entry(built: Built, temperature: float, record: dict[str, Any], split: Split | None,
-           evaluation: Evaluation | None, previous: dict[str, Any], threads: int) -> ModelEntry:  # fmt: skip
+           evaluation: Evaluation | None, previous: dict[str, Any], threads: int) -> ModelEntry:
     spec, trained = built.spec, record["models"][built.spec.name]
     artifact = sources.ARTIFACTS[trained["source"]]
     if evaluation is not None:
@@ -274,11 +283,11 @@ def _entry(built: Built, temperature: float, record: dict[str, Any], split: Spli
             trained_weights_sha256=trained["weights_sha256"],
             dataset_split_sha256=record["split"]["sha256"], git_commit=git_commit(), exporter=built.exporter,
         ),
-    )  # fmt: skip
+    )
 
 
 def _cascade(entries: dict[str, ModelEntry], built: dict[str, Built], evaluation: Evaluation | None,
-             previous: dict[str, Any]) -> CascadeEntry:  # fmt: skip
+             previous: dict[str, Any]) -> CascadeEntry:
     small, large = CASCADE
     # Compute is counted in FLOPs, not measured latency: it is exact and the same on every machine.
     cost_small, cost_large = entries[small].flops, entries[large].flops
@@ -298,10 +307,10 @@ def _cascade(entries: dict[str, ModelEntry], built: dict[str, Built], evaluation
     (small_test, labels_test), (large_test, _) = probs(small, "test"), probs(large, "test")
     test_accuracy, test_rate = cascade_outcome(small_test, large_test, labels_test, choice.threshold)
     log.info("cascade %s->%s: threshold %.4f, val escalation %.3f, test accuracy %.4f, escalation %.3f",
-             small, large, choice.threshold, choice.escalation_rate, test_accuracy, test_rate)  # fmt: skip
+             small, large, choice.threshold, choice.escalation_rate, test_accuracy, test_rate)
     return CascadeEntry(
         small=small, large=large, threshold=choice.threshold, escalation_rate_val=choice.escalation_rate,
         accuracy_val=choice.accuracy,
         expected_cost_ratio=(cost_small + choice.escalation_rate * cost_large) / cost_large,
         test_accuracy=test_accuracy, test_escalation_rate=test_rate,
-    )  # fmt: skip
+    )

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
     build.add_argument("--data", type=Path, default=None, help="dataset for evaluation (optional)")
     build.add_argument("--calibrate", action="store_true",
-                       help="recompute int8 calibration ranges from the train split (needs --data)")  # fmt: skip
+                       help="recompute int8 calibration ranges from the train split (needs --data)")
     build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
 
     verify = commands.add_parser("verify", help="re-check hashes and parity of built models")
@@ -47,13 +47,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache_dir = args.cache_dir or default_cache_dir()
     if args.command == "train":
+        from model_export.specs import TRAINING_RECORD
         from model_export.train import TrainConfig
         from model_export.training_run import train_all
         from model_export.weights_io import read_record
-        from model_export.specs import TRAINING_RECORD
 
         cfg = TrainConfig(finetune=not args.no_finetune, finetune_epochs=args.finetune_epochs)
         previous = read_record() if TRAINING_RECORD.exists() else None

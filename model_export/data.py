@@ -71,7 +71,7 @@ def stratified_split(
         n_train = round(fractions[0] * len(files))
         n_val = round(fractions[1] * len(files))
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-                  "test": (n_train + n_val, len(files))}  # fmt: skip
+                  "test": (n_train + n_val, len(files))}
         for name, (lo, hi) in bounds.items():
             split.samples[name].extend(Sample(files[i], index) for i in sorted(order[lo:hi]))
     split.sha256 = split_hash(root, split)

@@ -13,7 +13,7 @@ def _pct(value: float | None) -> str:
 
 def table(manifest: Manifest) -> str:
     header = (f"{'model':<20}{'test acc %':>11}{'log loss':>10}{'ECE':>8}{'ECE raw':>9}{'T':>7}"
-              f"{'ms b1':>8}{'ms b8':>8}{'GFLOPs':>8}{'params M':>9}{'max|dp|':>10}")  # fmt: skip
+              f"{'ms b1':>8}{'ms b8':>8}{'GFLOPs':>8}{'params M':>9}{'max|dp|':>10}")
     rows = [header, "-" * len(header)]
     for name, m in manifest.models.items():
         t = m.test
@@ -47,9 +47,9 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
         if m.test is None:
             continue
         ax.scatter(m.latency.p50_ms_batch1, 100 * m.test.accuracy, s=40,
-                   marker="s" if m.precision == "int8" else "o")  # fmt: skip
+                   marker="s" if m.precision == "int8" else "o")
         ax.annotate(name, (m.latency.p50_ms_batch1, 100 * m.test.accuracy), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+                    xytext=(5, 4), fontsize=8)
     for c in manifest.cascades:
         if c.test_accuracy is None or c.test_escalation_rate is None:
             continue
@@ -57,7 +57,7 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
         latency = small.p50_ms_batch1 + c.test_escalation_rate * large.p50_ms_batch1
         ax.scatter(latency, 100 * c.test_accuracy, s=80, marker="*", color="black")
         ax.annotate(f"cascade {c.small}->{c.large}", (latency, 100 * c.test_accuracy),
-                    textcoords="offset points", xytext=(5, -10), fontsize=8)  # fmt: skip
+                    textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("bare onnxruntime latency, batch 1, p50 (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")

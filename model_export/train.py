@@ -61,21 +61,21 @@ def _evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> tuple[float, 
 
 
 def _fit_head(pooled: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray], l2: float,
-              cfg: TrainConfig, n_labels: int) -> keras.Model:  # fmt: skip
+              cfg: TrainConfig, n_labels: int) -> keras.Model:
     inputs = keras.Input((pooled.shape[1],))
     x = keras.layers.Dropout(0.2)(inputs)
     outputs = keras.layers.Dense(n_labels, kernel_regularizer=keras.regularizers.L2(l2), name="logits")(x)
     head = keras.Model(inputs, outputs)
     head.compile(keras.optimizers.Adam(1e-3),
-                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stop = keras.callbacks.EarlyStopping(patience=8, restore_best_weights=True)
     head.fit(pooled, y, validation_data=val, epochs=cfg.head_epochs, batch_size=cfg.batch_size,
-             verbose=0, callbacks=[stop, _Bar(cfg.head_epochs, f"head l2={l2:g}")])  # fmt: skip
+             verbose=0, callbacks=[stop, _Bar(cfg.head_epochs, f"head l2={l2:g}")])
     return head
 
 
 def stage1(backbone: Backbone, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-           cfg: TrainConfig, n_labels: int) -> tuple[keras.Model, StageResult]:  # fmt: skip
+           cfg: TrainConfig, n_labels: int) -> tuple[keras.Model, StageResult]:
     """Fit the head on pooled frozen features; return the full top model carrying that head."""
     pool = pooled_features_model(backbone)
     pooled_train = pool.predict(train[0], batch_size=64, verbose=1)
@@ -96,17 +96,17 @@ def stage1(backbone: Backbone, train: tuple[np.ndarray, np.ndarray], val: tuple[
 
 
 def stage2(model: keras.Model, backbone: Backbone, train: tuple[np.ndarray, np.ndarray],
-           val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig) -> StageResult:  # fmt: skip
+           val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig) -> StageResult:
     """Fine-tune the top block and head in place; restores the best epoch by validation loss."""
     for layer in backbone.top_layers:
         # Frozen batch norm runs in inference mode, so its statistics stay the pretrained ones.
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     keras.utils.set_random_seed(cfg.seed)
     model.compile(keras.optimizers.Adam(cfg.finetune_learning_rate),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
     model.fit(train[0], train[1], validation_data=val, epochs=cfg.finetune_epochs, shuffle=True,
-              batch_size=cfg.batch_size, verbose=1, callbacks=[stop])  # fmt: skip
+              batch_size=cfg.batch_size, verbose=1, callbacks=[stop])
     for layer in backbone.top_layers:
         layer.trainable = False
     accuracy, loss = _evaluate(model, val[0], val[1])

@@ -32,7 +32,7 @@ def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone,
 def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
     backbone, artifact = load_backbone(spec, cache_dir)
     train = trunk_activations(backbone, split.samples["train"], cfg.n_augmented, cfg.seed, cache_dir,
-                              f"{spec.name} train")  # fmt: skip
+                              f"{spec.name} train")
     val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
     model, first = stage1(backbone, train, val, cfg, len(LABELS))
     results = [first]
@@ -52,7 +52,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     temperature = fit_temperature(logits, val[1])
     calibrated = quality(logits, val[1], temperature)
     log.info("%s: chose %s, T=%.3f, val %s", spec.name, "fine-tuned" if chosen_tuned else "bottleneck",
-             temperature, calibrated)  # fmt: skip
+             temperature, calibrated)
     return {
         "family": spec.family,
         "input_size": spec.input_size,
@@ -72,7 +72,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
 
 
 def train_all(data: Path, cfg: TrainConfig, cache_dir: Path, names: list[str] | None = None,
-              previous: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+              previous: dict[str, Any] | None = None) -> dict[str, Any]:
     split = stratified_split(data, cfg.seed)
     log.info("split %s: %s", split.sha256[:12], split.counts())
     models = dict((previous or {}).get("models", {}))
@@ -83,7 +83,7 @@ def train_all(data: Path, cfg: TrainConfig, cache_dir: Path, names: list[str] | 
     record = {
         "labels": list(LABELS),
         "split": {"seed": split.seed, "fractions": list(split.fractions), "sha256": split.sha256,
-                  "counts": split.counts()},  # fmt: skip
+                  "counts": split.counts()},
         "train_config": cfg.__dict__,
         "models": models,
     }

@@ -1,0 +1,48 @@
+"""`catdog-serve` / `python -m service`: run the app under uvicorn with draining on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.logging_setup import configure_logging
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """Flips readiness the moment SIGTERM arrives; uvicorn then finishes in-flight requests."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        log.info("signal %d: readiness off, draining for up to %ss", sig, self.config.timeout_graceful_shutdown)
+        self._on_signal()
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)
+    server = DrainingServer(config, app.state.catdog.begin_draining)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""The HTTP layer: an app factory whose lifespan loads and warms the models, and thin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.classifier import Outcome, run_model
+from service.errors import BadRequest, CatdogError, NotReady
+from service.manifest import Manifest
+from service.metrics import UNKNOWN_MODEL, Metrics
+from service.registry import ModelRegistry, check_models, load_registry
+from service.runtime import default_threads, resolve_providers
+from service.schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    ImageResult,
+    ModelInfo,
+    ModelList,
+    TimingsMs,
+    TopEntry,
+)
+from service.settings import Settings
+from service.uploads import BodyLimitMiddleware, read_images
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Malformed request (bad multipart body, bad header).",
+        404: "Unknown model name; the message lists valid names.",
+        413: "Body larger than the cap, or image with too many pixels.",
+        415: "Not an accepted image type, or a corrupt/truncated image.",
+        422: "Invalid query parameter.",
+        503: "Not ready, shutting down, or the model's queue is full (see Retry-After).",
+        504: "The request's deadline cannot be met.",
+    }.items()
+}
+
+
+@dataclass
+class AppState:
+    """Everything the routes need, built by the lifespan and reachable from each request."""
+
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry | None = None
+    ready: bool = False
+    draining: bool = False
+    decode_pool: ThreadPoolExecutor = field(init=False)
+    inference_pool: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        # One batch at a time uses every core on CPU; more would only contend.
+        self.inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+
+    def begin_draining(self) -> None:
+        """SIGTERM: readiness goes false at once so load balancers stop sending new work."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.catdog
+    return state
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    state = get_state(request)
+    if state.registry is None or not state.ready:
+        raise NotReady("models are not loaded yet", headers={"Retry-After": "5"})
+    return state.registry
+
+
+State = Annotated[AppState, Depends(get_state)]
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
+
+
+async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], providers: list[str],
+                threads: int, on_fatal: Callable[[], None]) -> None:
+    """Create and warm the sessions off the event loop; only then does /readyz answer 200."""
+    try:
+        registry = await asyncio.to_thread(load_registry, state.settings, manifest, paths, providers, threads,
+                                           state.inference_pool, state.metrics)
+    except Exception:
+        log.critical("loading the models failed; the process cannot serve", exc_info=True)
+        on_fatal()
+        return
+    registry.start()
+    state.registry = registry
+    state.ready = not state.draining
+    state.metrics.ready.set(1 if state.ready else 0)
+    log.info("ready: %s", ", ".join(registry.names()))
+
+
+def _exit_process() -> None:
+    os._exit(3)  # same code uvicorn uses for a failed start-up
+
+
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = _exit_process) -> FastAPI:
+    """The app; on_fatal runs if the models fail to load after start-up checks passed."""
+    settings = settings or Settings()
+    state = AppState(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything a wrong setting can break is checked here, so the process fails to start.
+        providers = resolve_providers(settings.providers)
+        threads = settings.intra_op_threads or default_threads()
+        manifest, paths = check_models(settings)
+        log.info("providers %s, %d intra-op threads, %d models", providers, threads, len(paths))
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, registry=state.metrics.registry)
+        loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, on_fatal))
+        try:
+            yield
+        finally:
+            state.begin_draining()
+            await loading
+            if state.registry is not None:
+                await state.registry.close()
+            state.decode_pool.shutdown(wait=True)
+            state.inference_pool.shutdown(wait=True)
+            log.info("drained and stopped")
+
+    app = FastAPI(title="catdog-serve", version="0.1.0", lifespan=lifespan,
+                  description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.")
+    app.state.catdog = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    _install_error_handlers(app)
+    _install_request_ids(app, state)
+    _install_routes(app)
+    return app
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CatdogError)
+    async def catdog_error(_: Request, exc: CatdogError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _error(422, "invalid_parameter", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", "internal server error; see the server log")
+
+
+def _install_request_ids(app: FastAPI, state: AppState) -> None:
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        # Echo a caller's id only if it is short and printable; never let it inject headers.
+        rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        request.state.request_id = rid
+        state.metrics.in_flight.inc()
+        try:
+            response: Response = await call_next(request)
+        finally:
+            state.metrics.in_flight.dec()
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+
+def _deadline(request: Request, timeout_ms: float | None, start: float) -> float | None:
+    header = request.headers.get("X-Deadline-Ms")
+    budget = timeout_ms
+    if header is not None:
+        try:
+            budget = float(header)
+        except ValueError as exc:
+            raise BadRequest("X-Deadline-Ms must be a number of milliseconds") from exc
+        if not 0 < budget <= 3_600_000:
+            raise BadRequest("X-Deadline-Ms must be in (0, 3600000]")
+    return start + budget / 1000 if budget is not None else None
+
+
+def _shape(outcome: Outcome, request_id: str, top: int | None, total_ms: float) -> ClassifyResponse:
+    results = []
+    for p in outcome.predictions:
+        ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+        results.append(ImageResult(label=p.label, confidence=p.confidence, probabilities=p.probabilities,
+                                   top=[TopEntry(label=k, probability=v) for k, v in ranked[:top]] if top else None))
+    t = outcome.timings
+    entry = outcome.model.entry
+    return ClassifyResponse(
+        request_id=request_id, model=entry.name, version=entry.version, device=outcome.model.device,
+        results=results, batch_sizes=outcome.batch_sizes,
+        timings_ms=TimingsMs(decode=t.decode_ms, queue=t.queue_ms, inference=t.inference_ms, total=total_ms),
+    )
+
+
+def _install_routes(app: FastAPI) -> None:
+    classify_body = {
+        "requestBody": {
+            "required": True,
+            "description": "One image as the raw body, or one or more `file` fields as multipart/form-data.",
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
+            },
+        }
+    }
+
+    @app.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=classify_body,
+              summary="Classify one or more images as cat or dog")
+    async def classify(
+        request: Request,
+        state: State,
+        registry: Registry,
+        model: Annotated[str | None, Query(max_length=64, description="Model name; default from settings.")] = None,
+        top: Annotated[int | None, Query(ge=1, le=16, description="Also return the N most probable labels.")] = None,
+        timeout_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="Deadline in ms (504 if missed).")] = None,
+    ) -> ClassifyResponse:
+        start = time.monotonic()
+        deadline = _deadline(request, timeout_ms, start)
+        label = UNKNOWN_MODEL
+        outcome_label, status = "error", 500
+        try:
+            loaded = registry.get(model)
+            label = loaded.entry.name
+            blobs = await read_images(request, state.settings.max_files)
+            outcome = await run_model(loaded, blobs, deadline=deadline, max_pixels=state.settings.max_pixels,
+                                      decode_executor=state.decode_pool, metrics=state.metrics)
+            total_ms = (time.monotonic() - start) * 1000
+            outcome_label, status = "ok", 200
+            state.metrics.request_seconds.labels(label).observe(total_ms / 1000)
+            return _shape(outcome, request.state.request_id, top, total_ms)
+        except CatdogError as exc:
+            outcome_label, status = exc.code, exc.status
+            raise
+        finally:
+            state.metrics.requests.labels(label, outcome_label, f"{status // 100}xx").inc()
+
+    @app.get("/models", response_model=ModelList, responses={503: ERRORS[503]})
+    async def list_models(registry: Registry) -> ModelList:
+        return ModelList(default=registry.default, models=[_info(registry, n) for n in registry.names()])
+
+    @app.get("/models/{name}", response_model=ModelInfo, responses={404: ERRORS[404], 503: ERRORS[503]})
+    async def get_model(name: str, registry: Registry) -> ModelInfo:
+        return _info(registry, registry.get(name).entry.name)
+
+    @app.get("/livez", response_model=Health)
+    @app.get("/v2/health/live", response_model=Health, include_in_schema=False)
+    async def livez() -> Health:
+        return Health(status="alive")
+
+    @app.get("/readyz", response_model=Health, responses={503: ERRORS[503]})
+    @app.get("/v2/health/ready", response_model=Health, responses={503: ERRORS[503]}, include_in_schema=False)
+    async def readyz(state: State) -> Health:
+        if state.draining:
+            raise NotReady("shutting down")
+        if not state.ready:
+            raise NotReady("models are still loading")
+        return Health(status="ready")
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics(state: State) -> Response:
+        for name, loaded in (state.registry.models.items() if state.registry else []):
+            state.metrics.queue_depth.labels(name).set(loaded.batcher.pending)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(files("service").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+
+def _info(registry: ModelRegistry, name: str) -> ModelInfo:
+    loaded = registry.models[name]
+    entry, live = loaded.entry, loaded.batcher.stats.batch_seconds.get(1)
+    test = entry.test
+    return ModelInfo(
+        name=name, version=entry.version, family=entry.family, precision=entry.precision, device=loaded.device,
+        labels=entry.labels, input_size=loaded.size, test_accuracy=test.accuracy if test else None,
+        test_log_loss=test.log_loss if test else None, test_ece=test.ece if test else None,
+        build_latency_p50_ms_batch1=entry.latency.p50_ms_batch1,
+        live_latency_p50_ms=live.value * 1000 if live and live.value is not None else None,
+        queue_depth=loaded.batcher.pending,
+    )

@@ -1,0 +1,200 @@
+"""Micro-batching with admission control, one batcher per model.
+
+A request's images join the model's queue; a worker takes up to max_batch_size of them once the
+batch is full, or the oldest has waited max_wait_ms, or waiting longer would break the earliest
+deadline in the batch. Inference runs in a shared executor (on CPU one batch at a time uses every
+core; two at once would only contend). The queue is bounded: a full queue answers 503 at once
+with a Retry-After derived from the measured drain rate, rather than letting latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import statistics
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import DeadlineExceeded, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    array: np.ndarray
+    future: asyncio.Future[tuple[np.ndarray, float, float, int]]
+    enqueued: float
+    deadline: float | None
+
+
+@dataclass
+class Ewma:
+    """Exponentially weighted mean; None until the first observation."""
+
+    alpha: float = 0.2
+    value: float | None = None
+
+    def update(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
+
+
+class Window:
+    """The last few observations; their median is a live p50 that ignores the odd outlier."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.samples: collections.deque[float] = collections.deque(maxlen=size)
+
+    def update(self, sample: float) -> None:
+        self.samples.append(sample)
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+
+@dataclass
+class BatchStats:
+    batch_seconds: dict[int, Window] = field(default_factory=dict)  # per batch size
+    images_per_second: Ewma = field(default_factory=lambda: Ewma(alpha=0.3))
+
+    def seconds_for(self, batch: int, fallback: float) -> float:
+        """Estimated session.run time for a batch: measured when seen, else scaled from nearest."""
+        if batch in self.batch_seconds and self.batch_seconds[batch].value is not None:
+            return self.batch_seconds[batch].value  # type: ignore[return-value]
+        seen = {b: e.value for b, e in self.batch_seconds.items() if e.value is not None}
+        if not seen:
+            return fallback * batch
+        nearest = min(seen, key=lambda b: abs(b - batch))
+        return seen[nearest] * batch / nearest  # type: ignore[operator]
+
+
+class Batcher:
+    def __init__(self, name: str, session: ort.InferenceSession, *, max_batch: int, max_wait_s: float,
+                 capacity: int, executor: Executor, fallback_seconds: float,
+                 on_batch: collections.abc.Callable[[int, float], None] | None = None) -> None:
+        self.name = name
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.capacity = capacity
+        self._executor = executor
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.running = 0  # images inside session.run right now
+        self.stats = BatchStats()
+        self.fallback_seconds = fallback_seconds  # per image, from the manifest, until measured
+        self._on_batch = on_batch
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    def backlog_seconds(self) -> float:
+        """Predicted time until a newly queued image would start running."""
+        waiting = self.pending + self.running
+        batches = math.ceil(waiting / self.max_batch)
+        return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
+
+    def retry_after_seconds(self) -> int:
+        rate = self.stats.images_per_second.value
+        if not rate:
+            return 1
+        return max(1, math.ceil(self.pending / rate))
+
+    async def infer(self, arrays: list[np.ndarray], deadline: float | None) -> list[tuple[np.ndarray, float, float, int]]:
+        """Logits per image, with (queue wait s, inference s, batch size) for each."""
+        if self._closing:
+            raise Overloaded("server is shutting down", headers={"Retry-After": "1"})
+        if self.pending + len(arrays) > self.capacity:
+            raise Overloaded(
+                f"model {self.name} queue is full ({self.pending}/{self.capacity} images)",
+                headers={"Retry-After": str(self.retry_after_seconds())},
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        jobs = [_Job(a, loop.create_future(), now, deadline) for a in arrays]
+        self._queue.extend(jobs)
+        self._wakeup.set()
+        return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    def _batch_ready_at(self) -> float:
+        first = self._queue[0]
+        ready = first.enqueued + self.max_wait_s
+        deadlines = [j.deadline for j in list(self._queue)[: self.max_batch] if j.deadline is not None]
+        if deadlines:  # leave time for the run itself before the earliest deadline
+            run = self.stats.seconds_for(min(self.pending, self.max_batch), self.fallback_seconds)
+            ready = min(ready, min(deadlines) - run)
+        return ready
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            delay = self._batch_ready_at() - time.monotonic()
+            if self.pending < self.max_batch and delay > 0 and not self._closing:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                continue
+            await self._run_batch([self._queue.popleft() for _ in range(min(self.pending, self.max_batch))])
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            if job.future.done():
+                continue  # the client went away
+            if job.deadline is not None and job.deadline <= now:
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            else:
+                live.append(job)
+        if not live:
+            return
+        batch = np.stack([job.array for job in live])
+        self.running = len(live)
+        start = time.monotonic()
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self._session.run(None, {self._input: batch})[0]
+            )
+        except Exception as exc:  # an inference failure is ours, not the client's: surface as 500
+            log.exception("inference failed on %s (batch of %d)", self.name, len(live))
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            self.running = 0
+        elapsed = time.monotonic() - start
+        self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
+        self.stats.images_per_second.update(len(live) / max(elapsed, 1e-6))
+        if self._on_batch:
+            self._on_batch(len(live), elapsed)
+        for job, row in zip(live, logits, strict=True):
+            if not job.future.done():
+                job.future.set_result((row, start - job.enqueued, elapsed, len(live)))
+
+    async def close(self) -> None:
+        """Stop admitting, finish everything queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task

@@ -1,0 +1,98 @@
+"""The loaded models: one onnxruntime session and one batcher each, built at start, never per request."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.batching import Batcher
+from service.errors import ModelNotFound
+from service.manifest import Manifest, ModelEntry, load_manifest, sha256_file
+from service.metrics import Metrics
+from service.runtime import create_session, device_of, warm
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    session: ort.InferenceSession
+    batcher: Batcher
+    device: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.entry.input.width, self.entry.input.height
+
+
+class ModelRegistry:
+    def __init__(self, manifest: Manifest, models: dict[str, LoadedModel], default: str) -> None:
+        if default not in models:
+            raise ValueError(f"default model {default!r} is not one of {sorted(models)}")
+        self.manifest = manifest
+        self.models = models
+        self.default = default
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = name or self.default
+        if key not in self.models:
+            raise ModelNotFound(f"unknown model; valid names: {', '.join(self.names())}")
+        return self.models[key]
+
+    def start(self) -> None:
+        for model in self.models.values():
+            model.batcher.start()
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            await model.batcher.close()
+
+
+def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
+    """Fail fast, before serving: the manifest validates and every file matches its sha256."""
+    manifest_path = settings.models_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} not found: build the models first (make models)")
+    manifest = load_manifest(manifest_path)
+    paths = {name: manifest.path_of(name, manifest_path) for name in manifest.models}
+    for name, path in paths.items():
+        if not path.exists() or sha256_file(path) != manifest.models[name].sha256:
+            raise ValueError(f"{path} is missing or does not match the manifest's sha256; rebuild the models")
+    default = settings.default_model or manifest.default_model
+    if default not in manifest.models:
+        raise ValueError(f"default model {default!r} is not in the manifest: {sorted(manifest.models)}")
+    return manifest, paths
+
+
+def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path], providers: list[str],
+                  threads: int, executor: Executor, metrics: Metrics) -> ModelRegistry:
+    """Create and warm one session per model (slow: runs while /readyz still says 503)."""
+    models: dict[str, LoadedModel] = {}
+    for name, entry in manifest.models.items():
+        session = create_session(paths[name], providers, threads)
+        warm(session, entry.input.height, entry.input.width, sorted({1, settings.max_batch_size}))
+        histogram = metrics.batch_size.labels(name)
+        inference = metrics.inference_seconds.labels(name)
+
+        def on_batch(size: int, seconds: float, _h=histogram, _i=inference) -> None:  # type: ignore[no-untyped-def]
+            _h.observe(size)
+            _i.observe(seconds)
+
+        batcher = Batcher(name, session, max_batch=settings.max_batch_size,
+                          max_wait_s=settings.max_wait_ms / 1000, capacity=settings.queue_size,
+                          executor=executor, fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
+                          on_batch=on_batch)
+        device = device_of(session)
+        models[name] = LoadedModel(entry, session, batcher, device)
+        metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)
+        log.info("loaded %s (%s, %s) on %s", name, entry.version, entry.precision, device)
+    return ModelRegistry(manifest, models, settings.default_model or manifest.default_model)

@@ -1,0 +1,78 @@
+"""onnxruntime sessions: execution provider choice and CPU thread counts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+class ProviderUnavailable(RuntimeError):
+    """The configured execution provider cannot run here: a start-up failure, never a fallback."""
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the container's quota (cgroup v2 cpu.max or v1 cfs files), if any."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """Threads matching the CPUs this process may really use: quota, then affinity, then count."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(available, math.ceil(limit))) if limit else max(1, available)
+
+
+def resolve_providers(choice: str) -> list[str]:
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if choice == "cuda" and not has_cuda:
+        raise ProviderUnavailable(
+            "providers=cuda but onnxruntime offers only "
+            f"{available}: install onnxruntime-gpu and run on a node with an NVIDIA GPU, "
+            "or set CATDOG_PROVIDERS=cpu"
+        )
+    if choice == "cuda" or (choice == "auto" and has_cuda):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime silently falls back to CPU when CUDA libraries fail to load.
+        raise ProviderUnavailable(f"CUDA provider failed to initialise for {path}; see onnxruntime's log")
+    return session
+
+
+def device_of(session: ort.InferenceSession) -> str:
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def warm(session: ort.InferenceSession, height: int, width: int, batch_sizes: list[int]) -> None:
+    """Run each batch size once so the first real request does not pay for allocation/tuning."""
+    name = session.get_inputs()[0].name
+    for batch in batch_sizes:
+        session.run(None, {name: np.zeros((batch, height, width, 3), dtype=np.uint8)})

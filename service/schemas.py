@@ -1,0 +1,68 @@
+"""Response bodies, as documented in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class TopEntry(BaseModel):
+    label: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    label: str
+    confidence: float = Field(description="Calibrated probability of the label.")
+    probabilities: dict[str, float] = Field(description="Calibrated probability per label.")
+    top: list[TopEntry] | None = Field(None, description="The `top` most probable labels, when asked.")
+
+
+class TimingsMs(BaseModel):
+    decode: float
+    queue: float
+    inference: float
+    total: float
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    model: str = Field(description="The model that produced the answer.")
+    version: str
+    device: str
+    results: list[ImageResult] = Field(description="One per image, in upload order.")
+    timings_ms: TimingsMs
+    batch_sizes: list[int] = Field(description="Size of the inference batch each image ran in.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    family: str
+    precision: str
+    device: str
+    labels: list[str]
+    input_size: tuple[int, int] = Field(description="(width, height) the image is resized to.")
+    test_accuracy: float | None
+    test_log_loss: float | None
+    test_ece: float | None
+    build_latency_p50_ms_batch1: float = Field(description="Bare onnxruntime, build machine.")
+    live_latency_p50_ms: float | None = Field(description="Median of recent batch-1 inference times on this server.")
+    queue_depth: int
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str

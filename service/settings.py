@@ -1,0 +1,49 @@
+"""Every setting of the service, in one typed place (environment prefix CATDOG_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CATDOG_", extra="forbid")
+
+    models_dir: Path = Path("models")
+    """Folder holding manifest.json and the ONNX files it names."""
+    default_model: str | None = None
+    """Model used when a request names none; None means the manifest's default."""
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    """onnxruntime execution provider: auto uses CUDA when present; cuda without a GPU fails at start."""
+    intra_op_threads: int | None = Field(None, ge=1)
+    """Threads per inference; None follows the container's CPU quota (cgroup), not the host's cores."""
+    max_batch_size: int = Field(8, ge=1, le=256)
+    """Largest micro-batch per model."""
+    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    """How long a request may wait for others to join its batch (never past its deadline)."""
+    queue_size: int = Field(64, ge=1)
+    """Images admitted per model before new requests get 503 with Retry-After."""
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    """Request body cap (413), enforced while reading, chunked uploads included."""
+    max_files: int = Field(16, ge=1, le=256)
+    """Most images in one multipart request."""
+    max_pixels: int = Field(50_000_000, ge=1)
+    """Decoded image size cap (413); Pillow's decompression-bomb guard is raised to an error."""
+    decode_threads: int = Field(2, ge=1, le=64)
+    """Thread pool size for image decoding (off the event loop)."""
+    drain_timeout_s: float = Field(20.0, gt=0)
+    """On SIGTERM: time allowed to finish in-flight and queued requests before exiting."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve /metrics on this extra port as well (it is always on the main port)."""
+    log_json: bool = False
+    """Log one JSON object per line instead of plain text."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.queue_size < self.max_batch_size:
+            raise ValueError("queue_size must be at least max_batch_size")
+        return self

@@ -1,0 +1,123 @@
+"""Images made in code: well-formed ones in every accepted format and mode, and hostile ones."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 96, height: int = 64) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8))
+
+
+def jpeg(width: int = 96, height: int = 64) -> bytes:
+    return encode(gradient(width, height), "JPEG", quality=90)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims huge dimensions with a tiny body: the header alone must be refused."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def png_bomb(side: int = 12_000) -> bytes:
+    """A real, fully valid PNG of side x side black pixels that compresses to a few hundred KB."""
+    row = b"\x00" + b"\x00" * side
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def sixteen_bit_png() -> bytes:
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    return encode(Image.fromarray(ramp), "PNG")
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> bytes:
+    image = gradient(96, 64)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", exif=exif.tobytes())
+
+
+def valid_corpus() -> dict[str, bytes]:
+    """Decodable inputs the service must classify (200), one per format and awkward mode."""
+    base = gradient()
+    return {
+        "jpeg": jpeg(),
+        "png": encode(base, "PNG"),
+        "webp": encode(base, "WEBP"),
+        "bmp": encode(base, "BMP"),
+        "tiff": encode(base, "TIFF"),
+        "gif": encode(base.convert("P"), "GIF"),
+        "animated gif": animated_gif(),
+        "cmyk jpeg": encode(base.convert("CMYK"), "JPEG"),
+        "grayscale png": encode(base.convert("L"), "PNG"),
+        "1-bit png": encode(base.convert("1"), "PNG"),
+        "rgba png": encode(base.convert("RGBA"), "PNG"),
+        "la png": encode(base.convert("LA"), "PNG"),
+        "palette png with transparency": encode(base.convert("P"), "PNG", transparency=0),
+        "16-bit png": sixteen_bit_png(),
+        "exif rotated jpeg": exif_rotated_jpeg(),
+        "1x1 png": encode(Image.new("RGB", (1, 1)), "PNG"),
+        "very wide png": encode(Image.new("RGB", (4000, 1)), "PNG"),
+        "progressive jpeg": encode(base, "JPEG", progressive=True),
+    }
+
+
+HOSTILE: dict[str, Callable[[], bytes]] = {
+    "zero bytes": lambda: b"",
+    "one byte": lambda: b"\xff",
+    "plain text": lambda: b"this is not an image, it is a sentence\n" * 20,
+    "html": lambda: b"<html><body><img src=x onerror=alert(1)></body></html>",
+    "json": lambda: b'{"image": "cat.jpg"}',
+    "svg": lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+    "pdf header": lambda: b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+    "zip": lambda: b"PK\x03\x04" + b"\x00" * 100,
+    "elf binary": lambda: b"\x7fELF\x02\x01\x01" + b"\x00" * 200,
+    "random bytes": lambda: np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+    "truncated jpeg": lambda: jpeg(400, 300)[:1500],
+    "jpeg header only": lambda: jpeg()[:20],
+    "jpeg with garbage body": lambda: jpeg()[:200] + b"\x00" * 2000,
+    "truncated png": lambda: encode(gradient(200, 200), "PNG")[:300],
+    "png bad crc": lambda: encode(gradient(), "PNG")[:30] + b"\x00\x00\x00\x00" + encode(gradient(), "PNG")[34:],
+    "png header claims 30000x30000": lambda: png_header_only(30_000, 30_000),
+    "png header claims 0x0": lambda: png_header_only(0, 0),
+    "png 12000x12000 bomb": png_bomb,
+    "gif header only": lambda: b"GIF89a\x10\x00\x10\x00",
+    "truncated webp": lambda: encode(gradient(), "WEBP")[:40],
+    "bmp header only": lambda: encode(gradient(), "BMP")[:30],
+    "truncated tiff": lambda: encode(gradient(200, 200), "TIFF")[:200],
+    "psd (not allowed)": lambda: b"8BPS\x00\x01" + b"\x00" * 200,
+    "ico (not allowed)": lambda: encode(Image.new("RGB", (16, 16)), "ICO"),
+    "eps (not allowed)": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+    "pcx (not allowed)": lambda: encode(gradient(), "PCX"),
+    "tga (not allowed)": lambda: encode(gradient(), "TGA"),
+    "float tiff": lambda: encode(Image.fromarray(np.ones((8, 8), np.float32)), "TIFF"),
+    "nul bytes": lambda: b"\x00" * 10_000,
+    "png signature only": lambda: b"\x89PNG\r\n\x1a\n",
+}

@@ -1,0 +1,72 @@
+"""The safe input contract at the decoding level: every mode handled, every hostile input refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.imaging import decode, preprocess
+from tests.service import images
+
+SIZE = (32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(images.valid_corpus()))
+def test_every_accepted_format_and_mode_becomes_rgb_uint8(name: str) -> None:
+    array = preprocess(images.valid_corpus()[name], SIZE)
+    assert array.shape == (32, 32, 3)
+    assert array.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", sorted(images.HOSTILE))
+def test_hostile_input_is_refused_with_a_client_error(name: str) -> None:
+    with pytest.raises((InvalidImage, ImageTooLarge)):
+        preprocess(images.HOSTILE[name](), SIZE)
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = decode(images.exif_rotated_jpeg(orientation=1), (96, 64))
+    rotated = decode(images.exif_rotated_jpeg(orientation=6), (96, 64))
+    assert upright.size == (96, 64)
+    assert rotated.size == (64, 96)  # orientation 6: stored landscape, shown portrait
+
+
+def test_sixteen_bit_is_scaled_not_clamped() -> None:
+    gray = np.asarray(decode(images.sixteen_bit_png(), (64, 64)))[..., 0]
+    assert gray.min() == 0 and gray.max() == 255
+    # Clamping would saturate everything above 255/65535 of full scale: nearly all pixels.
+    assert (gray == 255).mean() < 0.01
+    assert 100 < gray.mean() < 155
+
+
+def test_alpha_is_composited_on_white() -> None:
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgb = np.asarray(decode(images.encode(transparent, "PNG"), (8, 8)))
+    assert (rgb == 255).all()
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    rgb = np.asarray(decode(images.animated_gif(), (40, 40)))
+    assert tuple(rgb[20, 20]) == (255, 0, 0)
+
+
+def test_cmyk_is_converted() -> None:
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    rgb = np.asarray(decode(images.encode(cmyk, "JPEG", quality=100), (8, 8)))
+    assert rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 60
+
+
+def test_pixel_cap_is_a_size_error_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge, match="too many pixels"):
+        decode(images.png_header_only(30_000, 30_000), SIZE)
+    with pytest.raises(ImageTooLarge):
+        decode(images.jpeg(200, 200), SIZE, max_pixels=100 * 100)
+
+
+def test_large_jpeg_is_drafted_but_still_covers_the_target() -> None:
+    big = images.jpeg(4000, 3000)
+    image = decode(big, (299, 299))
+    assert image.size[0] >= 299 and image.size[1] >= 299
+    assert image.size[0] < 4000  # decoded at a reduced DCT scale
