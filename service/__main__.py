@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 from collections.abc import Callable
 from types import FrameType
 
@@ -29,6 +31,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -40,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)
     server = DrainingServer(config, app.state.catdog.begin_draining)
+    # uvicorn restores the previous handler after its graceful shutdown and re-raises the signal
+    # through it. With this handler a completed drain ends in exit status 0, which is what process
+    # supervisors expect; a SIGTERM before uvicorn starts also exits cleanly (nothing in flight).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
     return 0 if server.started else 1
 

@@ -120,6 +120,14 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def slower_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_models_dir, but 'slow' takes a few hundred ms per image: room to act mid-flight."""
+    folder = tmp_path_factory.mktemp("slower-models")
+    write_tiny_models(folder, heavy_layers=120)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

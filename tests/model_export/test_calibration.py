@@ -1,0 +1,51 @@
+"""Temperature scaling, ECE and the cascade threshold on data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model_export.calibration import (
+    cascade_outcome,
+    choose_cascade_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    log_loss,
+    softmax,
+)
+
+
+def test_temperature_recovers_a_known_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, (4000, 2))
+    labels = np.array([rng.choice(2, p=p) for p in softmax(true_logits)])
+    overconfident = true_logits * 3  # the model is 3x too sure of itself
+    temperature = fit_temperature(overconfident, labels)
+    assert 2.5 < temperature < 3.5
+    assert log_loss(softmax(overconfident, temperature), labels) < log_loss(softmax(overconfident), labels)
+    assert expected_calibration_error(softmax(overconfident, temperature), labels) < \
+        expected_calibration_error(softmax(overconfident), labels)
+
+
+def test_ece_is_zero_for_perfect_confident_predictions() -> None:
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
+
+
+def test_cascade_threshold_is_the_cheapest_that_matches_the_large_model() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    small = np.array([[0.99, 0.01], [0.6, 0.4], [0.45, 0.55], [0.7, 0.3], [0.98, 0.02], [0.2, 0.8]])
+    large = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
+    choice = choose_cascade_threshold(small, large, labels, tolerance=0.0)
+    # Only the 0.7-confident mistake must escalate; escalating below 0.7 fixes nothing.
+    assert choice.accuracy == choice.large_accuracy == 1.0
+    accuracy, rate = cascade_outcome(small, large, labels, choice.threshold)
+    assert accuracy == 1.0 and rate == choice.escalation_rate
+    assert rate == 3 / 6  # confidences 0.6, 0.55 and 0.7 are below the chosen threshold (0.8)
+    assert choice.threshold == 0.8
+
+
+def test_cascade_escalates_nothing_when_the_small_model_is_already_as_good() -> None:
+    labels = np.array([0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    choice = choose_cascade_threshold(probs, probs, labels)
+    assert choice.escalation_rate == 0.0

@@ -1,0 +1,79 @@
+"""Export parity and int8 reproducibility on a tiny randomly initialised network (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import onnx_tools
+from model_export.build import PARITY_TOLERANCE, compare, synthetic_images
+from model_export.quantize import quantize
+
+keras = pytest.importorskip("keras")
+
+
+def tiny_keras_classifier(size: int = 32) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    image = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(image)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.SeparableConv2D(16, 3, padding="same")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(image, keras.layers.Dense(2, name="logits")(x))
+    # Non-trivial batch-norm statistics, as a trained network would have.
+    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    rng = np.random.default_rng(1)
+    bn.set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.1, 8), rng.normal(0, 0.1, 8), rng.uniform(0.5, 2, 8)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[keras.Model, Path]:
+    model = tiny_keras_classifier()
+    path = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    onnx_tools.export_keras(model, path)
+    return model, path
+
+
+def test_onnx_matches_keras_within_tolerance(exported: tuple[keras.Model, Path]) -> None:
+    model, path = exported
+    images = synthetic_images(32, 24)
+    parity = compare(model.predict(images, verbose=0), onnx_tools.run_batches(onnx_tools.session(path, 1), images),
+                     1.0, "keras")
+    assert parity.max_abs_diff_probability <= PARITY_TOLERANCE
+    assert parity.prediction_agreement == 1.0
+
+
+def test_export_has_dynamic_batch_and_counts_flops(exported: tuple[keras.Model, Path]) -> None:
+    _, path = exported
+    ops = onnx_tools.check(path)
+    assert "Conv" in ops
+    sess = onnx_tools.session(path, 1)
+    for batch in (1, 5):
+        assert sess.run(None, {"image": synthetic_images(32, batch)})[0].shape == (batch, 2)
+    # Conv 3x3x3->8 on 16x16, depthwise 3x3 on 16x16x8, pointwise 8->16, dense 16->2.
+    expected_macs = 16 * 16 * 8 * 27 + 16 * 16 * 8 * 9 + 16 * 16 * 16 * 8 + 16 * 2
+    assert onnx_tools.count_flops(path) == 2 * expected_macs
+
+
+def test_int8_rebuilds_identically_from_the_calibration_cache(exported: tuple[keras.Model, Path], tmp_path: Path) -> None:
+    _, fp32 = exported
+    cache = tmp_path / "ranges.json"
+    quantize(fp32, tmp_path / "first.onnx", cache, "image", synthetic_images(32, 16, seed=3))
+    assert cache.exists()
+    quantize(fp32, tmp_path / "again.onnx", cache, "image", None)  # no images: ranges from the cache
+    assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
+    images = synthetic_images(32, 16, seed=4)
+    parity = compare(onnx_tools.run_batches(onnx_tools.session(fp32, 1), images),
+                     onnx_tools.run_batches(onnx_tools.session(tmp_path / "again.onnx", 1), images), 1.0, "fp32")
+    assert parity.max_abs_diff_probability < 0.1
+
+
+def test_quantize_without_images_or_cache_is_an_error(exported: tuple[keras.Model, Path], tmp_path: Path) -> None:
+    _, fp32 = exported
+    with pytest.raises(FileNotFoundError, match="calibration cache"):
+        quantize(fp32, tmp_path / "q.onnx", tmp_path / "absent.json", "image", None)

@@ -1,0 +1,105 @@
+"""Start-up, readiness and graceful shutdown of a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import onnxruntime as ort
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import ROOT, run_server, wait_until
+from tests.service import images
+
+
+def wait_for_in_flight(url: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics").text
+        gauge = next(s for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "catdog_in_flight_requests")
+        if gauge.value >= count + 1:  # the /metrics request itself is in flight too
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"{count} requests were not in flight within {timeout}s")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: Path, tmp_path: Path) -> None:
+    with run_server(slower_models_dir, tmp_path, max_batch_size="1") as live:
+        results: list[int] = []
+
+        def client() -> None:
+            blob = images.jpeg()
+            with httpx.Client(timeout=60) as http:
+                response = http.post(f"{live.url}/classify?model=slow", content=blob,
+                                     headers={"Content-Type": "image/jpeg"})
+                results.append(response.status_code)
+
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        wait_for_in_flight(live.url, 12)  # every request has reached the app before SIGTERM
+        live.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert live.process.wait(timeout=60) == 0, live.log()
+        assert results == [200] * 12
+        assert "draining" in live.log()
+
+
+def test_readiness_is_false_until_every_model_is_warm(tiny_models_dir: Path, tmp_path: Path) -> None:
+    # Warming the slow model at batch 64 takes seconds: long enough to observe "live, not ready".
+    with run_server(tiny_models_dir, tmp_path, wait_ready=False, max_batch_size="64", queue_size="64") as live:
+        first = httpx.get(f"{live.url}/readyz")
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "not_ready"
+        not_ready = httpx.post(f"{live.url}/classify", content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
+        assert not_ready.status_code == 503 and "Retry-After" in not_ready.headers
+        wait_until(live, "/readyz")
+        assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
+
+
+def test_readiness_turns_false_when_draining_begins(tiny_models_dir: Path) -> None:
+    # After SIGTERM uvicorn stops accepting connections at once, so this is checked in-process.
+    app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
+
+    async def scenario() -> tuple[int, int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(200):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                before = (await client.get("/readyz")).status_code
+                app.state.catdog.begin_draining()
+                after = (await client.get("/readyz")).status_code
+                return before, after
+
+    assert asyncio.run(scenario()) == (200, 503)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_startup_failure(tiny_models_dir: Path, tmp_path: Path) -> None:
+    env = {"CATDOG_MODELS_DIR": str(tiny_models_dir), "CATDOG_PROVIDERS": "cuda", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "providers=cuda" in result.stderr and "onnxruntime-gpu" in result.stderr
+
+
+def test_missing_manifest_is_a_startup_failure(tmp_path: Path) -> None:
+    env = {"CATDOG_MODELS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "make models" in result.stderr
