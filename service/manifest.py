@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -98,6 +98,14 @@ class ModelEntry(_Strict):
     flops: int = Field(gt=0, description="Multiply-adds x 2 for one image.")
     parity: Parity
     provenance: Provenance
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        # The service opens this path: a manifest must not point outside its own folder.
+        if value != Path(value).name or value in ("", ".", ".."):
+            raise ValueError(f"file must be a plain file name, got {value!r}")
+        return value
 
 
 class CascadeEntry(_Strict):

@@ -24,6 +24,7 @@ def test_written_manifest_round_trips(tmp_path: Path) -> None:
     lambda m: m["models"]["fast"].update(name="other"),
     lambda m: m["models"]["fast"].update(unexpected_field=1),
     lambda m: m["models"]["fast"]["input"].update(layout="NCHW"),
+    lambda m: m["models"]["fast"].update(file="../../etc/passwd"),
     lambda m: m.update(cascades=[{"small": "fast", "large": "nope", "threshold": 0.9,
                                   "escalation_rate_val": 0.1, "accuracy_val": 0.9, "expected_cost_ratio": 0.2}]),
 ])

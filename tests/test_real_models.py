@@ -1,0 +1,116 @@
+"""End to end on the real built models (make models) and real photos from the development set."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_export.build import logits_on
+from model_export.calibration import softmax
+from model_export.data import Sample, load_images, stratified_split
+from model_export.weights_io import read_record
+from service.manifest import Manifest, load_manifest
+from tests.conftest import BUILT_MODELS, ROOT, SHARED_DATA, Server, run_server
+
+pytestmark = [
+    pytest.mark.models,
+    pytest.mark.skipif(not (BUILT_MODELS / "manifest.json").exists(), reason="run `make models` first"),
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the development dataset is not beside the checkout"),
+]
+N_PER_CLASS = 12
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return load_manifest(BUILT_MODELS / "manifest.json")
+
+
+@pytest.fixture(scope="module")
+def test_samples() -> list[Sample]:
+    """A few photos of each class from the documented test split (never trained or tuned on)."""
+    split = stratified_split(SHARED_DATA, read_record()["split"]["seed"])
+    by_label = [[s for s in split.samples["test"] if s.label == i] for i in (0, 1)]
+    return [s for group in by_label for s in group[:N_PER_CLASS]]
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(BUILT_MODELS, tmp_path_factory.mktemp("real"), intra_op_threads="2") as server:
+        yield server
+
+
+def classify(server: Server, blobs: list[bytes], model: str) -> list[dict[str, object]]:
+    files = [("file", (f"{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
+    response = httpx.post(f"{server.url}/classify", params={"model": model}, files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]  # type: ignore[no-any-return]
+
+
+def test_manifest_meets_the_accuracy_targets(manifest: Manifest) -> None:
+    for name, entry in manifest.models.items():
+        assert entry.test is not None, f"{name} has no measured test accuracy"
+        floor = 0.985 if entry.family == "xception" else 0.97
+        assert entry.test.accuracy >= floor, f"{name}: {entry.test.accuracy:.4f} < {floor}"
+        assert entry.parity.max_abs_diff_probability <= (1e-4 if entry.precision == "fp32" else 1.0)
+    assert {"xception", "mobilenet", "mobilenet-160"} <= set(manifest.models)
+
+
+def test_every_model_answers_correctly_on_real_photos_and_matches_the_build(
+    real_server: Server, manifest: Manifest, test_samples: list[Sample]
+) -> None:
+    blobs = [s.path.read_bytes() for s in test_samples]
+    labels = np.array([s.label for s in test_samples])
+    for name, entry in manifest.models.items():
+        results = [r for i in range(0, len(blobs), 8) for r in classify(real_server, blobs[i:i + 8], name)]
+        served = np.array([[r["probabilities"][label] for label in entry.labels] for r in results])  # type: ignore[index]
+        accuracy = float((served.argmax(1) == labels).mean())
+        assert accuracy >= 0.9, f"{name}: {accuracy:.3f} on {len(labels)} test photos"
+        # Golden parity: the service reproduces the build's own probabilities on the same files.
+        images = load_images(test_samples, entry.input.width, "golden").arrays
+        built = softmax(logits_on(BUILT_MODELS / entry.file, images), entry.temperature)
+        assert np.abs(served - built).max() <= 1e-4, name
+
+
+def test_exif_rotated_photo_keeps_its_label(real_server: Server, test_samples: list[Sample]) -> None:
+    photo = Image.open(test_samples[0].path).convert("RGB")
+    # Store the pixels turned a quarter left and tag orientation 6 ("turn right to view"):
+    # viewers and the service show the original upright photo.
+    stored = photo.transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    upright = io.BytesIO()
+    photo.save(upright, "JPEG", quality=95)
+    for model in ("xception", "mobilenet"):
+        original, rotated = classify(real_server, [upright.getvalue(), buffer.getvalue()], model)
+        assert original["label"] == rotated["label"] == ("cat", "dog")[test_samples[0].label]
+        assert abs(original["confidence"] - rotated["confidence"]) < 0.05  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_verify_command_passes_on_the_built_models() -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "verify", "--out", str(BUILT_MODELS),
+                             "--data", str(SHARED_DATA)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "FAILED" not in result.stderr
+
+
+def test_models_endpoint_reports_live_latency(real_server: Server, test_samples: list[Sample]) -> None:
+    classify(real_server, [test_samples[0].path.read_bytes()], "mobilenet")
+    info = httpx.get(f"{real_server.url}/models/mobilenet").json()
+    assert info["live_latency_p50_ms"] is not None and info["live_latency_p50_ms"] > 0
+    assert info["test_accuracy"] >= 0.97
+
+
+def test_path_of_every_model_stays_inside_the_models_dir(manifest: Manifest) -> None:
+    for entry in manifest.models.values():
+        assert Path(entry.file).name == entry.file
