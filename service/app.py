@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     _install_request_ids(app, state)
-    _install_routes(app)
+    _install_routes(app, settings.max_files)
     return app
 
 
@@ -224,14 +224,15 @@ def _shape(outcome: Outcome, request_id: str, top: int | None, total_ms: float) 
     )
 
 
-def _install_routes(app: FastAPI) -> None:
+def _install_routes(app: FastAPI, max_files: int) -> None:
     classify_body = {
         "requestBody": {
             "required": True,
             "description": "One image as the raw body, or one or more `file` fields as multipart/form-data.",
             "content": {
                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                    "file": {"type": "array", "minItems": 1, "maxItems": max_files,
+                             "items": {"type": "string", "format": "binary"}}}}},
                 **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
             },
         }
@@ -306,7 +307,7 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
     test = entry.test
     return ModelInfo(
         name=name, version=entry.version, family=entry.family, precision=entry.precision, device=loaded.device,
-        labels=entry.labels, input_size=loaded.size, test_accuracy=test.accuracy if test else None,
+        labels=entry.labels, input_width=entry.input.width, input_height=entry.input.height, test_accuracy=test.accuracy if test else None,
         test_log_loss=test.log_loss if test else None, test_ece=test.ece if test else None,
         build_latency_p50_ms_batch1=entry.latency.p50_ms_batch1,
         live_latency_p50_ms=live.value * 1000 if live and live.value is not None else None,

@@ -50,7 +50,8 @@ class ModelInfo(BaseModel):
     precision: str
     device: str
     labels: list[str]
-    input_size: tuple[int, int] = Field(description="(width, height) the image is resized to.")
+    input_width: int = Field(description="Width the image is resized to.")
+    input_height: int = Field(description="Height the image is resized to.")
     test_accuracy: float | None
     test_log_loss: float | None
     test_ece: float | None

@@ -98,7 +98,7 @@ def test_model_listing(server: Server) -> None:
     assert listing["default"] == "fast"
     assert {m["name"] for m in listing["models"]} == {"fast", "slow"}
     one = httpx.get(f"{server.url}/models/slow").json()
-    assert one["input_size"] == [48, 48] and one["device"] == "cpu"
+    assert (one["input_width"], one["input_height"]) == (48, 48) and one["device"] == "cpu"
     assert_error(httpx.get(f"{server.url}/models/../etc"), 404)
 
 
