@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.classifier import Outcome, run_model
+from service.classifier import Answer, Classifier
 from service.errors import BadRequest, CatdogError, NotReady
 from service.manifest import Manifest
 from service.metrics import UNKNOWN_MODEL, Metrics
@@ -34,6 +34,7 @@ from service.schemas import (
     ImageResult,
     ModelInfo,
     ModelList,
+    Selection,
     TimingsMs,
     TopEntry,
 )
@@ -65,6 +66,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     registry: ModelRegistry | None = None
+    classifier: Classifier | None = None
     ready: bool = False
     draining: bool = False
     decode_pool: ThreadPoolExecutor = field(init=False)
@@ -87,14 +89,19 @@ def get_state(request: Request) -> AppState:
 
 
 def get_registry(request: Request) -> ModelRegistry:
+    return get_classifier(request).registry
+
+
+def get_classifier(request: Request) -> Classifier:
     state = get_state(request)
-    if state.registry is None or not state.ready:
+    if state.classifier is None or not state.ready:
         raise NotReady("models are not loaded yet", headers={"Retry-After": "5"})
-    return state.registry
+    return state.classifier
 
 
 State = Annotated[AppState, Depends(get_state)]
 Registry = Annotated[ModelRegistry, Depends(get_registry)]
+Core = Annotated[Classifier, Depends(get_classifier)]
 
 
 async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], providers: list[str],
@@ -109,6 +116,8 @@ async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], pro
         return
     registry.start()
     state.registry = registry
+    state.classifier = Classifier(registry, state.decode_pool, state.metrics, state.settings.max_pixels,
+                                  state.settings.decode_threads)
     state.ready = not state.draining
     state.metrics.ready.set(1 if state.ready else 0)
     log.info("ready: %s", ", ".join(registry.names()))
@@ -209,17 +218,22 @@ def _deadline(request: Request, timeout_ms: float | None, start: float) -> float
     return start + budget / 1000 if budget is not None else None
 
 
-def _shape(outcome: Outcome, request_id: str, top: int | None, total_ms: float) -> ClassifyResponse:
+def _shape(answer: Answer, device: str, version: str | None, request_id: str, top: int | None,
+           total_ms: float) -> ClassifyResponse:
     results = []
-    for p in outcome.predictions:
+    for a in answer.answers:
+        p = a.prediction
         ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
-        results.append(ImageResult(label=p.label, confidence=p.confidence, probabilities=p.probabilities,
-                                   top=[TopEntry(label=k, probability=v) for k, v in ranked[:top]] if top else None))
-    t = outcome.timings
-    entry = outcome.model.entry
+        results.append(ImageResult(
+            label=p.label, model=a.model, confidence=p.confidence, probabilities=p.probabilities,
+            top=[TopEntry(label=k, probability=v) for k, v in ranked[:top]] if top else None,
+            confidences=a.confidences, escalated=a.escalated, degraded=a.degraded,
+        ))
+    t = answer.timings
     return ClassifyResponse(
-        request_id=request_id, model=entry.name, version=entry.version, device=outcome.model.device,
-        results=results, batch_sizes=outcome.batch_sizes,
+        request_id=request_id, mode=answer.mode, model=answer.name, version=version, device=device,
+        models_run=answer.models_run, selection=Selection(**answer.selection) if answer.selection else None,
+        results=results, batch_sizes=answer.batch_sizes,
         timings_ms=TimingsMs(decode=t.decode_ms, queue=t.queue_ms, inference=t.inference_ms, total=total_ms),
     )
 
@@ -243,25 +257,37 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
     async def classify(
         request: Request,
         state: State,
-        registry: Registry,
-        model: Annotated[str | None, Query(max_length=64, description="Model name; default from settings.")] = None,
+        classifier: Core,
+        model: Annotated[str | None, Query(max_length=64, description=(
+            "A model name from /models, `auto` (the server picks by max_latency_ms / min_accuracy) or "
+            "`cascade` (small model first, large one when unsure). Default from settings."))] = None,
         top: Annotated[int | None, Query(ge=1, le=16, description="Also return the N most probable labels.")] = None,
         timeout_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="Deadline in ms (504 if missed).")] = None,
+        max_latency_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="auto: latency budget.")] = None,
+        min_accuracy: Annotated[float | None, Query(ge=0, le=1, description="auto: accuracy floor (test split).")] = None,
+        cascade: Annotated[str | None, Query(max_length=130, description="cascade: `small,large` model names.")] = None,
+        min_confidence: Annotated[float | None, Query(ge=0, le=1, description="cascade: escalation threshold.")] = None,
     ) -> ClassifyResponse:
         start = time.monotonic()
-        deadline = _deadline(request, timeout_ms, start)
         label = UNKNOWN_MODEL
         outcome_label, status = "error", 500
         try:
-            loaded = registry.get(model)
-            label = loaded.entry.name
+            deadline = _deadline(request, timeout_ms, start)
+            mode = model if model in ("auto", "cascade") else None
+            label = mode or classifier.registry.get(model).entry.name
             blobs = await read_images(request, state.settings.max_files)
-            outcome = await run_model(loaded, blobs, deadline=deadline, max_pixels=state.settings.max_pixels,
-                                      decode_executor=state.decode_pool, metrics=state.metrics)
+            if mode == "auto":
+                answer = await classifier.auto(blobs, deadline, max_latency_ms, min_accuracy)
+            elif mode == "cascade":
+                answer = await classifier.cascade(blobs, deadline, cascade, min_confidence)
+            else:
+                answer = await classifier.direct(label, blobs, deadline)
             total_ms = (time.monotonic() - start) * 1000
             outcome_label, status = "ok", 200
             state.metrics.request_seconds.labels(label).observe(total_ms / 1000)
-            return _shape(outcome, request.state.request_id, top, total_ms)
+            primary = classifier.registry.get(answer.models_run[0])
+            version = primary.entry.version if answer.mode != "cascade" else None
+            return _shape(answer, primary.device, version, request.state.request_id, top, total_ms)
         except CatdogError as exc:
             outcome_label, status = exc.code, exc.status
             raise

@@ -109,6 +109,11 @@ class Batcher:
         batches = math.ceil(waiting / self.max_batch)
         return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
 
+    def next_batch_seconds(self) -> float:
+        """Predicted run time of the batch this model will run next (0 when idle)."""
+        waiting = self.pending + self.running
+        return self.stats.seconds_for(min(waiting, self.max_batch), self.fallback_seconds) if waiting else 0.0
+
     def retry_after_seconds(self) -> int:
         rate = self.stats.images_per_second.value
         if not rate:

@@ -1,18 +1,25 @@
-"""The transport-independent core: images in, calibrated labels out. No HTTP here."""
+"""The transport-independent core: images in, calibrated labels out. No HTTP here.
+
+Three ways to answer: a named model, `auto` (the server picks by latency budget and accuracy
+floor) and `cascade` (small model first, large one only for the images the small one is unsure of).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded
+from service.batching import Window
+from service.errors import BadRequest, DeadlineExceeded
 from service.imaging import preprocess
 from service.metrics import Metrics
-from service.registry import LoadedModel
+from service.registry import LoadedModel, ModelRegistry
+from service.selection import Candidate, choose_auto, needs_escalation
 
 
 @dataclass
@@ -23,16 +30,39 @@ class Prediction:
 
 
 @dataclass
-class Timings:
-    decode_ms: float
-    queue_ms: float
-    inference_ms: float
-    total_ms: float = 0.0
+class ImageAnswer:
+    prediction: Prediction
+    model: str
+    confidences: dict[str, float]  # every model that looked at this image
+    escalated: bool = False
+    degraded: bool = False
 
 
 @dataclass
-class Outcome:
-    model: LoadedModel
+class Timings:
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
+    def add(self, other: Timings) -> None:
+        self.decode_ms += other.decode_ms
+        self.queue_ms += other.queue_ms
+        self.inference_ms += other.inference_ms
+
+
+@dataclass
+class Answer:
+    mode: str  # "model", "auto" or "cascade"
+    name: str  # the model that answered, or "cascade"
+    answers: list[ImageAnswer]
+    models_run: list[str]
+    timings: Timings
+    batch_sizes: list[int]
+    selection: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
     predictions: list[Prediction]
     timings: Timings
     batch_sizes: list[int]
@@ -47,33 +77,133 @@ def calibrated(logits: np.ndarray, temperature: float, labels: list[str]) -> Pre
                       float(probs[best]))
 
 
-async def decode_all(blobs: list[bytes], size: tuple[int, int], max_pixels: int, executor: Executor) -> list[np.ndarray]:
-    loop = asyncio.get_running_loop()
-    return list(await asyncio.gather(*(loop.run_in_executor(executor, preprocess, b, size, max_pixels) for b in blobs)))
+class Classifier:
+    def __init__(self, registry: ModelRegistry, decode_executor: Executor, metrics: Metrics, max_pixels: int,
+                 decode_threads: int) -> None:
+        self.registry = registry
+        self._decode_executor = decode_executor
+        self._metrics = metrics
+        self._max_pixels = max_pixels
+        self._decode_threads = decode_threads
+        self._decode_seconds = {name: Window() for name in registry.names()}  # per image
 
+    # -- predictions -------------------------------------------------------------------------
 
-async def run_model(model: LoadedModel, blobs: list[bytes], *, deadline: float | None, max_pixels: int,
-                    decode_executor: Executor, metrics: Metrics) -> Outcome:
-    """Decode for this model's input size, then infer through its batcher."""
-    start = time.monotonic()
-    arrays = await decode_all(blobs, model.size, max_pixels, decode_executor)
-    decoded = time.monotonic()
-    metrics.decode_seconds.labels(model.entry.name).observe(decoded - start)
-    if deadline is not None:
-        predicted = model.batcher.backlog_seconds() + model.batcher.stats.seconds_for(1, model.batcher.fallback_seconds)
-        if decoded + predicted > deadline:
-            raise DeadlineExceeded(
-                f"deadline cannot be met by {model.entry.name}: about {predicted * 1000:.1f} ms of "
-                f"queue and inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
-            )
-    results = await model.batcher.infer(arrays, deadline)
-    queue_s = max(r[1] for r in results)
-    inference_s = max(r[2] for r in results)
-    metrics.queue_seconds.labels(model.entry.name).observe(queue_s)
-    metrics.images.labels(model.entry.name).inc(len(results))
-    entry = model.entry
-    predictions = [calibrated(r[0], entry.temperature, entry.labels) for r in results]
-    for p in predictions:
-        metrics.confidence.labels(entry.name).observe(p.confidence)
-    timings = Timings((decoded - start) * 1000, queue_s * 1000, inference_s * 1000)
-    return Outcome(model, predictions, timings, [r[3] for r in results])
+    def predicted_seconds(self, model: LoadedModel, n_images: int) -> float:
+        """Decode + wait for the shared inference thread + this model's own inference."""
+        decode = (self._decode_seconds[model.entry.name].value or 0.0) * math.ceil(n_images / self._decode_threads)
+        batcher = model.batcher
+        batches = math.ceil(n_images / batcher.max_batch)
+        inference = batches * batcher.stats.seconds_for(min(n_images, batcher.max_batch), batcher.fallback_seconds)
+        return decode + self.registry.backlog_seconds(model) + inference
+
+    # -- the three modes -----------------------------------------------------------------------
+
+    async def direct(self, name: str | None, blobs: list[bytes], deadline: float | None) -> Answer:
+        model = self.registry.get(name)
+        run = await self._run(model, blobs, deadline)
+        answers = [ImageAnswer(p, model.entry.name, {model.entry.name: p.confidence}) for p in run.predictions]
+        return Answer("model", model.entry.name, answers, [model.entry.name], run.timings, run.batch_sizes)
+
+    async def auto(self, blobs: list[bytes], deadline: float | None, max_latency_ms: float | None,
+                   min_accuracy: float | None) -> Answer:
+        budget_ms = max_latency_ms
+        if deadline is not None:  # a deadline is a latency budget too
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            budget_ms = remaining_ms if budget_ms is None else min(budget_ms, remaining_ms)
+        candidates = [
+            Candidate(name, m.entry.test.accuracy if m.entry.test else None,
+                      self.predicted_seconds(m, len(blobs)) * 1000)
+            for name, m in self.registry.models.items()
+        ]
+        choice = choose_auto(candidates, budget_ms, min_accuracy)
+        self._metrics.selections.labels("auto", choice.candidate.name, choice.reason).inc()
+        start = time.monotonic()
+        answer = await self.direct(choice.candidate.name, blobs, deadline)
+        actual_ms = (time.monotonic() - start) * 1000
+        if budget_ms is not None and actual_ms > budget_ms:
+            self._metrics.budget_misses.labels(choice.candidate.name).inc()
+        answer.mode = "auto"
+        answer.selection = {"reason": choice.reason, "predicted_ms": round(choice.candidate.predicted_ms, 3),
+                            "actual_ms": round(actual_ms, 3), "budget_ms": budget_ms, "min_accuracy": min_accuracy}
+        return answer
+
+    def resolve_cascade(self, pair: str | None, min_confidence: float | None) -> tuple[str, str, float]:
+        """(small, large, threshold): the manifest's calibrated cascade, or any pair with a threshold."""
+        calibrated_pairs = {(c.small, c.large): c.threshold for c in self.registry.manifest.cascades}
+        if pair is None:
+            if not calibrated_pairs:
+                raise BadRequest("the manifest defines no cascade; name one with cascade=small,large")
+            small, large = next(iter(calibrated_pairs))
+        else:
+            names = [part.strip() for part in pair.split(",")]
+            if len(names) != 2:
+                raise BadRequest("cascade must be two model names: cascade=small,large")
+            small, large = (self.registry.get(n).entry.name for n in names)
+        if min_confidence is not None:
+            return small, large, min_confidence
+        if (small, large) not in calibrated_pairs:
+            known = ", ".join(",".join(p) for p in calibrated_pairs) or "none"
+            raise BadRequest(f"no calibrated threshold for cascade {small},{large}: pass min_confidence, "
+                             f"or use a calibrated pair ({known})")
+        return small, large, calibrated_pairs[(small, large)]
+
+    async def cascade(self, blobs: list[bytes], deadline: float | None, pair: str | None,
+                      min_confidence: float | None) -> Answer:
+        small_name, large_name, threshold = self.resolve_cascade(pair, min_confidence)
+        small, large = self.registry.get(small_name), self.registry.get(large_name)
+        first = await self._run(small, blobs, deadline)
+        answers = [ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}) for p in first.predictions]
+        unsure = [i for i, p in enumerate(first.predictions) if needs_escalation(p.confidence, threshold)]
+        timings, batch_sizes, models_run = first.timings, list(first.batch_sizes), [small.entry.name]
+        if unsure and deadline is not None and \
+                time.monotonic() + self.predicted_seconds(large, len(unsure)) > deadline:
+            for i in unsure:  # no time for the large model: say so instead of failing
+                answers[i].degraded = True
+            self._metrics.degraded.labels("cascade").inc()
+        elif unsure:
+            second = await self._run(large, [blobs[i] for i in unsure], deadline)
+            timings.add(second.timings)
+            batch_sizes += second.batch_sizes
+            models_run.append(large.entry.name)
+            self._metrics.escalations.labels(small.entry.name, large.entry.name).inc(len(unsure))
+            for i, prediction in zip(unsure, second.predictions, strict=True):
+                answers[i] = ImageAnswer(prediction, large.entry.name,
+                                         {**answers[i].confidences, large.entry.name: prediction.confidence},
+                                         escalated=True)
+        reason = "degraded" if any(a.degraded for a in answers) else "escalated" if len(models_run) > 1 else "confident"
+        self._metrics.selections.labels("cascade", answers[0].model, reason).inc()
+        return Answer("cascade", "cascade", answers, models_run, timings, batch_sizes,
+                      {"reason": reason, "threshold": threshold, "small": small.entry.name, "large": large.entry.name})
+
+    # -- one model -----------------------------------------------------------------------------
+
+    async def _run(self, model: LoadedModel, blobs: list[bytes], deadline: float | None) -> _Run:
+        """Decode for this model's input size, check the deadline, infer through its batcher."""
+        name = model.entry.name
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        arrays = list(await asyncio.gather(*(
+            loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._max_pixels)
+            for blob in blobs
+        )))
+        decoded = time.monotonic()
+        self._metrics.decode_seconds.labels(name).observe(decoded - start)
+        self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
+        if deadline is not None:
+            predicted = self.registry.backlog_seconds(model) + model.batcher.stats.seconds_for(1, model.batcher.fallback_seconds)
+            if decoded + predicted > deadline:
+                raise DeadlineExceeded(
+                    f"deadline cannot be met by {name}: about {predicted * 1000:.1f} ms of queue and "
+                    f"inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
+                )
+        results = await model.batcher.infer(arrays, deadline)
+        queue_s = max(r[1] for r in results)
+        inference_s = max(r[2] for r in results)
+        self._metrics.queue_seconds.labels(name).observe(queue_s)
+        self._metrics.images.labels(name).inc(len(results))
+        predictions = [calibrated(r[0], model.entry.temperature, model.entry.labels) for r in results]
+        for p in predictions:
+            self._metrics.confidence.labels(name).observe(p.confidence)
+        timings = Timings((decoded - start) * 1000, queue_s * 1000, inference_s * 1000)
+        return _Run(predictions, timings, [r[3] for r in results])

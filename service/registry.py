@@ -48,6 +48,16 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model; valid names: {', '.join(self.names())}")
         return self.models[key]
 
+    def backlog_seconds(self, target: LoadedModel) -> float:
+        """Predicted wait before new work on `target` starts running.
+
+        The inference thread is shared and first-come first-served, and each batcher keeps one
+        batch in it at a time: new work waits for its own model's whole queue, but for at most
+        one batch of every other busy model.
+        """
+        return sum(model.batcher.backlog_seconds() if model is target else model.batcher.next_batch_seconds()
+                   for model in self.models.values())
+
     def start(self) -> None:
         for model in self.models.values():
             model.batcher.start()

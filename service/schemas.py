@@ -21,9 +21,13 @@ class TopEntry(BaseModel):
 
 class ImageResult(BaseModel):
     label: str
+    model: str = Field(description="The model whose answer this is.")
     confidence: float = Field(description="Calibrated probability of the label.")
     probabilities: dict[str, float] = Field(description="Calibrated probability per label.")
     top: list[TopEntry] | None = Field(None, description="The `top` most probable labels, when asked.")
+    confidences: dict[str, float] = Field(description="Calibrated top probability of every model that ran on it.")
+    escalated: bool = Field(False, description="cascade: the small model was unsure, the large one answered.")
+    degraded: bool = Field(False, description="cascade: unsure, but the deadline left no time to escalate.")
 
 
 class TimingsMs(BaseModel):
@@ -33,11 +37,25 @@ class TimingsMs(BaseModel):
     total: float
 
 
+class Selection(BaseModel):
+    reason: str = Field(description="auto: most_accurate or latency_budget; cascade: confident, escalated, degraded.")
+    predicted_ms: float | None = Field(None, description="auto: predicted latency of the chosen model.")
+    actual_ms: float | None = Field(None, description="auto: measured latency of the chosen model.")
+    budget_ms: float | None = Field(None, description="auto: the latency budget applied.")
+    min_accuracy: float | None = None
+    threshold: float | None = Field(None, description="cascade: escalate below this calibrated confidence.")
+    small: str | None = None
+    large: str | None = None
+
+
 class ClassifyResponse(BaseModel):
     request_id: str
-    model: str = Field(description="The model that produced the answer.")
-    version: str
+    mode: str = Field(description="model, auto or cascade.")
+    model: str = Field(description="The model that produced the answer ('cascade' for a cascade).")
+    version: str | None = Field(description="Version of that model; null for a cascade.")
     device: str
+    models_run: list[str]
+    selection: Selection | None = None
     results: list[ImageResult] = Field(description="One per image, in upload order.")
     timings_ms: TimingsMs
     batch_sizes: list[int] = Field(description="Size of the inference batch each image ran in.")

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     log_json: bool = False
     """Log one JSON object per line instead of plain text."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Level for the service's and uvicorn's loggers."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.manifest import (
+    CascadeEntry,
     InputSpec,
     Latency,
     Manifest,
@@ -107,6 +108,8 @@ def write_tiny_models(folder: Path, heavy_layers: int = 24) -> Manifest:
         created="2026-01-01T00:00:00+00:00",
         models={"fast": tiny_entry("fast", folder / "fast.onnx", 32, 0.9, 0.1),
                 "slow": tiny_entry("slow", folder / "slow.onnx", 48, 0.95, 20.0)},
+        cascades=[CascadeEntry(small="fast", large="slow", threshold=0.9, escalation_rate_val=0.1,
+                               accuracy_val=0.95, expected_cost_ratio=0.2)],
         default_model="fast",
     )
     write_manifest(manifest, folder / "manifest.json")
