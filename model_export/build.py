@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from model_export import backbones, onnx_tools, sources
-from model_export.calibration import cascade_outcome, choose_cascade_threshold, quality, softmax
-from model_export.data import Split, load_images, stratified_split
+from model_export.calibration import softmax
+from model_export.data import load_images, stratified_split
+from model_export.evaluate import Evaluation, Member, measure_cascade
 from model_export.quantize import quantize
 from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
 from model_export.weights_io import load_weights, read_record
@@ -61,6 +62,11 @@ class Built:
     parity: Parity
     exporter: str
     parameters: int
+    temperature: float
+
+    @property
+    def member(self) -> Member:
+        return Member(self.name, self.path, self.spec.input_size, self.temperature)
 
 
 def git_commit() -> str:
@@ -115,7 +121,7 @@ def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, 
     parity = compare(expected, actual, temperature, "keras (tensorflow backend)")
     if parity.max_abs_diff_probability > PARITY_TOLERANCE:
         raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
-    return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()))
+    return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()), temperature)
 
 
 def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, temperature: float) -> Built:
@@ -129,7 +135,7 @@ def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, 
     actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
     parity = compare(reference, actual, temperature, f"{fp32.name} fp32 onnx")
     exporter = f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile"
-    return Built(fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters)
+    return Built(fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature)
 
 
 def _slim_calibration_cache(path: Path) -> None:
@@ -142,44 +148,12 @@ def _slim_calibration_cache(path: Path) -> None:
     path.write_text(json.dumps(payload, sort_keys=True) + "\n")
 
 
-def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
-    return onnx_tools.run_batches(onnx_tools.session(path, 2), images)
-
-
-def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str) -> Metrics:
-    q = quality(logits, labels, temperature)
-    return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
-                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]
-
-
-class Evaluation:
-    """Logits of every built model on the val and test splits, when the dataset is present."""
-
-    def __init__(self, split: Split) -> None:
-        self.split = split
-        self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self.logits: dict[tuple[str, str], np.ndarray] = {}
-
-    def images(self, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-        if (name, size) not in self._images:
-            loaded = load_images(self.split.samples[name], size, f"{name} images {size}px")
-            self._images[(name, size)] = (loaded.arrays, loaded.labels)
-        return self._images[(name, size)]
-
-    def run(self, built: Built, split_name: str) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = self.images(split_name, built.spec.input_size)
-        key = (built.name, split_name)
-        if key not in self.logits:
-            self.logits[key] = logits_on(built.path, images)
-        return self.logits[key], labels
-
-
 def int8_is_kept(fp32: Built, int8: Built, evaluation: Evaluation | None, previous: dict[str, Any]) -> bool:
     """Measured on val when the dataset is here; otherwise the recorded decision for these weights."""
     if evaluation is None:
         return bool(previous.get("int8_kept", {}).get(int8.name, False))
-    fp_logits, labels = evaluation.run(fp32, "val")
-    q_logits, _ = evaluation.run(int8, "val")
+    fp_logits, labels = evaluation.logits(fp32.member, "val")
+    q_logits, _ = evaluation.logits(int8.member, "val")
     drop = float((fp_logits.argmax(1) == labels).mean() - (q_logits.argmax(1) == labels).mean())
     agreement = float((fp_logits.argmax(1) == q_logits.argmax(1)).mean())
     kept = drop <= INT8_MAX_ACCURACY_DROP and agreement >= INT8_MIN_AGREEMENT
@@ -197,7 +171,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
                     split.sha256[:12], record["split"]["sha256"][:12])
     if recalibrate and split is None:
         raise ValueError("--calibrate needs --data")
-    evaluation = Evaluation(split) if split is not None else None
+    evaluation = Evaluation(split.samples) if split is not None else None
     previous = _previous_evaluation(record)
     entries: dict[str, ModelEntry] = {}
     int8_kept: dict[str, bool] = {}
@@ -209,7 +183,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
         fp32 = export_fp32(spec, out, cache_dir, probe, temperature)
         calibration = None
         if recalibrate and evaluation is not None:
-            calibration = load_images(evaluation.split.samples["train"][::20][:N_CALIBRATION_IMAGES],
+            calibration = load_images(evaluation.sets["train"][::20][:N_CALIBRATION_IMAGES],
                                       spec.input_size, "calibration images").arrays
         int8 = export_int8(fp32, calibration, probe, temperature)
         int8_kept[int8.name] = int8_is_kept(fp32, int8, evaluation, previous)
@@ -217,7 +191,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
             int8.path.unlink()
         for built in (fp32, int8) if int8_kept[int8.name] else (fp32,):
             built_models[built.name] = built
-            entries[built.name] = _entry(built, temperature, record, split, evaluation, previous, threads)
+            entries[built.name] = _entry(built, record, evaluation, previous, threads)
     cascades = [_cascade(entries, built_models, evaluation, previous)]
     manifest = Manifest(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), models=entries,
                         cascades=cascades, default_model=DEFAULT_MODEL)
@@ -254,13 +228,13 @@ def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: d
     log.info("int8 decisions and figures recorded in %s", EVALUATION_RECORD)
 
 
-def _entry(built: Built, temperature: float, record: dict[str, Any], split: Split | None,
-           evaluation: Evaluation | None, previous: dict[str, Any], threads: int) -> ModelEntry:
+def _entry(built: Built, record: dict[str, Any], evaluation: Evaluation | None, previous: dict[str, Any],
+           threads: int) -> ModelEntry:
     spec, trained = built.spec, record["models"][built.spec.name]
     artifact = sources.ARTIFACTS[trained["source"]]
     if evaluation is not None:
-        val = metrics(*evaluation.run(built, "val"), temperature, "val")
-        test = metrics(*evaluation.run(built, "test"), temperature, "test")
+        val = evaluation.metrics(built.member, "val", "val")
+        test = evaluation.metrics(built.member, "test", "test")
     else:
         saved = previous.get("models", {}).get(built.name, {})
         val = Metrics(**saved["val"]) if saved.get("val") else None
@@ -270,7 +244,7 @@ def _entry(built: Built, temperature: float, record: dict[str, Any], split: Spli
     digest = sha256_file(built.path)
     return ModelEntry(
         name=built.name, version=digest[:12], family=spec.family, precision=built.precision,  # type: ignore[arg-type]
-        file=built.path.name, sha256=digest, labels=list(LABELS), temperature=temperature,
+        file=built.path.name, sha256=digest, labels=list(LABELS), temperature=built.temperature,
         input=InputSpec(name=input_name, height=spec.input_size, width=spec.input_size,
                         in_graph_normalisation=backbones.IN_GRAPH_NORMALISATION),
         output=OutputSpec(name=output_name), test=test, val=val,
@@ -289,28 +263,9 @@ def _entry(built: Built, temperature: float, record: dict[str, Any], split: Spli
 def _cascade(entries: dict[str, ModelEntry], built: dict[str, Built], evaluation: Evaluation | None,
              previous: dict[str, Any]) -> CascadeEntry:
     small, large = CASCADE
-    # Compute is counted in FLOPs, not measured latency: it is exact and the same on every machine.
-    cost_small, cost_large = entries[small].flops, entries[large].flops
-    if evaluation is None:
-        saved = next((c for c in previous.get("cascades", []) if c["small"] == small), None)
-        if saved is None:
-            raise ValueError("no dataset and no recorded cascade threshold: build once with --data")
-        rate = saved["escalation_rate_val"]
-        return CascadeEntry(**{**saved, "expected_cost_ratio": (cost_small + rate * cost_large) / cost_large})
-
-    def probs(name: str, split_name: str) -> tuple[np.ndarray, np.ndarray]:
-        logits, labels = evaluation.run(built[name], split_name)
-        return softmax(logits, entries[name].temperature), labels
-
-    (small_val, labels_val), (large_val, _) = probs(small, "val"), probs(large, "val")
-    choice = choose_cascade_threshold(small_val, large_val, labels_val)
-    (small_test, labels_test), (large_test, _) = probs(small, "test"), probs(large, "test")
-    test_accuracy, test_rate = cascade_outcome(small_test, large_test, labels_test, choice.threshold)
-    log.info("cascade %s->%s: threshold %.4f, val escalation %.3f, test accuracy %.4f, escalation %.3f",
-             small, large, choice.threshold, choice.escalation_rate, test_accuracy, test_rate)
-    return CascadeEntry(
-        small=small, large=large, threshold=choice.threshold, escalation_rate_val=choice.escalation_rate,
-        accuracy_val=choice.accuracy,
-        expected_cost_ratio=(cost_small + choice.escalation_rate * cost_large) / cost_large,
-        test_accuracy=test_accuracy, test_escalation_rate=test_rate,
-    )
+    if evaluation is not None:
+        return measure_cascade(evaluation, entries[small], entries[large], built[small].member, built[large].member)
+    saved = next((c for c in previous.get("cascades", []) if (c["small"], c["large"]) == CASCADE), None)
+    if saved is None:
+        raise ValueError("no dataset and no recorded cascade threshold for these weights: build once with --data")
+    return CascadeEntry(**saved)

@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
     report.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
 
+    evaluate = commands.add_parser("evaluate", help="measure built models (and the cascade) on a dataset")
+    evaluate.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
+    evaluate.add_argument("--data", type=Path, required=True, help="ImageFolder root (cat/, dog/)")
+    evaluate.add_argument("--all-images", action="store_true",
+                          help="every photo under --data is the test set (an independent collection)")
+    evaluate.add_argument("--write", action="store_true", help="store the figures in the manifest")
+    evaluate.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
+
     fetch = commands.add_parser("fetch", help="download and verify pretrained weight sources")
     fetch.add_argument("--source", action="append", help="artifact key (default: the defaults)")
     fetch.add_argument("--source-digest", default=None, help="expected hash for an unpinned source")
@@ -75,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         from model_export.verify import verify_all
 
         return verify_all(args.out, cache_dir, args.data)
+    if args.command == "evaluate":
+        from model_export.evaluate import remeasure
+        from model_export.report import plot_frontier, table
+        from model_export.weights_io import read_record
+        from service.manifest import write_manifest
+
+        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, read_record()["split"]["seed"])
+        print(table(manifest))
+        if args.plot:
+            plot_frontier(manifest, args.plot)
+        if args.write and not args.all_images:
+            write_manifest(manifest, args.out / "manifest.json")
+        return 0
     if args.command == "report":
         from model_export.report import print_report
 

@@ -120,8 +120,9 @@ class CascadeEntry(_Strict):
     expected_cost_ratio: float = Field(
         ge=0, description="Mean compute per image relative to always running the large model."
     )
-    test_accuracy: float | None = None
-    test_escalation_rate: float | None = None
+    test: Metrics | None = Field(None, description="The cascade's own quality on the test split.")
+    test_escalation_rate: float | None = Field(None, ge=0, le=1)
+    test_cost_ratio: float | None = Field(None, ge=0, description="Measured mean compute on test / large model's.")
 
 
 class Manifest(_Strict):

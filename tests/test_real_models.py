@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.build import logits_on
 from model_export.calibration import softmax
 from model_export.data import Sample, load_images, stratified_split
+from model_export.evaluate import logits_on
 from model_export.weights_io import read_record
 from service.manifest import Manifest, load_manifest
 from tests.conftest import BUILT_MODELS, ROOT, SHARED_DATA, Server, run_server

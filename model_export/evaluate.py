@@ -1,0 +1,144 @@
+"""Measuring built ONNX files on a dataset: per-model quality and the cascade.
+
+Used by `build --data` and by `evaluate`, which re-measures an existing build (on the documented
+split, or on every photo of another ImageFolder, such as an independent test set).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_export import onnx_tools
+from model_export.calibration import (
+    cascade_outcome,
+    choose_cascade_threshold,
+    expected_calibration_error,
+    log_loss,
+    quality,
+    softmax,
+)
+from model_export.data import Sample, discover_labels, list_images, load_images, stratified_split
+from service.manifest import CascadeEntry, Manifest, Metrics, ModelEntry, load_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """What evaluation needs of one model: where its file is and how it reads images."""
+
+    name: str
+    path: Path
+    size: int
+    temperature: float
+
+
+def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
+    return onnx_tools.run_batches(onnx_tools.session(path, 2), images)
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str) -> Metrics:
+    q = quality(logits, labels, temperature)
+    return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
+                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]
+
+
+class Evaluation:
+    """Images (decoded once per size) and logits (once per model) for named sample sets."""
+
+    def __init__(self, sets: dict[str, list[Sample]]) -> None:
+        self.sets = sets
+        self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._logits: dict[tuple[str, str], np.ndarray] = {}
+
+    def images(self, set_name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if (set_name, size) not in self._images:
+            loaded = load_images(self.sets[set_name], size, f"{set_name} images {size}px")
+            self._images[(set_name, size)] = (loaded.arrays, loaded.labels)
+        return self._images[(set_name, size)]
+
+    def logits(self, member: Member, set_name: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.images(set_name, member.size)
+        if (member.name, set_name) not in self._logits:
+            self._logits[(member.name, set_name)] = logits_on(member.path, images)
+        return self._logits[(member.name, set_name)], labels
+
+    def probabilities(self, member: Member, set_name: str) -> tuple[np.ndarray, np.ndarray]:
+        logits, labels = self.logits(member, set_name)
+        return softmax(logits, member.temperature), labels
+
+    def metrics(self, member: Member, set_name: str, split: str) -> Metrics:
+        return metrics(*self.logits(member, set_name), member.temperature, split)
+
+
+def cascade_test_metrics(evaluation: Evaluation, small: Member, large: Member, threshold: float,
+                         set_name: str) -> tuple[Metrics, float]:
+    """The cascade's own quality on a set, and its escalation rate there."""
+    small_probs, labels = evaluation.probabilities(small, set_name)
+    large_probs, _ = evaluation.probabilities(large, set_name)
+    escalate = small_probs.max(axis=1) < threshold
+    probs = np.where(escalate[:, None], large_probs, small_probs)
+    accuracy, rate = cascade_outcome(small_probs, large_probs, labels, threshold)
+    ece = expected_calibration_error(probs, labels)
+    quality_ = Metrics(split="test", n_images=len(labels), accuracy=accuracy, log_loss=log_loss(probs, labels),
+                       ece=ece, ece_uncalibrated=ece)
+    return quality_, rate
+
+
+def measure_cascade(evaluation: Evaluation, small: ModelEntry, large: ModelEntry, small_m: Member,
+                    large_m: Member, threshold: float | None = None, test_set: str = "test") -> CascadeEntry:
+    """Choose the threshold on val (unless given), then measure the cascade on the test set.
+
+    Compute is counted in FLOPs rather than measured latency: exact, and the same on every machine.
+    """
+    def cost(rate: float) -> float:
+        return (small.flops + rate * large.flops) / large.flops
+
+    small_val, labels_val = evaluation.probabilities(small_m, "val")
+    large_val, _ = evaluation.probabilities(large_m, "val")
+    choice = choose_cascade_threshold(small_val, large_val, labels_val)
+    if threshold is not None and threshold != choice.threshold:
+        accuracy, rate = cascade_outcome(small_val, large_val, labels_val, threshold)
+    else:
+        threshold, accuracy, rate = choice.threshold, choice.accuracy, choice.escalation_rate
+    test, test_rate = cascade_test_metrics(evaluation, small_m, large_m, threshold, test_set)
+    log.info("cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
+             "compute %.1f %% of %s", small.name, large.name, threshold, rate, test.accuracy, test_rate,
+             100 * cost(test_rate), large.name)
+    return CascadeEntry(small=small.name, large=large.name, threshold=threshold, escalation_rate_val=rate,
+                        accuracy_val=accuracy, expected_cost_ratio=cost(rate), test=test,
+                        test_escalation_rate=test_rate, test_cost_ratio=cost(test_rate))
+
+
+def remeasure(manifest_path: Path, data: Path, all_images: bool, seed: int) -> Manifest:
+    """The manifest with every figure measured again on `data`; thresholds are kept, never re-tuned.
+
+    all_images: every photo under `data` is the test set (an independent collection); otherwise the
+    documented split of `data` is used and val figures are refreshed too.
+    """
+    manifest = load_manifest(manifest_path)
+    if all_images:
+        labels = discover_labels(data)
+        sets = {"test": [Sample(p, i) for i, label in enumerate(labels) for p in list_images(data / label)]}
+    else:
+        sets = stratified_split(data, seed).samples
+    evaluation = Evaluation(sets)
+    members = {n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
+               for n, e in manifest.models.items()}
+    models = {
+        name: entry.model_copy(update={
+            "test": evaluation.metrics(members[name], "test", "test"),
+            "val": entry.val if all_images else evaluation.metrics(members[name], "val", "val"),
+        })
+        for name, entry in manifest.models.items()
+    }
+    cascades = []
+    for c in manifest.cascades:
+        test, rate = cascade_test_metrics(evaluation, members[c.small], members[c.large], c.threshold, "test")
+        cost = (models[c.small].flops + rate * models[c.large].flops) / models[c.large].flops
+        cascades.append(c.model_copy(update={"test": test, "test_escalation_rate": rate, "test_cost_ratio": cost}))
+    return manifest.model_copy(update={"models": models, "cascades": cascades})
