@@ -1,0 +1,238 @@
+"""`make bench`: bare onnxruntime vs end-to-end HTTP, per model, with wrk as the load generator.
+
+Measures, on this machine:
+- bare onnxruntime latency (p50/p99) and throughput at batch 1 and 8, same thread count as the server;
+- preprocessing (decode + resize) of a ~500x375 and a 4000x3000 JPEG;
+- end-to-end HTTP latency (p50/p99) and throughput at several client concurrencies, for catdog-serve
+  and for a hand-written FastAPI handler (sync, no batching) on the same ONNX files;
+and writes results.json, results.md and latency_vs_throughput.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+from bench.images import write_bench_images
+from service.imaging import preprocess
+from service.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA = Path(__file__).with_name("wrk_post.lua")
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(samples_ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(samples_ms, 99)), 3)}
+
+
+def bare_onnxruntime(path: Path, size: int, input_name: str, threads: int, seconds: float) -> dict[str, Any]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    result = {}
+    for batch in (1, 8):
+        data = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        for _ in range(3):
+            session.run(None, {input_name: data})
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 10:
+            start = time.perf_counter()
+            session.run(None, {input_name: data})
+            times.append((time.perf_counter() - start) * 1000)
+        result[f"batch{batch}"] = {**percentiles(times), "images_per_s": round(1000 * batch / statistics.median(times), 1)}
+    return result
+
+
+def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) -> dict[str, Any]:
+    result = {}
+    for name, path in images.items():
+        data = path.read_bytes()
+        for size in sizes:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                preprocess(data, (size, size))
+                times.append((time.perf_counter() - start) * 1000)
+            result[f"{name}->{size}"] = percentiles(times)
+    return result
+
+
+@contextlib.contextmanager
+def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[None]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            raise TimeoutError(f"{url} never answered 200")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def wrk(url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg") -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type}
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    summary = json.loads(output.strip().splitlines()[-1])
+    return {
+        "concurrency": concurrency,
+        "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
+        "errors": summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"],
+    }
+
+
+def sweep(base_url: str, models: list[str], image: Path, concurrencies: list[int], seconds: int,
+          path: str = "/classify?model={model}", content_type: str = "image/jpeg") -> dict[str, list[dict[str, Any]]]:
+    results = {}
+    for model in models:
+        url = base_url + path.format(model=model)
+        wrk(url, image, 2, 2, content_type)  # warm the path (and the live latency estimates)
+        results[model] = [wrk(url, image, c, seconds, content_type) for c in concurrencies]
+        print(f"  {model}: " + ", ".join(f"c={r['concurrency']} {r['requests_per_s']}/s p99 {r['p99_ms']:.1f} ms"
+                                        for r in results[model]), flush=True)
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for system, style in (("catdog-serve", "-o"), ("plain FastAPI", "--s"), ("LitServe", ":^")):
+        for model, points in results["http"].get(system, {}).items():
+            ax.plot([p["requests_per_s"] for p in points], [p["p99_ms"] for p in points], style,
+                    label=f"{system}: {model}")
+            for p in points:
+                ax.annotate(f"c{p['concurrency']}", (p["requests_per_s"], p["p99_ms"]), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (images/s, log)")
+    ax.set_ylabel("p99 latency (ms, log)")
+    ax.set_title(f"p99 latency vs throughput, ~500x375 JPEG, wrk closed loop ({results['machine']})", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _best(points: list[dict[str, Any]] | None) -> str:
+    if not points:
+        return " - | - |"
+    best = max(points, key=lambda r: r["requests_per_s"])
+    return f" {best['requests_per_s']:.0f} (c={best['concurrency']}) | {best['p99_ms']:.0f} |"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Machine: {results['machine']}; server threads {results['threads']}; wrk -t1, {results['seconds']} s per point.", "",
+             "| model | bare b1 p50 ms | bare b8 img/s | e2e c=1 p50 ms | e2e/bare | best img/s (catdog) | p99 there | best img/s (plain) | p99 there | best img/s (LitServe) | p99 there |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ours, plain = results["http"]["catdog-serve"], results["http"].get("plain FastAPI", {})
+    lit = results["http"].get("LitServe", {})
+    for model, bare in results["bare"].items():
+        c1 = ours[model][0]
+        best = max(ours[model], key=lambda r: r["requests_per_s"])
+        lines.append(f"| {model} | {bare['batch1']['p50_ms']:.1f} | {bare['batch8']['images_per_s']:.0f} | "
+                     f"{c1['p50_ms']:.1f} | {c1['p50_ms'] / bare['batch1']['p50_ms']:.2f} | "
+                     f"{best['requests_per_s']:.0f} (c={best['concurrency']}) | {best['p99_ms']:.0f} | "
+                     + _best(plain.get(model)) + _best(lit.get(model)))
+    lines += ["", "| preprocessing (decode + resize) | p50 ms | p99 ms |", "|---|---|---|"]
+    lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |" for k, v in results["preprocessing"].items()]
+    lines += ["", "| large JPEG end to end | c | img/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for model, points in results["http"].get("catdog-serve 4000x3000", {}).items():
+        lines += [f"| {model} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
+                  for p in points]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=10, help="per load point")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--models", default=None, help="comma-separated (default: all in the manifest)")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    manifest = load_manifest(args.models_dir / "manifest.json")
+    models = args.models.split(",") if args.models else list(manifest.models)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = write_bench_images(args.out / "images")
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}",
+                               "threads": args.threads, "seconds": args.seconds, "bare": {}, "http": {}}
+    print("bare onnxruntime", flush=True)
+    for name in models:
+        e = manifest.models[name]
+        results["bare"][name] = bare_onnxruntime(args.models_dir / e.file, e.input.width, e.input.name, args.threads, 3)
+        print(f"  {name}: {results['bare'][name]}", flush=True)
+    results["preprocessing"] = preprocessing(images, sorted({e.input.width for e in manifest.models.values()}))
+    base = f"http://127.0.0.1:{args.port}"
+    env = {"CATDOG_MODELS_DIR": str(args.models_dir), "CATDOG_INTRA_OP_THREADS": str(args.threads),
+           "CATDOG_QUEUE_SIZE": "256", "CATDOG_LOG_LEVEL": "warning"}
+    print("catdog-serve", flush=True)
+    with server([sys.executable, "-m", "service", "--port", str(args.port)], env, base + "/readyz", args.out / "server.log"):
+        results["http"]["catdog-serve"] = sweep(base, models, images["small"], concurrencies, args.seconds)
+        large_models = [m for m in ("mobilenet", "xception") if m in models]
+        results["http"]["catdog-serve 4000x3000"] = sweep(base, large_models, images["large"], concurrencies[:2], args.seconds)
+    print("plain FastAPI handler", flush=True)
+    plain_models = [m for m in ("mobilenet", "xception") if m in models]
+    command = [sys.executable, "-m", "uvicorn", "bench.baselines.plain_fastapi:app", "--port", str(args.port), "--log-level", "warning"]
+    with server(command, env, base + "/docs", args.out / "plain.log"):
+        results["http"]["plain FastAPI"] = sweep(base, plain_models, images["small"], concurrencies, args.seconds)
+    if importlib.util.find_spec("litserve") is not None:
+        print("LitServe (batching)", flush=True)
+        body = args.out / "images" / "small.json"
+        body.write_text(json.dumps({"image": base64.b64encode(images["small"].read_bytes()).decode()}))
+        results["http"]["LitServe"] = {}
+        for model in plain_models:
+            command = [sys.executable, "-m", "bench.baselines.litserve_app", str(args.port)]
+            with server(command, {**env, "CATDOG_BENCH_MODEL": model}, base + "/health", args.out / "litserve.log"):
+                results["http"]["LitServe"].update(sweep(base, [model], body, concurrencies, args.seconds,
+                                                         path="/predict", content_type="application/json"))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
+    plot(results, args.out / "latency_vs_throughput.png")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
