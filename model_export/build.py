@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ class Built:
 
 
 def git_commit() -> str:
+    if os.environ.get("CATDOG_GIT_COMMIT"):  # container builds have no .git
+        return os.environ["CATDOG_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)

@@ -1,0 +1,71 @@
+# syntax=docker/dockerfile:1
+# catdog-serve image. Targets: `runtime` (CPU, default) and `gpu` (onnxruntime-gpu on CUDA 12).
+#   docker build -t catdog-serve .                 # or: make image (buildah, offline-friendly)
+#   docker build --target gpu -t catdog-serve:gpu .
+# checkov:skip=CKV_DOCKER_7:the base images are ARGs whose defaults are pinned tags; checkov cannot resolve ARGs
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# --- builder: the export stack builds the ONNX models; a clean venv gets the runtime deps only.
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# Optional local wheelhouse (make image fills it on the host); pip falls back to the index.
+ARG PIP_FIND_LINKS=/wheels
+WORKDIR /src
+COPY deploy/wheels/ /wheels/
+# Dependencies first, so a code change does not reinstall TensorFlow.
+COPY pyproject.toml README.md ./
+COPY model_export/__init__.py model_export/__init__.py
+COPY service/__init__.py service/__init__.py
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --find-links "${PIP_FIND_LINKS}" ".[export]"
+COPY model_export/ model_export/
+COPY service/ service/
+# The manifest records the commit; there is no .git in the build context.
+ARG GIT_COMMIT=unknown
+ENV CATDOG_GIT_COMMIT=${GIT_COMMIT}
+RUN /opt/build/bin/pip install --no-deps . \
+    && /opt/build/bin/python -m model_export --cache-dir /tmp/cache build --out /models \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --find-links "${PIP_FIND_LINKS}" . \
+    && rm -rf /tmp/cache
+
+# --- runtime: python slim, the service and the built models; no compilers, no training stack.
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    CATDOG_MODELS_DIR=/models CATDOG_LOG_JSON=true
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /models /models
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status != 200)"]
+# Exec form: uvicorn is PID 1 and gets SIGTERM; it drains for CATDOG_DRAIN_TIMEOUT_S.
+ENTRYPOINT ["catdog-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# --- gpu: the same service on onnxruntime-gpu (CUDA 12, cuDNN 9). Run with CATDOG_PROVIDERS=cuda.
+FROM ${CUDA_IMAGE} AS gpu
+ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    CATDOG_MODELS_DIR=/models CATDOG_LOG_JSON=true CATDOG_PROVIDERS=cuda \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12=3.12.* python3.12-venv=3.12.* \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /src/pyproject.toml /src/README.md /src/
+COPY --from=builder /src/service /src/service
+COPY --from=builder /src/model_export /src/model_export
+# The CPU and GPU wheels of onnxruntime install the same module: swap one for the other.
+RUN python3.12 -m venv /opt/venv \
+    && /opt/venv/bin/pip install /src \
+    && /opt/venv/bin/pip uninstall -y onnxruntime \
+    && /opt/venv/bin/pip install "onnxruntime-gpu==1.32.0" \
+    && rm -rf /src
+COPY --from=builder /models /models
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status != 200)"]
+ENTRYPOINT ["catdog-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# Default target: the CPU image.
+FROM runtime
