@@ -9,7 +9,9 @@ DATA_ARG := $(if $(DATA),--data $(DATA))
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install models verify report serve test lint bench train clean
+CHECKOV_VENV ?= .venv-checkov
+
+.PHONY: install models verify report serve test lint checkov bench train clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +38,20 @@ serve: models
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-test: models lint
+$(CHECKOV_VENV)/.installed: deploy/checkov-requirements.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet -r deploy/checkov-requirements.txt
+	touch $@
+
+# Security policy checks on the rendered manifests and the Dockerfile (offline: --skip-download).
+checkov: $(CHECKOV_VENV)/.installed $(VENV)/.installed
+	mkdir -p build/k8s
+	for overlay in cpu gpu; do $(VENV)/bin/kubectl kustomize k8s/overlays/$$overlay > build/k8s/$$overlay.yaml; done
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework kubernetes \
+		-f build/k8s/cpu.yaml -f build/k8s/gpu.yaml
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
+
+test: models lint checkov
 	$(PY) -m pytest
 
 bench: models
@@ -48,4 +63,4 @@ train: $(VENV)/.installed
 	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --calibrate
 
 clean:
-	rm -rf $(MODELS_DIR) .pytest_cache .ruff_cache
+	rm -rf $(MODELS_DIR) build .pytest_cache .ruff_cache

@@ -1,0 +1,155 @@
+"""Deployment checks that run offline: render, lint, validate, and the invariants no linter knows."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import ROOT
+
+OVERLAYS = ("cpu", "gpu")
+OLDEST_KUBERNETES = "1.29.0"  # preStop sleep needs >= 1.29 (beta, on by default from 1.30)
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: it comes with the dev extra (pip install -e '.[dev]')")
+    return str(found)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("rendered")
+    paths = {}
+    for overlay in (*OVERLAYS, "monitoring"):
+        source = ROOT / "k8s" / ("monitoring" if overlay == "monitoring" else f"overlays/{overlay}")
+        text = subprocess.run([tool("kubectl"), "kustomize", str(source)], capture_output=True, text=True,
+                              check=True).stdout
+        paths[overlay] = out / f"{overlay}.yaml"
+        paths[overlay].write_text(text)
+    return paths
+
+
+def documents(path: Path) -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text()) if doc}
+
+
+def test_yaml_is_lint_clean() -> None:
+    result = subprocess.run([tool("yamllint"), "-s", "k8s", ".yamllint.yaml"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_strictly_against_the_oldest_supported_kubernetes(rendered: dict[str, Path], overlay: str) -> None:
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", "-k", OLDEST_KUBERNETES, "--quiet",
+                             str(rendered[overlay])], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_probes_and_ports_fit_together(rendered: dict[str, Path], overlay: str) -> None:
+    docs = documents(rendered[overlay])
+    deployment, service = docs["Deployment"], docs["Service"]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    for selector in (deployment["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
+                     docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+                     docs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):
+        assert selector.items() <= labels.items(), selector
+    container = pod["spec"]["containers"][0]
+    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert service["spec"]["ports"][0]["targetPort"] in port_names
+    assert str(port_names["http"]) in container["args"]
+    routes = {route.path for route in create_app(Settings()).routes}  # type: ignore[attr-defined]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] in port_names
+        assert container[probe]["httpGet"]["path"] in routes, probe
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] in routes
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_fits_in_the_grace_period(rendered: dict[str, Path], overlay: str) -> None:
+    docs = documents(rendered[overlay])
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    config = docs["ConfigMap"]["data"]
+    drain = float(config.get("CATDOG_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    assert pre_stop + drain < pod["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scaling_and_disruption_rules(rendered: dict[str, Path], overlay: str) -> None:
+    docs = documents(rendered[overlay])
+    deployment, hpa, pdb = docs["Deployment"], docs["HorizontalPodAutoscaler"], docs["PodDisruptionBudget"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    min_replicas = hpa["spec"]["minReplicas"]
+    assert deployment["spec"]["replicas"] >= 2 and min_replicas >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    spec = pdb["spec"]
+    allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else min_replicas - spec["minAvailable"]
+    assert allowed >= 1, "the PDB must allow one voluntary disruption at minReplicas"
+    custom = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert custom and custom[0]["pods"]["metric"]["name"] == "catdog_queue_depth"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_restricted_and_cpu_is_guaranteed(rendered: dict[str, Path], overlay: str) -> None:
+    docs = documents(rendered[overlay])
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False and docs["ServiceAccount"]["automountServiceAccountToken"] is False
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"/tmp"} <= {m["mountPath"] for m in container["volumeMounts"]}
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_sets_only_real_settings_with_valid_values(rendered: dict[str, Path], overlay: str) -> None:
+    config = documents(rendered[overlay])["ConfigMap"]["data"]
+    known = {f"CATDOG_{name.upper()}" for name in Settings.model_fields}
+    assert set(config) <= known, set(config) - known
+    Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in config.items()})  # validates every value
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_refuses_cpu_fallback(rendered: dict[str, Path]) -> None:
+    docs = documents(rendered["gpu"])
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert docs["ConfigMap"]["data"]["CATDOG_PROVIDERS"] == "cuda"
+    assert container["image"].endswith("-gpu")
+
+
+def test_monitoring_rules_and_dashboard_use_metrics_the_service_exports(rendered: dict[str, Path]) -> None:
+    from service.metrics import Metrics
+
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum",
+                     f"{family.name}_count"}
+    text = rendered["monitoring"].read_text() + (ROOT / "k8s/base/hpa.yaml").read_text()
+    import re
+
+    used = set(re.findall(r"\bcatdog_[a-z_]+", text))
+    used -= {"catdog_serve"}  # resource names, not metrics
+    unknown = {name for name in used if name not in exported and not name.startswith("catdog_serve")}
+    assert not unknown, unknown
