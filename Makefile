@@ -11,7 +11,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov bench train clean
+.PHONY: install models verify report serve test lint checkov image smoke-test bench train clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,14 @@ checkov: $(CHECKOV_VENV)/.installed $(VENV)/.installed
 
 test: models lint checkov
 	$(PY) -m pytest
+
+# Container image with buildah/podman (no Docker engine needed); see deploy/*.sh. Release checks,
+# not part of `make test`: they take minutes and need root for debootstrap.
+image:
+	deploy/build-image.sh
+
+smoke-test:
+	deploy/smoke-test.sh
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)

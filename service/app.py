@@ -28,6 +28,7 @@ from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelRegistry, check_models, load_registry
 from service.runtime import default_threads, resolve_providers
 from service.schemas import (
+    CascadeInfo,
     ClassifyResponse,
     ErrorResponse,
     Health,
@@ -296,7 +297,12 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
 
     @app.get("/models", response_model=ModelList, responses={503: ERRORS[503]})
     async def list_models(registry: Registry) -> ModelList:
-        return ModelList(default=registry.default, models=[_info(registry, n) for n in registry.names()])
+        cascades = [CascadeInfo(small=c.small, large=c.large, threshold=c.threshold,
+                                test_accuracy=c.test.accuracy if c.test else None,
+                                test_escalation_rate=c.test_escalation_rate, test_cost_ratio=c.test_cost_ratio)
+                    for c in registry.manifest.cascades]
+        return ModelList(default=registry.default, models=[_info(registry, n) for n in registry.names()],
+                         cascades=cascades)
 
     @app.get("/models/{name}", response_model=ModelInfo, responses={404: ERRORS[404], 503: ERRORS[503]})
     async def get_model(name: str, registry: Registry) -> ModelInfo:

@@ -78,9 +78,19 @@ class ModelInfo(BaseModel):
     queue_depth: int
 
 
+class CascadeInfo(BaseModel):
+    small: str
+    large: str
+    threshold: float = Field(description="Escalate when the small model's calibrated confidence is below this.")
+    test_accuracy: float | None
+    test_escalation_rate: float | None
+    test_cost_ratio: float | None = Field(description="Mean compute per image relative to the large model.")
+
+
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+    cascades: list[CascadeInfo] = Field(description="Calibrated pairs for model=cascade.")
 
 
 class Health(BaseModel):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build the CPU image with buildah, without a Docker engine and without pulling a base image:
+# the base is a Debian bookworm (Python 3.11) root filesystem made with debootstrap, and the
+# Python wheels are downloaded on the host into deploy/wheels, the build's --find-links.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${IMAGE:-localhost/catdog-serve:dev}
+BASE=${BASE:-localhost/catdog-base:bookworm-py311}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+
+for tool in buildah podman debootstrap; do
+  command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install buildah podman debootstrap runc" >&2; exit 2; }
+done
+
+if ! podman image exists "$BASE"; then
+  echo "== base image $BASE from debootstrap"
+  rootfs=$(mktemp -d)
+  trap 'rm -rf "$rootfs"' EXIT
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$MIRROR"
+  ln -sf python3 "$rootfs/usr/bin/python"
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  tar -C "$rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE"
+fi
+
+echo "== wheelhouse deploy/wheels"
+python3 -m pip download --quiet --dest deploy/wheels '.[export]'
+
+echo "== image $IMAGE"
+buildah build --layers --build-arg "PYTHON_IMAGE=$BASE" \
+  --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+  --target runtime -t "$IMAGE" .
+podman image inspect "$IMAGE" --format 'built {{.Id}}: user {{.Config.User}}, entrypoint {{.Config.Entrypoint}}'
