@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from model_export import backbones, onnx_tools, sources
-from model_export.calibration import softmax
+from model_export.calibration import fit_temperature, softmax
 from model_export.data import load_images, stratified_split
 from model_export.evaluate import Evaluation, Member, measure_cascade
 from model_export.quantize import quantize
 from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
-from model_export.weights_io import load_weights, read_record
+from model_export.weights_io import load_weights, read_record, write_record
 from service.manifest import (
     CascadeEntry,
     InputSpec,
@@ -115,13 +115,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray, temperature: float, wh
 
 
 def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, temperature: float) -> Built:
+    """Export, check and compare with Keras (parity on raw probabilities, T = 1)."""
     model, _ = keras_classifier(spec, cache_dir)
     path = out / f"{spec.name}.onnx"
     exporter = onnx_tools.export_keras(model, path)
     log.info("%s: exported, ops %s", spec.name, onnx_tools.check(path))
     expected = model.predict(probe, batch_size=8, verbose=0)
     actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
-    parity = compare(expected, actual, temperature, "keras (tensorflow backend)")
+    parity = compare(expected, actual, 1.0, "keras (tensorflow backend)")
     if parity.max_abs_diff_probability > PARITY_TOLERANCE:
         raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
     return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()), temperature)
@@ -136,7 +137,7 @@ def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, 
     onnx_tools.check(path)
     reference = onnx_tools.run_batches(onnx_tools.session(fp32.path, 2), probe)
     actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
-    parity = compare(reference, actual, temperature, f"{fp32.name} fp32 onnx")
+    parity = compare(reference, actual, 1.0, f"{fp32.name} fp32 onnx")
     exporter = f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile"
     return Built(fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature)
 
@@ -180,10 +181,16 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
     int8_kept: dict[str, bool] = {}
     built_models: dict[str, Built] = {}
     for spec in MODEL_SPECS:
-        temperature = float(record["models"][spec.name]["temperature"])
+        trained = record["models"][spec.name]
         probe = (evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES] if evaluation
                  else synthetic_images(spec.input_size, N_PARITY_IMAGES))
-        fp32 = export_fp32(spec, out, cache_dir, probe, temperature)
+        fp32 = export_fp32(spec, out, cache_dir, probe, trained["temperature"] or 1.0)
+        if recalibrate and evaluation is not None:
+            fp32.temperature = trained["temperature"] = fit_temperature(*evaluation.logits(fp32.member, "val"))
+            log.info("%s: temperature %.4f fitted on val", spec.name, fp32.temperature)
+        elif trained["temperature"] is None:
+            raise ValueError(f"{spec.name} has no fitted temperature: run `build --calibrate --data DIR`")
+        temperature = fp32.temperature
         calibration = None
         if recalibrate and evaluation is not None:
             calibration = load_images(evaluation.sets["train"][::20][:N_CALIBRATION_IMAGES],
@@ -200,6 +207,7 @@ def build_all(out: Path, data: Path | None, cache_dir: Path, threads: int, recal
                         cascades=cascades, default_model=DEFAULT_MODEL)
     write_manifest(manifest, out / "manifest.json")
     if evaluation is not None and recalibrate:
+        write_record(record)  # the fitted temperatures
         _record_evaluation(manifest, int8_kept, record)
     log.info("wrote %s with %d models", out / "manifest.json", len(entries))
     return manifest

@@ -33,16 +33,21 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising validation NLL: golden-section search on log T in [-3, 3].
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, prior_sigma: float = 0.5) -> float:
+    """Temperature scaling as a MAP estimate: validation NLL plus a log-normal prior around T = 1.
 
-    NLL is convex in 1/T for softmax, so a one-dimensional search finds the optimum.
+    Plain maximum likelihood breaks down when validation is perfectly separated (a strong model on
+    a few hundred photos): NLL then falls forever as T -> 0 and the "calibrated" model becomes
+    absurdly overconfident. The prior (log T ~ N(0, prior_sigma^2), i.e. T within about x/÷ e^0.5)
+    only matters when the data say almost nothing; with real evidence of miscalibration the
+    likelihood dominates. Golden-section search on log T in [-3, 3] finds the optimum.
     """
     lo, hi = -3.0, 3.0
     ratio = (np.sqrt(5) - 1) / 2
+    prior_weight = 1.0 / (2 * prior_sigma**2 * max(1, len(labels)))
 
     def nll(log_t: float) -> float:
-        return log_loss(softmax(logits, float(np.exp(log_t))), labels)
+        return log_loss(softmax(logits, float(np.exp(log_t))), labels) + prior_weight * log_t**2
 
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = nll(a), nll(b)
@@ -85,6 +90,8 @@ class CascadeChoice:
     escalation_rate: float
     accuracy: float
     large_accuracy: float
+    expected_accuracy: float
+    large_expected_accuracy: float
 
 
 def cascade_outcome(
@@ -96,21 +103,34 @@ def cascade_outcome(
     return float((predictions == labels).mean()), float(escalate.mean())
 
 
+def expected_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean calibrated probability of the true label: an accuracy estimate that keeps its
+    resolution when a small validation set has no errors at all."""
+    return float(probs[np.arange(len(labels)), labels].mean())
+
+
 def choose_cascade_threshold(
     small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, tolerance: float = 0.002
 ) -> CascadeChoice:
-    """Lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's.
+    """Lowest escalation rate whose cascade is within `tolerance` of the large model, both in
+    accuracy and in expected accuracy.
 
-    Candidates are the small model's own confidences (plus 0 and just above 1), so the search is
-    exact on the data it is given. Escalation rate grows with the threshold, so the first candidate
-    that meets the accuracy target is the cheapest one.
+    Accuracy alone is blind when both models make no mistake on the validation photos: it would
+    choose never to escalate, and the first hard photo in production would be answered by a
+    guessing small model. The expected-accuracy condition escalates the images the small model
+    is measurably less sure of than the large one. Candidates are the small model's own
+    confidences (plus 0 and just above 1); escalation grows with the threshold, so the first
+    candidate meeting both conditions is the cheapest.
     """
     large_accuracy = float((large_probs.argmax(1) == labels).mean())
-    target = large_accuracy - tolerance
-    confidences = np.unique(small_probs.max(axis=1))
-    candidates = np.concatenate([[0.0], confidences, [np.nextafter(1.0, 2.0)]])
+    large_expected = expected_accuracy(large_probs, labels)
+    confidence = small_probs.max(axis=1)
+    candidates = np.concatenate([[0.0], np.unique(confidence), [np.nextafter(1.0, 2.0)]])
     for threshold in candidates:
+        escalate = confidence < threshold
         accuracy, rate = cascade_outcome(small_probs, large_probs, labels, float(threshold))
-        if accuracy >= target - 1e-12:
-            return CascadeChoice(float(min(threshold, 1.0)), rate, accuracy, large_accuracy)
-    raise AssertionError("escalating everything always reaches the large model's accuracy")
+        expected = expected_accuracy(np.where(escalate[:, None], large_probs, small_probs), labels)
+        if accuracy >= large_accuracy - tolerance - 1e-12 and expected >= large_expected - tolerance - 1e-12:
+            return CascadeChoice(float(min(threshold, 1.0)), rate, accuracy, large_accuracy, expected,
+                                 large_expected)
+    raise AssertionError("escalating everything always matches the large model")

@@ -26,6 +26,14 @@ def test_temperature_recovers_a_known_overconfidence() -> None:
         expected_calibration_error(softmax(overconfident), labels)
 
 
+def test_separable_validation_does_not_drive_the_temperature_to_zero() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 500)
+    logits = np.where(labels[:, None] == np.arange(2), 6.0, -6.0) + rng.normal(0, 0.5, (500, 2))
+    temperature = fit_temperature(logits, labels)  # every prediction right: NLL alone wants T -> 0
+    assert 0.3 < temperature <= 1.0
+
+
 def test_ece_is_zero_for_perfect_confident_predictions() -> None:
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
@@ -42,6 +50,21 @@ def test_cascade_threshold_is_the_cheapest_that_matches_the_large_model() -> Non
     assert accuracy == 1.0 and rate == choice.escalation_rate
     assert rate == 3 / 6  # confidences 0.6, 0.55 and 0.7 are below the chosen threshold (0.8)
     assert choice.threshold == 0.8
+
+
+def test_cascade_escalates_unsure_images_even_when_validation_has_no_errors() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+    # Both models are right on every photo, but the small one is unsure of two of them.
+    small = np.array([[0.999, 0.001], [0.999, 0.001], [0.001, 0.999], [0.002, 0.998],
+                      [0.55, 0.45], [0.4, 0.6], [0.999, 0.001], [0.001, 0.999]])
+    large = np.array([[0.999, 0.001], [0.999, 0.001], [0.001, 0.999], [0.001, 0.999],
+                      [0.999, 0.001], [0.001, 0.999], [0.999, 0.001], [0.001, 0.999]])
+    choice = choose_cascade_threshold(small, large, labels, tolerance=0.002)
+    assert choice.accuracy == choice.large_accuracy == 1.0
+    escalated = small.max(axis=1) < choice.threshold
+    assert escalated[4] and escalated[5]  # the 0.55 and 0.6 answers go to the large model
+    assert not escalated[0]
+    assert choice.expected_accuracy >= choice.large_expected_accuracy - 0.002
 
 
 def test_cascade_escalates_nothing_when_the_small_model_is_already_as_good() -> None:
