@@ -90,8 +90,7 @@ class CascadeChoice:
     escalation_rate: float
     accuracy: float
     large_accuracy: float
-    expected_accuracy: float
-    large_expected_accuracy: float
+    floor: float  # the threshold can never go below this (see choose_cascade_threshold)
 
 
 def cascade_outcome(
@@ -103,34 +102,27 @@ def cascade_outcome(
     return float((predictions == labels).mean()), float(escalate.mean())
 
 
-def expected_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean calibrated probability of the true label: an accuracy estimate that keeps its
-    resolution when a small validation set has no errors at all."""
-    return float(probs[np.arange(len(labels)), labels].mean())
-
-
 def choose_cascade_threshold(
     small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, tolerance: float = 0.002
 ) -> CascadeChoice:
-    """Lowest escalation rate whose cascade is within `tolerance` of the large model, both in
-    accuracy and in expected accuracy.
+    """The lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's,
+    but never below the point where the small model is less likely right than the large one.
 
-    Accuracy alone is blind when both models make no mistake on the validation photos: it would
-    choose never to escalate, and the first hard photo in production would be answered by a
-    guessing small model. The expected-accuracy condition escalates the images the small model
-    is measurably less sure of than the large one. Candidates are the small model's own
-    confidences (plus 0 and just above 1); escalation grows with the threshold, so the first
-    candidate meeting both conditions is the cheapest.
+    The first rule alone is blind when the small model makes no mistake on the validation photos
+    (it then never escalates, and the first hard photo is answered by a guessing small model). So
+    the threshold is at least 1 - e, where e = (errors + 1) / (n + 2) is the large model's
+    Laplace-smoothed validation error rate: with calibrated probabilities, an image whose small-
+    model confidence is below that is more likely to be answered right by the large model.
+    Candidates are the small model's own confidences (plus 0 and just above 1); escalation grows
+    with the threshold, so the first candidate meeting the accuracy rule is the cheapest.
     """
-    large_accuracy = float((large_probs.argmax(1) == labels).mean())
-    large_expected = expected_accuracy(large_probs, labels)
-    confidence = small_probs.max(axis=1)
-    candidates = np.concatenate([[0.0], np.unique(confidence), [np.nextafter(1.0, 2.0)]])
-    for threshold in candidates:
-        escalate = confidence < threshold
-        accuracy, rate = cascade_outcome(small_probs, large_probs, labels, float(threshold))
-        expected = expected_accuracy(np.where(escalate[:, None], large_probs, small_probs), labels)
-        if accuracy >= large_accuracy - tolerance - 1e-12 and expected >= large_expected - tolerance - 1e-12:
-            return CascadeChoice(float(min(threshold, 1.0)), rate, accuracy, large_accuracy, expected,
-                                 large_expected)
-    raise AssertionError("escalating everything always matches the large model")
+    large_correct = large_probs.argmax(1) == labels
+    large_accuracy = float(large_correct.mean())
+    floor = 1.0 - (float((~large_correct).sum()) + 1.0) / (len(labels) + 2.0)
+    candidates = np.concatenate([[0.0], np.unique(small_probs.max(axis=1)), [np.nextafter(1.0, 2.0)]])
+    for candidate in candidates:
+        threshold = float(min(max(candidate, floor), 1.0))
+        accuracy, rate = cascade_outcome(small_probs, large_probs, labels, threshold)
+        if accuracy >= large_accuracy - tolerance - 1e-12:
+            return CascadeChoice(threshold, rate, accuracy, large_accuracy, floor)
+    raise AssertionError("escalating everything always reaches the large model's accuracy")

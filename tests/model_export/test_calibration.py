@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model_export.calibration import (
     cascade_outcome,
@@ -44,31 +45,30 @@ def test_cascade_threshold_is_the_cheapest_that_matches_the_large_model() -> Non
     small = np.array([[0.99, 0.01], [0.6, 0.4], [0.45, 0.55], [0.7, 0.3], [0.98, 0.02], [0.2, 0.8]])
     large = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
     choice = choose_cascade_threshold(small, large, labels, tolerance=0.0)
-    # Only the 0.7-confident mistake must escalate; escalating below 0.7 fixes nothing.
+    # Accuracy alone needs only the 0.7-confident mistake escalated (threshold just above 0.7), but
+    # the floor (1 - 1/8 = 0.875: no large-model errors in 6 photos) raises the threshold to it.
+    assert choice.floor == 1 - 1 / 8
     assert choice.accuracy == choice.large_accuracy == 1.0
     accuracy, rate = cascade_outcome(small, large, labels, choice.threshold)
     assert accuracy == 1.0 and rate == choice.escalation_rate
-    assert rate == 3 / 6  # confidences 0.6, 0.55 and 0.7 are below the chosen threshold (0.8)
-    assert choice.threshold == 0.8
+    assert rate == 4 / 6 and choice.threshold == 0.875  # 0.6, 0.55, 0.7 and 0.8 are below it
 
 
 def test_cascade_escalates_unsure_images_even_when_validation_has_no_errors() -> None:
-    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1])
-    # Both models are right on every photo, but the small one is unsure of two of them.
-    small = np.array([[0.999, 0.001], [0.999, 0.001], [0.001, 0.999], [0.002, 0.998],
-                      [0.55, 0.45], [0.4, 0.6], [0.999, 0.001], [0.001, 0.999]])
-    large = np.array([[0.999, 0.001], [0.999, 0.001], [0.001, 0.999], [0.001, 0.999],
-                      [0.999, 0.001], [0.001, 0.999], [0.999, 0.001], [0.001, 0.999]])
-    choice = choose_cascade_threshold(small, large, labels, tolerance=0.002)
-    assert choice.accuracy == choice.large_accuracy == 1.0
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 998)
+    confident = np.where(labels[:, None] == np.arange(2), 0.9995, 0.0005)
+    small = confident.copy()
+    small[:20] = np.where(labels[:20, None] == np.arange(2), 0.6, 0.4)  # right, but unsure
+    choice = choose_cascade_threshold(small, confident, labels)
+    assert choice.floor == pytest.approx(1 - 1 / 1000)
+    assert choice.threshold >= choice.floor
     escalated = small.max(axis=1) < choice.threshold
-    assert escalated[4] and escalated[5]  # the 0.55 and 0.6 answers go to the large model
-    assert not escalated[0]
-    assert choice.expected_accuracy >= choice.large_expected_accuracy - 0.002
+    assert escalated[:20].all() and not escalated[20:].any()
 
 
-def test_cascade_escalates_nothing_when_the_small_model_is_already_as_good() -> None:
+def test_cascade_never_escalates_a_small_model_surer_than_the_floor() -> None:
     labels = np.array([0, 1])
-    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    probs = np.array([[0.9999, 0.0001], [0.0001, 0.9999]])
     choice = choose_cascade_threshold(probs, probs, labels)
     assert choice.escalation_rate == 0.0
