@@ -29,11 +29,54 @@ def export_keras(model: object, path: Path) -> str:
     shape = (1, *model.inputs[0].shape[1:])  # type: ignore[attr-defined]
     model(np.zeros(shape, dtype=model.inputs[0].dtype), training=False)  # type: ignore[operator]
     model.export(str(path), format="onnx", opset_version=OPSET, verbose=False)  # type: ignore[attr-defined]
-    folded = fold_conv_scale_shift(onnx.load(str(path)), path)
+    exported = onnx.load(str(path))
+    folded = fold_conv_scale_shift(exported)
     if folded:
         log.info("%s: folded %d batch-norm Mul/Add pairs into their convolutions", path.name, folded)
+    canonical_names(exported)
+    onnx.save(exported, str(path))
     check(path)
     return f"keras {keras.__version__} (tensorflow {tf.__version__}) + tf2onnx {tf2onnx.__version__}, opset {OPSET}"
+
+
+def canonical_names(model: onnx.ModelProto) -> None:
+    """Rename nodes, activations and initializers by their position in the graph.
+
+    tf2onnx numbers what it creates with a process-wide counter, so the same model exported after
+    another one gets other names. The committed int8 calibration ranges are keyed by activation
+    names, and the manifest pins each file's sha256: both need names that depend on the graph only.
+    """
+    graph = model.graph
+    graph.doc_string = ""  # "converted from __inference___call___<counter>"
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+    # Initializers are numbered, and stored, in order of first use: tf2onnx's own order varies.
+    by_name = {init.name: init for init in graph.initializer}
+    order = list(dict.fromkeys(name for node in graph.node for name in node.input if name in by_name))
+    order += [name for name in by_name if name not in order]
+    for j, name in enumerate(order):
+        if name not in keep:
+            renamed[name] = f"init_{j}"
+    sorted_inits = [by_name[name] for name in order]
+    del graph.initializer[:]
+    graph.initializer.extend(sorted_inits)
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type.lower()}_{i}"
+        for k, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = f"{node.op_type.lower()}_{i}_out{k}"
+    for init in graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for k, name in enumerate(field):
+                field[k] = renamed.get(name, name)
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    for info in (*graph.input, *graph.output):  # tf2onnx's symbolic batch is "unk__<counter>"
+        first = info.type.tensor_type.shape.dim[0]
+        if first.dim_param:
+            first.dim_param = "batch"
 
 
 def fold_conv_scale_shift(model: onnx.ModelProto, path: Path | None = None) -> int:

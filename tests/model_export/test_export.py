@@ -64,6 +64,15 @@ def test_export_has_dynamic_batch_and_counts_flops(exported: tuple[keras.Model, 
     assert onnx_tools.count_flops(path) == 2 * expected_macs
 
 
+def test_export_is_byte_identical_whatever_ran_before(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.onnx", tmp_path / "second.onnx"
+    model = tiny_keras_classifier()
+    onnx_tools.export_keras(model, first)
+    onnx_tools.export_keras(tiny_keras_classifier(size=24), tmp_path / "other.onnx")  # advances tf2onnx's counters
+    onnx_tools.export_keras(model, second)
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_int8_rebuilds_identically_from_the_calibration_cache(exported: tuple[keras.Model, Path], tmp_path: Path) -> None:
     _, fp32 = exported
     cache = tmp_path / "ranges.json"
