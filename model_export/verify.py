@@ -16,10 +16,10 @@ from model_export.build import (
     PARITY_TOLERANCE,
     compare,
     keras_classifier,
-    logits_on,
     synthetic_images,
 )
 from model_export.data import load_images, stratified_split
+from model_export.evaluate import logits_on
 from model_export.specs import SPECS_BY_NAME
 from model_export.weights_io import read_record
 from service.manifest import load_manifest, sha256_file
