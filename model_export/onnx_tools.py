@@ -52,8 +52,8 @@ def canonical_names(model: onnx.ModelProto) -> None:
     renamed: dict[str, str] = {}
     # Initializers are numbered, and stored, in order of first use: tf2onnx's own order varies.
     by_name = {init.name: init for init in graph.initializer}
+    # Unused ones (the constants of folded batch norms) are dropped.
     order = list(dict.fromkeys(name for node in graph.node for name in node.input if name in by_name))
-    order += [name for name in by_name if name not in order]
     for j, name in enumerate(order):
         if name not in keep:
             renamed[name] = f"init_{j}"

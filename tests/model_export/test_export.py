@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from model_export import onnx_tools
@@ -56,6 +57,9 @@ def test_export_has_dynamic_batch_and_counts_flops(exported: tuple[keras.Model, 
     ops = onnx_tools.check(path)
     assert ops["Conv"] == 4  # conv, depthwise, separable's depthwise and pointwise
     assert ops.get("Mul", 0) <= 1 and ops.get("Add", 0) <= 1  # only the input scaling is left
+    model = onnx.load(str(path))
+    used = {name for node in model.graph.node for name in node.input}
+    assert all(init.name in used for init in model.graph.initializer)  # folded constants are gone
     sess = onnx_tools.session(path, 1)
     for batch in (1, 5):
         assert sess.run(None, {"image": synthetic_images(32, batch)})[0].shape == (batch, 2)
