@@ -152,6 +152,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def _best(points: list[dict[str, Any]] | None) -> str:
     if not points:
         return " - | - |"
+    if any(p["errors"] for p in points):  # a run with failed requests measures nothing useful
+        return " errors | - |"
     best = max(points, key=lambda r: r["requests_per_s"])
     return f" {best['requests_per_s']:.0f} (c={best['concurrency']}) | {best['p99_ms']:.0f} |"
 
