@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,9 @@ def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) 
 @contextlib.contextmanager
 def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[None]:
     with log.open("wb") as out:
-        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # A session of its own, so stopping it stops its workers too (LitServe forks them).
+        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -94,7 +97,8 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
             raise TimeoutError(f"{url} never answered 200")
         yield
     finally:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
 
 
