@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,7 +101,3 @@ def to_array(image: Image.Image, target_size: tuple[int, int]) -> np.ndarray:
 def preprocess(data: bytes, target_size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes in, model input row out: the one path both the build and the service use."""
     return to_array(decode(data, target_size, max_pixels), target_size)
-
-
-def preprocess_file(path: Path, target_size: tuple[int, int]) -> np.ndarray:
-    return preprocess(path.read_bytes(), target_size)
