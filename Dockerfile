@@ -9,10 +9,13 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # --- builder: the export stack builds the ONNX models; a clean venv gets the runtime deps only.
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-# Optional local wheelhouse (make image fills it on the host); pip falls back to the index.
+# Optional local wheelhouse and weight-source cache (make image fills both on the host and builds
+# with PIP_NO_INDEX=1); when they are empty pip and the weight fetch use the index.
 ARG PIP_FIND_LINKS=/wheels
+ARG PIP_NO_INDEX=0
 WORKDIR /src
 COPY deploy/wheels/ /wheels/
+COPY deploy/cache/ /tmp/cache/
 # Dependencies first, so a code change does not reinstall TensorFlow.
 COPY pyproject.toml README.md ./
 COPY model_export/__init__.py model_export/__init__.py

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -21,10 +20,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.batching import InferenceLane
 from service.classifier import Answer, Classifier
 from service.errors import BadRequest, CatdogError, NotReady
 from service.manifest import Manifest
 from service.metrics import UNKNOWN_MODEL, Metrics
+from service.middleware import RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.runtime import default_threads, resolve_providers
 from service.schemas import (
@@ -44,7 +45,6 @@ from service.uploads import BodyLimitMiddleware, read_images
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-ID"
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -71,12 +71,11 @@ class AppState:
     ready: bool = False
     draining: bool = False
     decode_pool: ThreadPoolExecutor = field(init=False)
-    inference_pool: ThreadPoolExecutor = field(init=False)
+    inference: InferenceLane = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
-        # One batch at a time uses every core on CPU; more would only contend.
-        self.inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.inference = InferenceLane()
 
     def begin_draining(self) -> None:
         """SIGTERM: readiness goes false at once so load balancers stop sending new work."""
@@ -110,7 +109,7 @@ async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], pro
     """Create and warm the sessions off the event loop; only then does /readyz answer 200."""
     try:
         registry = await asyncio.to_thread(load_registry, state.settings, manifest, paths, providers, threads,
-                                           state.inference_pool, state.metrics)
+                                           state.inference, state.metrics)
     except Exception:
         log.critical("loading the models failed; the process cannot serve", exc_info=True)
         on_fatal()
@@ -151,15 +150,15 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
             if state.registry is not None:
                 await state.registry.close()
             state.decode_pool.shutdown(wait=True)
-            state.inference_pool.shutdown(wait=True)
+            state.inference.shutdown()
             log.info("drained and stopped")
 
     app = FastAPI(title="catdog-serve", version="0.1.0", lifespan=lifespan,
                   description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.")
     app.state.catdog = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too
     _install_error_handlers(app)
-    _install_request_ids(app, state)
     _install_routes(app, settings.max_files)
     return app
 
@@ -188,22 +187,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal_error", "internal server error; see the server log")
-
-
-def _install_request_ids(app: FastAPI, state: AppState) -> None:
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Any) -> Response:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        # Echo a caller's id only if it is short and printable; never let it inject headers.
-        rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        request.state.request_id = rid
-        state.metrics.in_flight.inc()
-        try:
-            response: Response = await call_next(request)
-        finally:
-            state.metrics.in_flight.dec()
-        response.headers[REQUEST_ID_HEADER] = rid
-        return response
 
 
 def _deadline(request: Request, timeout_ms: float | None, start: float) -> float | None:

@@ -1,9 +1,11 @@
 """Micro-batching with admission control, one batcher per model.
 
-A request's images join the model's queue; a worker takes up to max_batch_size of them once the
-batch is full, or the oldest has waited max_wait_ms, or waiting longer would break the earliest
-deadline in the batch. Inference runs in a shared executor (on CPU one batch at a time uses every
-core; two at once would only contend). The queue is bounded: a full queue answers 503 at once
+A request's images join the model's queue. When the inference lane (shared by every model: on
+CPU one batch at a time uses every core, two at once would only contend) is idle, the queue runs
+at once: waiting for company would only add latency, and while that batch runs the next one
+forms by itself. When the lane is busy, a worker takes up to max_batch_size images once the batch
+is full, or the oldest has waited max_wait_ms, or waiting longer would break the earliest
+deadline in the batch. The queue is bounded: a full queue answers 503 at once
 with a Retry-After derived from the measured drain rate, rather than letting latency grow.
 """
 
@@ -16,8 +18,10 @@ import logging
 import math
 import statistics
 import time
-from concurrent.futures import Executor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +29,30 @@ import onnxruntime as ort
 from service.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class InferenceLane:
+    """The one thread that runs session.run for every model, and whether it is busy."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.submitted = 0  # batches handed over and not yet finished
+
+    @property
+    def idle(self) -> bool:
+        return self.submitted == 0
+
+    async def run(self, work: Callable[[], T]) -> T:
+        self.submitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        finally:
+            self.submitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 @dataclass
@@ -78,15 +106,15 @@ class BatchStats:
 
 class Batcher:
     def __init__(self, name: str, session: ort.InferenceSession, *, max_batch: int, max_wait_s: float,
-                 capacity: int, executor: Executor, fallback_seconds: float,
-                 on_batch: collections.abc.Callable[[int, float], None] | None = None) -> None:
+                 capacity: int, lane: InferenceLane, fallback_seconds: float,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
         self.name = name
         self._session = session
         self._input = session.get_inputs()[0].name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.capacity = capacity
-        self._executor = executor
+        self._lane = lane
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +182,7 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             delay = self._batch_ready_at() - time.monotonic()
-            if self.pending < self.max_batch and delay > 0 and not self._closing:
+            if self.pending < self.max_batch and delay > 0 and not self._lane.idle and not self._closing:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
@@ -177,9 +205,7 @@ class Batcher:
         self.running = len(live)
         start = time.monotonic()
         try:
-            logits = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: self._session.run(None, {self._input: batch})[0]
-            )
+            logits = await self._lane.run(lambda: self._session.run(None, {self._input: batch})[0])
         except Exception as exc:  # an inference failure is ours, not the client's: surface as 500
             log.exception("inference failed on %s (batch of %d)", self.name, len(live))
             for job in live:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
-from service.batching import Batcher
+from service.batching import Batcher, InferenceLane
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest, sha256_file
 from service.metrics import Metrics
@@ -84,7 +83,7 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
 
 
 def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path], providers: list[str],
-                  threads: int, executor: Executor, metrics: Metrics) -> ModelRegistry:
+                  threads: int, lane: InferenceLane, metrics: Metrics) -> ModelRegistry:
     """Create and warm one session per model (slow: runs while /readyz still says 503)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
@@ -99,7 +98,7 @@ def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path]
 
         batcher = Batcher(name, session, max_batch=settings.max_batch_size,
                           max_wait_s=settings.max_wait_ms / 1000, capacity=settings.queue_size,
-                          executor=executor, fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
+                          lane=lane, fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
                           on_batch=on_batch)
         device = device_of(session)
         models[name] = LoadedModel(entry, session, batcher, device)

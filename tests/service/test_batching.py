@@ -1,0 +1,96 @@
+"""The micro-batcher's dispatch rule, against a recording session (no model needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, InferenceLane
+from service.errors import Overloaded
+
+
+class RecordingSession:
+    """Answers logits [index, 0] per image; can hold a run until released."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def get_inputs(self) -> list[Any]:
+        return [SimpleNamespace(name="image")]
+
+    def run(self, _outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        batch = feeds["image"]
+        self.batch_sizes.append(len(batch))
+        return [np.stack([batch[:, 0], np.zeros(len(batch))], axis=1)]
+
+
+def make_batcher(session: RecordingSession, lane: InferenceLane, max_wait_s: float, capacity: int = 64) -> Batcher:
+    return Batcher("m", session, max_batch=8, max_wait_s=max_wait_s, capacity=capacity, lane=lane,  # type: ignore[arg-type]
+                   fallback_seconds=0.001)
+
+
+def images(*values: int) -> list[np.ndarray]:
+    return [np.full((1,), v, dtype=np.float32) for v in values]
+
+
+async def _with_batcher(test: Any, max_wait_s: float, capacity: int = 64) -> Any:
+    session, lane = RecordingSession(), InferenceLane()
+    batcher = make_batcher(session, lane, max_wait_s, capacity)
+    batcher.start()
+    try:
+        return await test(session, batcher)
+    finally:
+        session.gate.set()
+        await batcher.close()
+        lane.shutdown()
+
+
+def test_idle_lane_runs_at_once_instead_of_waiting_for_company() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        # max_wait is a minute: only the idle-lane rule can answer within the 10 s timeout.
+        [(row, _, _, size)] = await asyncio.wait_for(batcher.infer(images(7), None), timeout=10)
+        assert row[0] == 7 and size == 1
+
+    asyncio.run(_with_batcher(test, max_wait_s=60))
+
+
+def test_requests_arriving_while_the_lane_is_busy_share_one_batch_in_order() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        session.gate.clear()
+        first = asyncio.create_task(batcher.infer(images(1), None))
+        await asyncio.to_thread(session.entered.wait, 10)  # batch [1] is inside session.run
+        later = [asyncio.create_task(batcher.infer(images(v), None)) for v in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        assert batcher.pending == 3
+        session.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+        assert session.batch_sizes == [1, 3]
+        assert [r[0][0][0] for r in results] == [1, 2, 3, 4]
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.01))
+
+
+def test_full_queue_is_refused_with_retry_after() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        session.gate.clear()
+        running = asyncio.create_task(batcher.infer(images(0), None))
+        await asyncio.to_thread(session.entered.wait, 10)
+        queued = asyncio.create_task(batcher.infer(images(1, 2, 3, 4), None))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.infer(images(5), None)
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        session.gate.set()
+        await asyncio.wait_for(asyncio.gather(running, queued), timeout=10)
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.01, capacity=4))
