@@ -11,7 +11,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov image smoke-test bench train clean
+.PHONY: install models verify report serve test lint checkov image smoke-test bench soak train clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ smoke-test:
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)
+
+# Memory under 10 minutes of mixed load (RSS plot in bench/results/soak_rss.png).
+soak: models
+	$(PY) -m bench.soak --models-dir $(MODELS_DIR)
 
 # Developers only: retrain on the dataset, then recalibrate int8 and record the evaluation.
 train: $(VENV)/.installed

@@ -79,7 +79,7 @@ def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) 
 
 
 @contextlib.contextmanager
-def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[None]:
+def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         # A session of its own, so stopping it stops its workers too (LitServe forks them).
         process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -95,7 +95,7 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
             time.sleep(0.2)
         else:
             raise TimeoutError(f"{url} never answered 200")
-        yield
+        yield process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -108,7 +108,7 @@ def wrk(url: str, image: Path, concurrency: int, seconds: int, content_type: str
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {
-        "concurrency": concurrency,
+        "concurrency": concurrency, "requests": summary["requests"],
         "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
         "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
         "errors": summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"],

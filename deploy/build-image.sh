@@ -33,7 +33,7 @@ echo "== pretrained weight sources into deploy/cache"
 "$PY" -m model_export --cache-dir deploy/cache fetch
 
 echo "== image $IMAGE"
-buildah build --layers --build-arg "PYTHON_IMAGE=$BASE" --build-arg PIP_NO_INDEX=1 \
+buildah build --layers --format docker --build-arg "PYTHON_IMAGE=$BASE" --build-arg PIP_NO_INDEX=1 \
   --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   --target runtime -t "$IMAGE" .
 podman image inspect "$IMAGE" --format 'built {{.Id}}: user {{.Config.User}}, entrypoint {{.Config.Entrypoint}}'
