@@ -57,7 +57,7 @@ test: models lint checkov
 # Container image with buildah/podman (no Docker engine needed); see deploy/*.sh. Release checks,
 # not part of `make test`: they take minutes and need root for debootstrap.
 image: $(VENV)/.installed
-	deploy/build-image.sh
+	PY=$(PY) deploy/build-image.sh
 
 smoke-test:
 	deploy/smoke-test.sh

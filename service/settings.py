@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
-    """How long a request may wait for others to join its batch (never past its deadline)."""
+    """While the inference thread is busy, how long a request may wait for others to join its batch
+    (never past its deadline); when it is idle, a batch runs at once."""
     queue_size: int = Field(64, ge=1)
     """Images admitted per model before new requests get 503 with Retry-After."""
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
