@@ -28,7 +28,7 @@ if ! podman image exists "$BASE"; then
 fi
 
 echo "== wheelhouse deploy/wheels (runtime + export stack + build backend)"
-"$PY" -m pip download --quiet --dest deploy/wheels '.[export]' 'setuptools>=69' wheel pip
+"$PY" -m pip download --quiet --dest deploy/wheels '.[export]' 'setuptools>=77' wheel pip
 echo "== pretrained weight sources into deploy/cache"
 "$PY" -m model_export --cache-dir deploy/cache fetch
 
