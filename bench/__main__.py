@@ -12,31 +12,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 
 from bench.images import write_bench_images
+from bench.load import server, wrk
 from service.imaging import preprocess
 from service.manifest import load_manifest
-
-ROOT = Path(__file__).resolve().parents[1]
-LUA = Path(__file__).with_name("wrk_post.lua")
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -76,43 +69,6 @@ def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) 
                 times.append((time.perf_counter() - start) * 1000)
             result[f"{name}->{size}"] = percentiles(times)
     return result
-
-
-@contextlib.contextmanager
-def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        # A session of its own, so stopping it stops its workers too (LitServe forks them).
-        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        else:
-            raise TimeoutError(f"{url} never answered 200")
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-
-
-def wrk(url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg") -> dict[str, Any]:
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
-    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type}
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    summary = json.loads(output.strip().splitlines()[-1])
-    return {
-        "concurrency": concurrency, "requests": summary["requests"],
-        "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
-        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
-        "errors": summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"],
-    }
 
 
 def sweep(base_url: str, models: list[str], image: Path, concurrencies: list[int], seconds: int,

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import server, wrk
 from bench.images import write_bench_images
+from bench.load import server, wrk
 from service.manifest import load_manifest
 
 

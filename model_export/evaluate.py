@@ -89,29 +89,28 @@ def cascade_test_metrics(evaluation: Evaluation, small: Member, large: Member, t
     return quality_, rate
 
 
-def measure_cascade(evaluation: Evaluation, small: ModelEntry, large: ModelEntry, small_m: Member,
-                    large_m: Member, threshold: float | None = None, test_set: str = "test") -> CascadeEntry:
-    """Choose the threshold on val (unless given), then measure the cascade on the test set.
+def cost_ratio(small: ModelEntry, large: ModelEntry, escalation_rate: float) -> float:
+    """A cascade's mean compute per image relative to always running the large model.
 
-    Compute is counted in FLOPs rather than measured latency: exact, and the same on every machine.
+    Counted in FLOPs rather than measured latency: exact, and the same on every machine.
     """
-    def cost(rate: float) -> float:
-        return (small.flops + rate * large.flops) / large.flops
+    return (small.flops + escalation_rate * large.flops) / large.flops
 
+
+def measure_cascade(evaluation: Evaluation, small: ModelEntry, large: ModelEntry, small_m: Member,
+                    large_m: Member) -> CascadeEntry:
+    """Choose the threshold on val, then measure the cascade on the test set."""
     small_val, labels_val = evaluation.probabilities(small_m, "val")
     large_val, _ = evaluation.probabilities(large_m, "val")
     choice = choose_cascade_threshold(small_val, large_val, labels_val)
-    if threshold is not None and threshold != choice.threshold:
-        accuracy, rate = cascade_outcome(small_val, large_val, labels_val, threshold)
-    else:
-        threshold, accuracy, rate = choice.threshold, choice.accuracy, choice.escalation_rate
-    test, test_rate = cascade_test_metrics(evaluation, small_m, large_m, threshold, test_set)
+    test, test_rate = cascade_test_metrics(evaluation, small_m, large_m, choice.threshold, "test")
     log.info("cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
-             "compute %.1f %% of %s", small.name, large.name, threshold, rate, test.accuracy, test_rate,
-             100 * cost(test_rate), large.name)
-    return CascadeEntry(small=small.name, large=large.name, threshold=threshold, escalation_rate_val=rate,
-                        accuracy_val=accuracy, expected_cost_ratio=cost(rate), test=test,
-                        test_escalation_rate=test_rate, test_cost_ratio=cost(test_rate))
+             "compute %.1f %% of %s", small.name, large.name, choice.threshold, choice.escalation_rate,
+             test.accuracy, test_rate, 100 * cost_ratio(small, large, test_rate), large.name)
+    return CascadeEntry(small=small.name, large=large.name, threshold=choice.threshold,
+                        escalation_rate_val=choice.escalation_rate, accuracy_val=choice.accuracy,
+                        expected_cost_ratio=cost_ratio(small, large, choice.escalation_rate), test=test,
+                        test_escalation_rate=test_rate, test_cost_ratio=cost_ratio(small, large, test_rate))
 
 
 def remeasure(manifest_path: Path, data: Path, all_images: bool, seed: int) -> Manifest:
@@ -139,6 +138,6 @@ def remeasure(manifest_path: Path, data: Path, all_images: bool, seed: int) -> M
     cascades = []
     for c in manifest.cascades:
         test, rate = cascade_test_metrics(evaluation, members[c.small], members[c.large], c.threshold, "test")
-        cost = (models[c.small].flops + rate * models[c.large].flops) / models[c.large].flops
+        cost = cost_ratio(models[c.small], models[c.large], rate)
         cascades.append(c.model_copy(update={"test": test, "test_escalation_rate": rate, "test_cost_ratio": cost}))
     return manifest.model_copy(update={"models": models, "cascades": cascades})

@@ -66,8 +66,7 @@ class AppState:
 
     settings: Settings
     metrics: Metrics
-    registry: ModelRegistry | None = None
-    classifier: Classifier | None = None
+    classifier: Classifier | None = None  # set once the models are loaded and warm
     ready: bool = False
     draining: bool = False
     decode_pool: ThreadPoolExecutor = field(init=False)
@@ -115,7 +114,6 @@ async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], pro
         on_fatal()
         return
     registry.start()
-    state.registry = registry
     state.classifier = Classifier(registry, state.decode_pool, state.metrics, state.settings.max_pixels,
                                   state.settings.decode_threads)
     state.ready = not state.draining
@@ -147,8 +145,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
         finally:
             state.begin_draining()
             await loading
-            if state.registry is not None:
-                await state.registry.close()
+            if state.classifier is not None:
+                await state.classifier.registry.close()
             state.decode_pool.shutdown(wait=True)
             state.inference.shutdown()
             log.info("drained and stopped")
@@ -307,7 +305,7 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics(state: State) -> Response:
-        for name, loaded in (state.registry.models.items() if state.registry else []):
+        for name, loaded in (state.classifier.registry.models.items() if state.classifier else []):
             state.metrics.queue_depth.labels(name).set(loaded.batcher.pending)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,9 +1,10 @@
 """Choosing for the caller: pure decisions, no I/O, so each rule is testable on its own.
 
 `auto` picks the most accurate model whose *predicted* latency fits the caller's budget, where
-the prediction is live: the median of recent measured inference times on this server plus the
-current backlog of queued work (all models share the CPU, so everyone's queue counts). As load
-grows the backlog grows, and auto moves to cheaper models by itself.
+the prediction is live: the median of recent measured decode and inference times on this server
+plus the wait for the shared inference thread (this model's whole queue, and one batch of every
+other busy model: see ModelRegistry.backlog_seconds). As load grows the wait grows, and auto
+moves to cheaper models by itself.
 
 `cascade` answers with the small model unless its calibrated confidence is below the threshold
 chosen at build time; then it pays for the large model, if the deadline leaves time for it.

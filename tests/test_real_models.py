@@ -6,7 +6,6 @@ import io
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -110,7 +109,3 @@ def test_models_endpoint_reports_live_latency(real_server: Server, test_samples:
     assert info["live_latency_p50_ms"] is not None and info["live_latency_p50_ms"] > 0
     assert info["test_accuracy"] >= 0.97
 
-
-def test_path_of_every_model_stays_inside_the_models_dir(manifest: Manifest) -> None:
-    for entry in manifest.models.values():
-        assert Path(entry.file).name == entry.file

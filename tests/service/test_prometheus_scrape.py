@@ -29,7 +29,7 @@ def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
     )
     log = (tmp_path / "prometheus.log").open("wb")
     process = subprocess.Popen(
-        [PROMETHEUS if PROMETHEUS else "prometheus", f"--config.file={config}",
+        [str(PROMETHEUS), f"--config.file={config}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT,
     )

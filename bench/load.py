@@ -1,0 +1,56 @@
+"""Load-test plumbing shared by `make bench` and `make soak`: a server in its own process
+group, and wrk driving it with one file as the request body."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA = Path(__file__).with_name("wrk_post.lua")
+
+
+@contextlib.contextmanager
+def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        # A session of its own, so stopping it stops its workers too (LitServe forks them).
+        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            raise TimeoutError(f"{url} never answered 200")
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def wrk(url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg") -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type}
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    summary = json.loads(output.strip().splitlines()[-1])
+    return {
+        "concurrency": concurrency, "requests": summary["requests"],
+        "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
+        "errors": summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"],
+    }
