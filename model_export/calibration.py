@@ -103,12 +103,14 @@ def cascade_outcome(
 
 
 def choose_cascade_threshold(
-    small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, tolerance: float = 0.002
+    small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, sources: np.ndarray | None = None,
+    tolerance: float = 0.001,
 ) -> CascadeChoice:
-    """The lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's,
-    but never below the point where the small model is less likely right than the large one.
+    """The lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's
+    overall and on every source, but never below the point where the small model is less likely
+    right than the large one.
 
-    The first rule alone is blind when the small model makes no mistake on the validation photos
+    The accuracy rule alone is blind when the small model makes no mistake on the validation photos
     (it then never escalates, and the first hard photo is answered by a guessing small model). So
     the threshold is at least 1 - e, where e = (errors + 1) / (n + 2) is the large model's
     Laplace-smoothed validation error rate: with calibrated probabilities, an image whose small-
@@ -116,13 +118,17 @@ def choose_cascade_threshold(
     Candidates are the small model's own confidences (plus 0 and just above 1); escalation grows
     with the threshold, so the first candidate meeting the accuracy rule is the cheapest.
     """
+    groups = [np.ones(len(labels), bool)]
+    if sources is not None:
+        groups += [sources == source for source in np.unique(sources)]
     large_correct = large_probs.argmax(1) == labels
     large_accuracy = float(large_correct.mean())
     floor = 1.0 - (float((~large_correct).sum()) + 1.0) / (len(labels) + 2.0)
     candidates = np.concatenate([[0.0], np.unique(small_probs.max(axis=1)), [np.nextafter(1.0, 2.0)]])
     for candidate in candidates:
         threshold = float(min(max(candidate, floor), 1.0))
-        accuracy, rate = cascade_outcome(small_probs, large_probs, labels, threshold)
-        if accuracy >= large_accuracy - tolerance - 1e-12:
-            return CascadeChoice(threshold, rate, accuracy, large_accuracy, floor)
+        escalate = small_probs.max(axis=1) < threshold
+        correct = np.where(escalate, large_correct, small_probs.argmax(1) == labels)
+        if all(correct[g].mean() >= large_correct[g].mean() - tolerance - 1e-12 for g in groups):
+            return CascadeChoice(threshold, float(escalate.mean()), float(correct.mean()), large_accuracy, floor)
     raise AssertionError("escalating everything always reaches the large model's accuracy")

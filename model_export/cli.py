@@ -18,21 +18,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train heads/top blocks on a dataset (developers)")
-    train.add_argument("--data", type=Path, required=True, help="ImageFolder root (cat/, dog/)")
+    train.add_argument("--data", type=Path, nargs="+", required=True,
+                       help="ImageFolder roots (cat/, dog/ in each); the split is stratified by source")
     train.add_argument("--only", nargs="*", help="train only these model names")
     train.add_argument("--no-finetune", action="store_true", help="skip stage 2")
-    train.add_argument("--finetune-epochs", type=int, default=4)
 
     build = commands.add_parser("build", help="rebuild ONNX models + manifest from committed weights")
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
-    build.add_argument("--data", type=Path, default=None, help="dataset for evaluation (optional)")
+    build.add_argument("--data", type=Path, nargs="+", default=None,
+                       help="dataset roots for evaluation (optional; the same roots as `train`)")
     build.add_argument("--calibrate", action="store_true",
                        help="recompute int8 calibration ranges from the train split (needs --data)")
     build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
 
     verify = commands.add_parser("verify", help="re-check hashes and parity of built models")
     verify.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
-    verify.add_argument("--data", type=Path, default=None, help="check parity on val photos")
+    verify.add_argument("--data", type=Path, nargs="+", default=None, help="check parity on val photos")
 
     report = commands.add_parser("report", help="print the manifest as a table")
     report.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="measure built models (and the cascade) on a dataset")
     evaluate.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
-    evaluate.add_argument("--data", type=Path, required=True, help="ImageFolder root (cat/, dog/)")
+    evaluate.add_argument("--data", type=Path, nargs="+", required=True, help="ImageFolder roots (cat/, dog/)")
     evaluate.add_argument("--all-images", action="store_true",
                           help="every photo under --data is the test set (an independent collection)")
     evaluate.add_argument("--write", action="store_true", help="store the figures in the manifest")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from model_export.training_run import train_all
         from model_export.weights_io import read_record
 
-        cfg = TrainConfig(finetune=not args.no_finetune, finetune_epochs=args.finetune_epochs)
+        cfg = TrainConfig(finetune=not args.no_finetune)
         previous = read_record() if TRAINING_RECORD.exists() else None
         train_all(args.data, cfg, cache_dir, args.only, previous)
         return 0

@@ -1,16 +1,21 @@
-"""The dataset: an ImageFolder tree, a deterministic stratified split, and image loading.
+"""The dataset: ImageFolder trees, a deterministic split stratified by class and source, loading.
 
-Split: for each class the sorted file names are shuffled with a fixed seed and cut into
-train/val/test by fixed fractions, so every split has the class balance of the whole. The split's
-identity (which file went where, and each file's content hash) is hashed into one sha256 that the
-manifest records, so a figure can always be traced to the exact images it was measured on.
+Several roots can be given (one folder per class in each). A photo's *source* is its root's folder
+name, refined by a file-name prefix where the root mixes sources (``kaggle_123.jpg`` in
+``catdog-more`` is source ``catdog-more/kaggle``); a prefix that is just the class name
+(``cat_0001.jpg``) is no source. Each (class, source) stratum's sorted files are shuffled with a
+fixed seed and cut into train/val/test by fixed fractions, so every split has the class and source
+mix of the whole and per-source figures can be reported. The split's identity (which file went
+where, and each file's content hash) is hashed into one sha256 that the manifest records, so a
+figure can always be traced to the exact images it was measured on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +29,14 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
+DEFAULT_SEED = 20261123
 
 
 @dataclass(frozen=True)
 class Sample:
     path: Path
     label: int
+    source: str = ""
 
 
 @dataclass
@@ -46,6 +53,15 @@ class Split:
             for name, items in self.samples.items()
         }
 
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """{split: {source: images}}."""
+        return {name: dict(sorted(Counter(s.source for s in items).items()))
+                for name, items in self.samples.items()}
+
+    @property
+    def sources(self) -> list[str]:
+        return sorted({s.source for items in self.samples.values() for s in items})
+
 
 def discover_labels(root: Path) -> list[str]:
     labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -58,33 +74,72 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def source_of(root: Path, path: Path, labels: Sequence[str]) -> str:
+    prefix, sep, _ = path.stem.partition("_")
+    if sep and prefix and prefix not in labels:
+        return f"{root.name}/{prefix}"
+    return root.name
+
+
+def _common_labels(roots: Sequence[Path]) -> list[str]:
+    if not roots:
+        raise ValueError("at least one data root is needed")
+    labels = discover_labels(roots[0])
+    for root in roots[1:]:
+        if discover_labels(root) != labels:
+            raise ValueError(f"{root} has classes {discover_labels(root)}, {roots[0]} has {labels}")
+    if len({root.resolve().name for root in roots}) != len(roots):
+        raise ValueError("data roots must have distinct folder names (they name the sources)")
+    return labels
+
+
+def all_samples(roots: Sequence[Path]) -> tuple[list[str], list[Sample]]:
+    """Every image under the roots, labelled and tagged with its source."""
+    labels = _common_labels(roots)
+    samples = [
+        Sample(path, index, source_of(root, path, labels))
+        for root in roots
+        for index, label in enumerate(labels)
+        for path in list_images(root / label)
+    ]
+    return labels, samples
+
+
 def stratified_split(
-    root: Path, seed: int = 20261123, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    roots: Path | Sequence[Path], seed: int = DEFAULT_SEED,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> Split:
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
         raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
-    labels = discover_labels(root)
+    roots = [roots] if isinstance(roots, Path) else list(roots)
+    labels, samples = all_samples(roots)
     split = Split(labels, seed, fractions, {name: [] for name in SPLITS})
-    for index, label in enumerate(labels):
-        files = list_images(root / label)
-        order = np.random.default_rng([seed, index]).permutation(len(files))
-        n_train = round(fractions[0] * len(files))
-        n_val = round(fractions[1] * len(files))
+    strata = sorted({(s.label, s.source) for s in samples})
+    for label, source in strata:
+        members = [s for s in samples if (s.label, s.source) == (label, source)]
+        # The stratum's own seed depends on its name, not its position: adding a source leaves the
+        # split of the others unchanged.
+        stratum_seed = int.from_bytes(hashlib.sha256(f"{labels[label]}|{source}".encode()).digest()[:4])
+        order = np.random.default_rng([seed, stratum_seed]).permutation(len(members))
+        n_train = round(fractions[0] * len(members))
+        n_val = round(fractions[1] * len(members))
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-                  "test": (n_train + n_val, len(files))}
+                  "test": (n_train + n_val, len(members))}
         for name, (lo, hi) in bounds.items():
-            split.samples[name].extend(Sample(files[i], index) for i in sorted(order[lo:hi]))
-    split.sha256 = split_hash(root, split)
+            split.samples[name].extend(members[i] for i in sorted(order[lo:hi]))
+    split.sha256 = split_hash(roots, split)
     return split
 
 
-def split_hash(root: Path, split: Split) -> str:
-    """sha256 over (split, relative path, content sha256) of every file, in a fixed order."""
+def split_hash(roots: Sequence[Path], split: Split) -> str:
+    """sha256 over (split, source, path below its root, content sha256) of every file, in order."""
     digest = hashlib.sha256(f"seed={split.seed};fractions={split.fractions}\n".encode())
     for name in SPLITS:
         for sample in split.samples[name]:
+            root = next(r for r in roots if sample.path.is_relative_to(r))
             content = hashlib.sha256(sample.path.read_bytes()).hexdigest()
-            digest.update(f"{name}\t{sample.path.relative_to(root).as_posix()}\t{content}\n".encode())
+            relative = sample.path.relative_to(root).as_posix()
+            digest.update(f"{name}\t{sample.source}\t{relative}\t{content}\n".encode())
     return digest.hexdigest()
 
 
@@ -94,6 +149,7 @@ class LoadedImages:
     labels: np.ndarray  # N int64
     paths: list[Path]
     skipped: list[tuple[Path, str]]
+    sources: list[str] = field(default_factory=list)
 
 
 def iter_decoded(samples: Iterable[Sample], size: int) -> Iterator[tuple[Sample, object]]:
@@ -106,7 +162,7 @@ def iter_decoded(samples: Iterable[Sample], size: int) -> Iterator[tuple[Sample,
 
 
 def load_images(samples: list[Sample], size: int, desc: str) -> LoadedImages:
-    arrays, labels, paths, skipped = [], [], [], []
+    arrays, labels, paths, sources, skipped = [], [], [], [], []
     for sample, image in tqdm(iter_decoded(samples, size), total=len(samples), desc=desc, unit="img"):
         if isinstance(image, str):
             skipped.append((sample.path, image))
@@ -114,7 +170,8 @@ def load_images(samples: list[Sample], size: int, desc: str) -> LoadedImages:
         arrays.append(to_array(image, (size, size)))  # type: ignore[arg-type]
         labels.append(sample.label)
         paths.append(sample.path)
+        sources.append(sample.source)
     if skipped:
         log.warning("%s: skipped %d unreadable files, e.g. %s", desc, len(skipped), skipped[0])
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
-    return LoadedImages(stacked, np.asarray(labels, dtype=np.int64), paths, skipped)
+    return LoadedImages(stacked, np.asarray(labels, dtype=np.int64), paths, skipped, sources)

@@ -14,15 +14,20 @@ import numpy as np
 
 from model_export import onnx_tools
 from model_export.calibration import (
-    cascade_outcome,
     choose_cascade_threshold,
-    expected_calibration_error,
-    log_loss,
     quality,
     softmax,
 )
-from model_export.data import Sample, discover_labels, list_images, load_images, stratified_split
-from service.manifest import CascadeEntry, Manifest, Metrics, ModelEntry, load_manifest
+from model_export.data import Sample, all_samples, load_images, stratified_split
+from service.manifest import (
+    CascadeEntry,
+    CascadeSourceFigures,
+    Manifest,
+    Metrics,
+    ModelEntry,
+    SourceMetrics,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,18 @@ def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
     return onnx_tools.run_batches(onnx_tools.session(path, 2), images)
 
 
-def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str) -> Metrics:
+def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str,
+            sources: np.ndarray | None = None) -> Metrics:
+    """Quality overall and, given each image's source, on each source's images."""
     q = quality(logits, labels, temperature)
+    by_source = {}
+    for source in np.unique(sources) if sources is not None else []:
+        mine = sources == source
+        s = quality(logits[mine], labels[mine], temperature)
+        by_source[str(source)] = SourceMetrics(n_images=s.n_images, accuracy=s.accuracy, log_loss=s.log_loss,
+                                               ece=s.ece)
     return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
-                   ece_uncalibrated=q.ece_uncalibrated)  # type: ignore[arg-type]
+                   ece_uncalibrated=q.ece_uncalibrated, by_source=by_source)  # type: ignore[arg-type]
 
 
 class Evaluation:
@@ -53,13 +66,19 @@ class Evaluation:
     def __init__(self, sets: dict[str, list[Sample]]) -> None:
         self.sets = sets
         self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._sources: dict[str, np.ndarray] = {}
         self._logits: dict[tuple[str, str], np.ndarray] = {}
 
     def images(self, set_name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
         if (set_name, size) not in self._images:
             loaded = load_images(self.sets[set_name], size, f"{set_name} images {size}px")
             self._images[(set_name, size)] = (loaded.arrays, loaded.labels)
+            self._sources[set_name] = np.asarray(loaded.sources)
         return self._images[(set_name, size)]
+
+    def sources(self, set_name: str) -> np.ndarray:
+        """Each loaded image's source (after images() has loaded the set at some size)."""
+        return self._sources[set_name]
 
     def logits(self, member: Member, set_name: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = self.images(set_name, member.size)
@@ -72,21 +91,35 @@ class Evaluation:
         return softmax(logits, member.temperature), labels
 
     def metrics(self, member: Member, set_name: str, split: str) -> Metrics:
-        return metrics(*self.logits(member, set_name), member.temperature, split)
+        return metrics(*self.logits(member, set_name), member.temperature, split, self.sources(set_name))
 
 
 def cascade_test_metrics(evaluation: Evaluation, small: Member, large: Member, threshold: float,
-                         set_name: str) -> tuple[Metrics, float]:
-    """The cascade's own quality on a set, and its escalation rate there."""
+                         set_name: str) -> tuple[Metrics, float, dict[str, tuple[float, float, float, int]]]:
+    """The cascade's own quality on a set, its escalation rate there, and per source
+    (cascade accuracy, large model's accuracy, escalation rate, images)."""
     small_probs, labels = evaluation.probabilities(small, set_name)
     large_probs, _ = evaluation.probabilities(large, set_name)
+    sources = evaluation.sources(set_name)
     escalate = small_probs.max(axis=1) < threshold
     probs = np.where(escalate[:, None], large_probs, small_probs)
-    accuracy, rate = cascade_outcome(small_probs, large_probs, labels, threshold)
-    ece = expected_calibration_error(probs, labels)
-    quality_ = Metrics(split="test", n_images=len(labels), accuracy=accuracy, log_loss=log_loss(probs, labels),
-                       ece=ece, ece_uncalibrated=ece)
-    return quality_, rate
+    rate = float(escalate.mean())
+    by_source = {}
+    for source in np.unique(sources):
+        mine = sources == source
+        by_source[str(source)] = (float((probs[mine].argmax(1) == labels[mine]).mean()),
+                                  float((large_probs[mine].argmax(1) == labels[mine]).mean()),
+                                  float(escalate[mine].mean()), int(mine.sum()))
+    # The cascade's probabilities are already calibrated: temperature 1 on their logs.
+    quality_ = metrics(np.log(np.clip(probs, 1e-300, 1.0)), labels, 1.0, "test", sources)
+    return quality_, rate, by_source
+
+
+def _source_figures(small: ModelEntry, large: ModelEntry,
+                    by_source: dict[str, tuple[float, float, float, int]]) -> dict[str, CascadeSourceFigures]:
+    return {source: CascadeSourceFigures(n_images=n, accuracy=acc, large_accuracy=large_acc, escalation_rate=rate,
+                                         cost_ratio=cost_ratio(small, large, rate))
+            for source, (acc, large_acc, rate, n) in by_source.items()}
 
 
 def cost_ratio(small: ModelEntry, large: ModelEntry, escalation_rate: float) -> float:
@@ -102,29 +135,26 @@ def measure_cascade(evaluation: Evaluation, small: ModelEntry, large: ModelEntry
     """Choose the threshold on val, then measure the cascade on the test set."""
     small_val, labels_val = evaluation.probabilities(small_m, "val")
     large_val, _ = evaluation.probabilities(large_m, "val")
-    choice = choose_cascade_threshold(small_val, large_val, labels_val)
-    test, test_rate = cascade_test_metrics(evaluation, small_m, large_m, choice.threshold, "test")
+    choice = choose_cascade_threshold(small_val, large_val, labels_val, evaluation.sources("val"))
+    test, test_rate, by_source = cascade_test_metrics(evaluation, small_m, large_m, choice.threshold, "test")
     log.info("cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
              "compute %.1f %% of %s", small.name, large.name, choice.threshold, choice.escalation_rate,
              test.accuracy, test_rate, 100 * cost_ratio(small, large, test_rate), large.name)
     return CascadeEntry(small=small.name, large=large.name, threshold=choice.threshold,
                         escalation_rate_val=choice.escalation_rate, accuracy_val=choice.accuracy,
                         expected_cost_ratio=cost_ratio(small, large, choice.escalation_rate), test=test,
-                        test_escalation_rate=test_rate, test_cost_ratio=cost_ratio(small, large, test_rate))
+                        test_escalation_rate=test_rate, test_cost_ratio=cost_ratio(small, large, test_rate),
+                        test_by_source=_source_figures(small, large, by_source))
 
 
-def remeasure(manifest_path: Path, data: Path, all_images: bool, seed: int) -> Manifest:
+def remeasure(manifest_path: Path, data: list[Path], all_images: bool, seed: int) -> Manifest:
     """The manifest with every figure measured again on `data`; thresholds are kept, never re-tuned.
 
     all_images: every photo under `data` is the test set (an independent collection); otherwise the
     documented split of `data` is used and val figures are refreshed too.
     """
     manifest = load_manifest(manifest_path)
-    if all_images:
-        labels = discover_labels(data)
-        sets = {"test": [Sample(p, i) for i, label in enumerate(labels) for p in list_images(data / label)]}
-    else:
-        sets = stratified_split(data, seed).samples
+    sets = {"test": all_samples(data)[1]} if all_images else stratified_split(data, seed).samples
     evaluation = Evaluation(sets)
     members = {n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
                for n, e in manifest.models.items()}
@@ -137,7 +167,10 @@ def remeasure(manifest_path: Path, data: Path, all_images: bool, seed: int) -> M
     }
     cascades = []
     for c in manifest.cascades:
-        test, rate = cascade_test_metrics(evaluation, members[c.small], members[c.large], c.threshold, "test")
+        test, rate, by_source = cascade_test_metrics(evaluation, members[c.small], members[c.large], c.threshold,
+                                                     "test")
         cost = cost_ratio(models[c.small], models[c.large], rate)
-        cascades.append(c.model_copy(update={"test": test, "test_escalation_rate": rate, "test_cost_ratio": cost}))
+        cascades.append(c.model_copy(update={
+            "test": test, "test_escalation_rate": rate, "test_cost_ratio": cost,
+            "test_by_source": _source_figures(models[c.small], models[c.large], by_source)}))
     return manifest.model_copy(update={"models": models, "cascades": cascades})

@@ -6,7 +6,9 @@ users and CI rebuild the models without any data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,8 @@ def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone,
 
 def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
     backbone, artifact = load_backbone(spec, cache_dir)
-    train = trunk_activations(backbone, split.samples["train"], cfg.n_augmented, cfg.seed, cache_dir,
-                              f"{spec.name} train")
+    train = trunk_activations(backbone, split.samples["train"], cfg.augmented_views[spec.family], cfg.seed,
+                              cache_dir, f"{spec.name} train", aug=cfg.augmentation)
     val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
     model, first = stage1(backbone, train, val, cfg, len(LABELS))
     results = [first]
@@ -41,7 +43,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
         bottleneck_weights = backbones.top_weights(model, include_top_block=True)
         second = stage2(model, backbone, train, val, cfg)
         results.append(second)
-        chosen_tuned = second.val_log_loss < first.val_log_loss and second.val_accuracy >= first.val_accuracy
+        chosen_tuned = second.val_log_loss < first.val_log_loss and second.no_worse_anywhere(first)
         if not chosen_tuned:
             backbones.apply_weights(model, bottleneck_weights)
     # Evaluate and calibrate what will actually be committed: the fp16-rounded weights.
@@ -50,12 +52,14 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     save_weights(spec.weights_file, committed)
     # Temperature, int8 ranges and the cascade threshold are fitted later, together, by
     # `build --calibrate` on the exported ONNX model's validation logits.
-    logits = model.predict(val[0], batch_size=128, verbose=0)
-    raw = quality(logits, val[1], 1.0)
+    logits = model.predict(val.activations, batch_size=128, verbose=0)
+    raw = quality(logits, val.labels, 1.0)
     log.info("%s: chose %s, val %s", spec.name, "fine-tuned" if chosen_tuned else "bottleneck", raw)
     return {
         "family": spec.family,
         "input_size": spec.input_size,
+        "fine_tuned_from": backbone.cut_layer,
+        "augmented_views": cfg.augmented_views[spec.family],
         "source": artifact.key,
         "source_digest": artifact.digest,
         "stages": [r.__dict__ for r in results],
@@ -69,10 +73,10 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     }
 
 
-def train_all(data: Path, cfg: TrainConfig, cache_dir: Path, names: list[str] | None = None,
+def train_all(data: Sequence[Path], cfg: TrainConfig, cache_dir: Path, names: list[str] | None = None,
               previous: dict[str, Any] | None = None) -> dict[str, Any]:
     split = stratified_split(data, cfg.seed)
-    log.info("split %s: %s", split.sha256[:12], split.counts())
+    log.info("split %s: %s", split.sha256[:12], split.source_counts())
     models = dict((previous or {}).get("models", {}))
     for spec in MODEL_SPECS:
         if names and spec.name not in names:
@@ -81,8 +85,9 @@ def train_all(data: Path, cfg: TrainConfig, cache_dir: Path, names: list[str] | 
     record = {
         "labels": list(LABELS),
         "split": {"seed": split.seed, "fractions": list(split.fractions), "sha256": split.sha256,
-                  "counts": split.counts()},
-        "train_config": cfg.__dict__,
+                  "roots": [root.name for root in data], "counts": split.counts(),
+                  "source_counts": split.source_counts()},
+        "train_config": dataclasses.asdict(cfg),
         "models": models,
     }
     write_record(record)

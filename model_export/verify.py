@@ -27,7 +27,7 @@ from service.manifest import load_manifest, sha256_file
 log = logging.getLogger(__name__)
 
 
-def verify_all(out: Path, cache_dir: Path, data: Path | None = None) -> int:
+def verify_all(out: Path, cache_dir: Path, data: list[Path] | None = None) -> int:
     manifest = load_manifest(out / "manifest.json")
     failures: list[str] = []
     split = stratified_split(data, read_record()["split"]["seed"]) if data else None
@@ -37,7 +37,7 @@ def verify_all(out: Path, cache_dir: Path, data: Path | None = None) -> int:
         if actual != entry.sha256:
             failures.append(f"{name}: sha256 {actual} != manifest {entry.sha256}")
             continue
-        base = name.removesuffix("-int8")
+        base = entry.derived_from or name
         spec = SPECS_BY_NAME[base]
         probe = (load_images(split.samples["val"][:N_PARITY_IMAGES], spec.input_size, "parity").arrays
                  if split else synthetic_images(spec.input_size, N_PARITY_IMAGES, seed=1))

@@ -246,7 +246,7 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
         top: Annotated[int | None, Query(ge=1, le=16, description="Also return the N most probable labels.")] = None,
         timeout_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="Deadline in ms (504 if missed).")] = None,
         max_latency_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="auto: latency budget.")] = None,
-        min_accuracy: Annotated[float | None, Query(ge=0, le=1, description="auto: accuracy floor (test split).")] = None,
+        min_accuracy: Annotated[float | None, Query(ge=0, le=1, description="auto: accuracy floor, compared with each model's lowest per-source test accuracy.")] = None,
         cascade: Annotated[str | None, Query(max_length=130, description="cascade: `small,large` model names.")] = None,
         min_confidence: Annotated[float | None, Query(ge=0, le=1, description="cascade: escalation threshold.")] = None,
     ) -> ClassifyResponse:
@@ -280,7 +280,10 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
     async def list_models(registry: Registry) -> ModelList:
         cascades = [CascadeInfo(small=c.small, large=c.large, threshold=c.threshold,
                                 test_accuracy=c.test.accuracy if c.test else None,
-                                test_escalation_rate=c.test_escalation_rate, test_cost_ratio=c.test_cost_ratio)
+                                test_escalation_rate=c.test_escalation_rate, test_cost_ratio=c.test_cost_ratio,
+                                test_accuracy_by_source={s: f.accuracy for s, f in c.test_by_source.items()},
+                                test_escalation_rate_by_source={s: f.escalation_rate
+                                                                for s, f in c.test_by_source.items()})
                     for c in registry.manifest.cascades]
         return ModelList(default=registry.default, models=[_info(registry, n) for n in registry.names()],
                          cascades=cascades)
@@ -318,10 +321,14 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
     loaded = registry.models[name]
     entry, live = loaded.entry, loaded.batcher.stats.batch_seconds.get(1)
     test = entry.test
+    hardest = test.hardest_source if test else (None, None)
     return ModelInfo(
         name=name, version=entry.version, family=entry.family, precision=entry.precision, device=loaded.device,
-        labels=entry.labels, input_width=entry.input.width, input_height=entry.input.height, test_accuracy=test.accuracy if test else None,
+        labels=entry.labels, input_width=entry.input.width, input_height=entry.input.height,
+        test_accuracy=test.accuracy if test else None,
         test_log_loss=test.log_loss if test else None, test_ece=test.ece if test else None,
+        test_accuracy_by_source={s: m.accuracy for s, m in test.by_source.items()} if test else {},
+        selection_accuracy=hardest[1], selection_accuracy_source=hardest[0], derived_from=entry.derived_from,
         build_latency_p50_ms_batch1=entry.latency.p50_ms_batch1,
         live_latency_p50_ms=live.value * 1000 if live and live.value is not None else None,
         queue_depth=loaded.batcher.pending,

@@ -112,7 +112,7 @@ class Classifier:
             remaining_ms = (deadline - time.monotonic()) * 1000
             budget_ms = remaining_ms if budget_ms is None else min(budget_ms, remaining_ms)
         candidates = [
-            Candidate(name, m.entry.test.accuracy if m.entry.test else None,
+            Candidate(name, m.entry.test.hardest_source[1] if m.entry.test else None,
                       self.predicted_seconds(m, len(blobs)) * 1000)
             for name, m in self.registry.models.items()
         ]

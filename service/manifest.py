@@ -13,7 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+# 2: per-source figures (Metrics.by_source, CascadeEntry.test_by_source), the dataset's sources
+#    (Manifest.dataset) and ModelEntry.derived_from. A version-1 manifest is refused with a message
+#    to rebuild (`make models`): the build is reproducible, so migrating in place buys nothing.
+SCHEMA_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -42,8 +45,17 @@ class OutputSpec(_Strict):
     kind: Literal["logits"] = "logits"
 
 
+class SourceMetrics(_Strict):
+    """Classification quality on the photos of one source within a split."""
+
+    n_images: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)
+    log_loss: float = Field(ge=0)
+    ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
+
+
 class Metrics(_Strict):
-    """Classification quality measured on one split with onnxruntime."""
+    """Classification quality measured on one split with onnxruntime, overall and per source."""
 
     split: Literal["val", "test"]
     n_images: int = Field(ge=0)
@@ -51,6 +63,20 @@ class Metrics(_Strict):
     log_loss: float = Field(ge=0)
     ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
     ece_uncalibrated: float = Field(ge=0, le=1)
+    by_source: dict[str, SourceMetrics] = Field(
+        default_factory=dict, description="The same figures on each source's photos in this split.")
+
+    @property
+    def hardest_source(self) -> tuple[str, float]:
+        """(source, accuracy) of the source with the lowest accuracy; the overall figure if none.
+
+        What `auto`'s min_accuracy and the cascade rule compare against: a caller asking for 99 %
+        should get it on the hardest kind of photo the build saw, not on the average one.
+        """
+        if not self.by_source:
+            return "all", self.accuracy
+        source = min(self.by_source, key=lambda name: self.by_source[name].accuracy)
+        return source, self.by_source[source].accuracy
 
 
 class Latency(_Strict):
@@ -85,6 +111,8 @@ class ModelEntry(_Strict):
     version: str = Field(description="Content-derived version: first 12 hex digits of the file sha256.")
     family: str = Field(description="Backbone family, e.g. xception or mobilenet_v1.")
     precision: Literal["fp32", "int8"]
+    derived_from: str | None = Field(
+        None, description="For a quantized variant: the name of the fp32 model it was made from.")
     file: str = Field(description="File name relative to the manifest's folder.")
     sha256: str
     labels: list[str] = Field(min_length=2)
@@ -108,6 +136,16 @@ class ModelEntry(_Strict):
         return value
 
 
+class CascadeSourceFigures(_Strict):
+    """A cascade's test figures on one source."""
+
+    n_images: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)
+    large_accuracy: float = Field(ge=0, le=1, description="The large model alone on the same photos.")
+    escalation_rate: float = Field(ge=0, le=1)
+    cost_ratio: float = Field(ge=0, description="Mean compute per image relative to the large model's.")
+
+
 class CascadeEntry(_Strict):
     """A small model backed by a large one when the small one is unsure."""
 
@@ -123,14 +161,26 @@ class CascadeEntry(_Strict):
     test: Metrics | None = Field(None, description="The cascade's own quality on the test split.")
     test_escalation_rate: float | None = Field(None, ge=0, le=1)
     test_cost_ratio: float | None = Field(None, ge=0, description="Measured mean compute on test / large model's.")
+    test_by_source: dict[str, CascadeSourceFigures] = Field(default_factory=dict)
+
+
+class DatasetInfo(_Strict):
+    """The photos the figures were measured on: the split's identity and its sources."""
+
+    split_sha256: str
+    seed: int
+    roots: list[str] = Field(description="Folder names of the data roots (each one or more sources).")
+    images_by_source: dict[str, dict[str, int]] = Field(
+        description="{split: {source: photos}} for train, val and test.")
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     created: str
     models: dict[str, ModelEntry]
     cascades: list[CascadeEntry] = []
     default_model: str
+    dataset: DatasetInfo | None = Field(None, description="None when no build measured on the dataset.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -139,6 +189,9 @@ class Manifest(_Strict):
                 raise ValueError(f"model key {key!r} differs from its name {entry.name!r}")
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not among the models")
+        for entry in self.models.values():
+            if entry.derived_from is not None and entry.derived_from not in self.models:
+                raise ValueError(f"{entry.name} is derived from {entry.derived_from!r}, not among the models")
         for cascade in self.cascades:
             for member in (cascade.small, cascade.large):
                 if member not in self.models:
@@ -151,7 +204,12 @@ class Manifest(_Strict):
 
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest; raises ValueError with the reason if it is not valid."""
-    return Manifest.model_validate_json(path.read_text())
+    text = path.read_text()
+    version = json.loads(text).get("schema_version") if text.lstrip().startswith("{") else None
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise ValueError(f"{path} has manifest schema version {version}; this service reads version "
+                         f"{SCHEMA_VERSION}: rebuild the models (`make models`)")
+    return Manifest.model_validate_json(text)
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:

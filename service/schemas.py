@@ -70,9 +70,15 @@ class ModelInfo(BaseModel):
     labels: list[str]
     input_width: int = Field(description="Width the image is resized to.")
     input_height: int = Field(description="Height the image is resized to.")
-    test_accuracy: float | None
+    test_accuracy: float | None = Field(description="Test split, all sources together.")
     test_log_loss: float | None
     test_ece: float | None
+    test_accuracy_by_source: dict[str, float] = Field(
+        default_factory=dict, description="Test accuracy on each photo source the build saw.")
+    selection_accuracy: float | None = Field(
+        description="What model=auto's min_accuracy is compared with: the lowest per-source test accuracy.")
+    selection_accuracy_source: str | None = Field(description="The source that figure comes from.")
+    derived_from: str | None = Field(None, description="The fp32 model a quantized variant was made from.")
     build_latency_p50_ms_batch1: float = Field(description="Bare onnxruntime, build machine.")
     live_latency_p50_ms: float | None = Field(description="Median of recent batch-1 inference times on this server.")
     queue_depth: int
@@ -85,6 +91,8 @@ class CascadeInfo(BaseModel):
     test_accuracy: float | None
     test_escalation_rate: float | None
     test_cost_ratio: float | None = Field(description="Mean compute per image relative to the large model.")
+    test_accuracy_by_source: dict[str, float] = Field(default_factory=dict)
+    test_escalation_rate_by_source: dict[str, float] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

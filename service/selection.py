@@ -20,7 +20,9 @@ from service.errors import Unsatisfiable
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    accuracy: float | None  # test accuracy from the manifest; None when not measured
+    # The lowest per-source test accuracy from the manifest (Metrics.hardest_source); None when not
+    # measured. A caller asking for 99 % should get it on the hardest kind of photo the build saw.
+    accuracy: float | None
     predicted_ms: float
 
 

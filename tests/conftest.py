@@ -29,6 +29,7 @@ from service.manifest import (
     OutputSpec,
     Parity,
     Provenance,
+    SourceMetrics,
     sha256_file,
     write_manifest,
 )
@@ -85,7 +86,12 @@ def tiny_classifier(path: Path, size: int, heavy_layers: int = 0, seed: int = 0)
 
 
 def tiny_entry(name: str, path: Path, size: int, accuracy: float, latency_ms: float) -> ModelEntry:
-    metrics = Metrics(split="test", n_images=100, accuracy=accuracy, log_loss=0.1, ece=0.01, ece_uncalibrated=0.02)
+    # Two sources: "web" 2 points above the overall accuracy, "kaggle" 3 points below it, so the
+    # hardest source (what auto's min_accuracy reads) differs from the overall figure.
+    by_source = {source: SourceMetrics(n_images=50, accuracy=accuracy + delta, log_loss=0.1, ece=0.01)
+                 for source, delta in (("web", 0.02), ("kaggle", -0.03))}
+    metrics = Metrics(split="test", n_images=100, accuracy=accuracy, log_loss=0.1, ece=0.01, ece_uncalibrated=0.02,
+                      by_source=by_source)
     digest = sha256_file(path)
     return ModelEntry(
         name=name, version=digest[:12], family="tiny", precision="fp32", file=path.name, sha256=digest,

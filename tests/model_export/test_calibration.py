@@ -72,3 +72,21 @@ def test_cascade_never_escalates_a_small_model_surer_than_the_floor() -> None:
     probs = np.array([[0.9999, 0.0001], [0.0001, 0.9999]])
     choice = choose_cascade_threshold(probs, probs, labels)
     assert choice.escalation_rate == 0.0
+
+
+def test_cascade_threshold_holds_on_every_source_not_only_overall() -> None:
+    # The large model is always right. The small one is right everywhere except one photo of
+    # source "b", where it is wrong with confidence 0.9995: 1 error in 1000 passes the 0.1-point
+    # rule overall, but it is 1 % of source b's 100 photos.
+    n_a, n_b = 900, 100
+    labels = np.zeros(n_a + n_b, dtype=np.int64)
+    sources = np.array(["a"] * n_a + ["b"] * n_b)
+    small = np.tile([0.99995, 0.00005], (n_a + n_b, 1))
+    small[-1] = [0.0005, 0.9995]
+    large = np.tile([0.9, 0.1], (n_a + n_b, 1))
+    overall_only = choose_cascade_threshold(small, large, labels)
+    assert overall_only.threshold <= 0.9995
+    per_source = choose_cascade_threshold(small, large, labels, sources)
+    assert 0.9995 < per_source.threshold <= 0.99995
+    accuracy, rate = cascade_outcome(small, large, labels, per_source.threshold)
+    assert accuracy == 1.0 and rate == pytest.approx(1 / 1000)

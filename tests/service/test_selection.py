@@ -70,10 +70,21 @@ def test_auto_follows_the_budget_and_refuses_the_impossible(server: Server) -> N
     assert loose["selection"]["predicted_ms"] > 0 and loose["selection"]["actual_ms"] > 0
     tight = post(server, images.jpeg(), model="auto", max_latency_ms=slow_ms / 4).json()
     assert tight["model"] == "fast" and tight["selection"]["reason"] == "latency_budget"
-    impossible = post(server, images.jpeg(), model="auto", max_latency_ms=slow_ms / 4, min_accuracy=0.93)
+    impossible = post(server, images.jpeg(), model="auto", max_latency_ms=slow_ms / 4, min_accuracy=0.9)
     assert impossible.status_code == 422, impossible.text
     assert impossible.json()["error"]["code"] == "constraints_unsatisfiable"
     assert "slow" in impossible.json()["error"]["message"]
+
+
+def test_auto_compares_min_accuracy_with_the_hardest_source(server: Server) -> None:
+    # The tiny manifest: slow is 95 % overall but 92 % on its hardest source ("kaggle").
+    slow = httpx.get(f"{server.url}/models/slow").json()
+    assert (slow["test_accuracy"], slow["selection_accuracy"]) == (0.95, pytest.approx(0.92))
+    assert slow["selection_accuracy_source"] == "kaggle"
+    assert slow["test_accuracy_by_source"] == {"web": pytest.approx(0.97), "kaggle": pytest.approx(0.92)}
+    refused = post(server, images.jpeg(), model="auto", min_accuracy=0.93)
+    assert refused.status_code == 422 and "no model reaches min_accuracy=0.93" in refused.text
+    assert post(server, images.jpeg(), model="auto", min_accuracy=0.915).json()["model"] == "slow"
 
 
 async def _auto_under_queue(server: Server, budget_ms: float) -> tuple[dict[str, object], list[int]]:
