@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS_DIR ?= models
-# The development dataset, when it is beside the checkout; the build runs without it too.
-DATA ?= $(firstword $(wildcard ../shared/data/catdog-web))
+# The development dataset's roots, when they are beside the checkout (train, verify and evaluate
+# take any number). `make models` never needs them: it rebuilds from the committed weights, and
+# the figures come from the evaluation recorded by `make train` for exactly those weights.
+DATA ?= $(wildcard ../shared/data/catdog-web ../shared/data/catdog-more)
 DATA_ARG := $(if $(DATA),--data $(DATA))
 HOST ?= 0.0.0.0
 PORT ?= 8000
@@ -24,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 models: $(MODELS_DIR)/manifest.json
 
 $(MODELS_DIR)/manifest.json: $(VENV)/.installed $(wildcard model_export/weights/*) $(wildcard model_export/*.py)
-	$(PY) -m model_export build --out $(MODELS_DIR) $(DATA_ARG)
+	$(PY) -m model_export build --out $(MODELS_DIR)
 
 verify: models
 	$(PY) -m model_export verify --out $(MODELS_DIR) $(DATA_ARG)
@@ -71,6 +73,7 @@ soak: models
 
 # Developers only: retrain on the dataset, then recalibrate int8 and record the evaluation.
 train: $(VENV)/.installed
+	$(if $(DATA),,$(error no dataset: set DATA to one or more ImageFolder roots))
 	$(PY) -m model_export train --data $(DATA)
 	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --calibrate
 

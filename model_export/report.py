@@ -1,25 +1,31 @@
-"""`model_export report`: the manifest as a table, and the accuracy/latency frontier as a PNG."""
+"""`model_export report`: the manifest as tables (overall and per source), int8 speed-ups measured
+afresh, and the accuracy/latency frontier as a PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from model_export import onnx_tools
 from service.manifest import Manifest, Metrics, load_manifest
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "-"
 
 
 def _row(name: str, test: Metrics | None, gflops: float, escalation: float | None, ms_b1: float | None,
          ms_b8: float | None) -> str:
-    def num(value: float | None, fmt: str) -> str:
-        return format(value, fmt) if value is not None else "-"
-
-    return (f"{name:<26}{num(test and 100 * test.accuracy, '.2f'):>9}{num(test and test.log_loss, '.4f'):>10}"
-            f"{num(test and test.ece, '.4f'):>8}{num(test and test.ece_uncalibrated, '.4f'):>9}{gflops:>9.2f}"
-            f"{num(escalation and 100 * escalation, '.1f'):>8}{num(ms_b1, '.1f'):>8}{num(ms_b8, '.1f'):>8}")
+    return (f"{name:<26}{_num(test and 100 * test.accuracy, '.2f'):>9}"
+            f"{_num(test and 100 * test.hardest_source[1], '.2f'):>10}{_num(test and test.log_loss, '.4f'):>10}"
+            f"{_num(test and test.ece, '.4f'):>8}{_num(test and test.ece_uncalibrated, '.4f'):>9}{gflops:>9.2f}"
+            f"{_num(escalation and 100 * escalation, '.1f'):>8}{_num(ms_b1, '.1f'):>8}{_num(ms_b8, '.1f'):>8}")
 
 
 def table(manifest: Manifest) -> str:
-    header = (f"{'model':<26}{'acc %':>9}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}{'GFLOPs':>9}{'esc %':>8}"
-              f"{'ms b1':>8}{'ms b8':>8}")
+    header = (f"{'model':<26}{'acc %':>9}{'worst %':>10}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}{'GFLOPs':>9}"
+              f"{'esc %':>8}{'ms b1':>8}{'ms b8':>8}")
     rows = [header, "-" * len(header)]
     for name, m in manifest.models.items():
         rows.append(_row(name, m.test, m.flops / 1e9, None, m.latency.p50_ms_batch1, m.latency.p50_ms_batch8))
@@ -31,7 +37,8 @@ def table(manifest: Manifest) -> str:
         rows.append(_row(f"cascade {c.small}->{c.large}", c.test, mean_flops / 1e9, rate, ms, None))
     some = next(iter(manifest.models.values()))
     rows.append("")
-    rows.append(f"figures on the test split ({some.test.n_images if some.test else 0} photos); GFLOPs per image "
+    rows.append(f"figures on the test split ({some.test.n_images if some.test else 0} photos); 'worst': the "
+                f"lowest per-source accuracy, which model=auto's min_accuracy compares with; GFLOPs per image "
                 f"(cascade: mean); latency: bare onnxruntime p50 ms per call, {some.latency.intra_op_threads} "
                 f"threads, {some.latency.machine} (cascade: small + escalation x large)")
     for c in manifest.cascades:
@@ -41,33 +48,90 @@ def table(manifest: Manifest) -> str:
     return "\n".join(rows)
 
 
+def source_table(manifest: Manifest) -> str:
+    """Test accuracy and ECE per source, for every model and cascade."""
+    some = next((m.test for m in manifest.models.values() if m.test is not None), None)
+    if some is None or not some.by_source:
+        return "no per-source figures (built without the dataset and without a recorded evaluation)"
+    sources = sorted(some.by_source)
+    header = f"{'test acc % / ECE %':<26}" + "".join(f"{s:>24}" for s in sources)
+    rows = [header, "-" * len(header)]
+    for name, m in manifest.models.items():
+        if m.test is not None:
+            rows.append(f"{name:<26}" + "".join(
+                f"{100 * m.test.by_source[s].accuracy:>16.2f} / {100 * m.test.by_source[s].ece:<5.2f}" for s in sources))
+    for c in manifest.cascades:
+        figures = c.test_by_source
+        if figures:
+            rows.append(f"{'cascade (esc %, cost %)':<26}" + "".join(
+                f"{100 * figures[s].accuracy:>11.2f} ({100 * figures[s].escalation_rate:.1f}, "
+                f"{100 * figures[s].cost_ratio:.1f})" for s in sources))
+    counts = {s: some.by_source[s].n_images for s in sources}
+    rows.append(f"test photos per source: {counts}")
+    return "\n".join(rows)
+
+
+def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, rounds: int = 5) -> str:
+    """Each int8 variant's batch-1 speed-up over its fp32 model, both measured now, interleaved
+    (fp32, int8, fp32, ...) so that a noisy neighbour slows both alike."""
+    rows = []
+    for name, entry in manifest.models.items():
+        if entry.derived_from is None:
+            continue
+        size = entry.input.width
+        fp = onnx_tools.session(folder / manifest.models[entry.derived_from].file, threads)
+        q = onnx_tools.session(folder / entry.file, threads)
+        pairs = [(onnx_tools.latency_p50_ms(fp, size, 1), onnx_tools.latency_p50_ms(q, size, 1))
+                 for _ in range(rounds)]
+        fp_ms, q_ms = (float(np.median(column)) for column in zip(*pairs, strict=True))
+        rows.append(f"{name}: {q_ms:.2f} ms vs {entry.derived_from} {fp_ms:.2f} ms at batch 1 "
+                    f"-> {fp_ms / q_ms:.2f}x faster ({threads} threads, measured now)")
+    return "\n".join(rows) if rows else "no int8 variants in the manifest"
+
+
 def plot_frontier(manifest: Manifest, path: Path) -> None:
-    """Test accuracy against measured batch-1 latency for every model and the cascade."""
+    """Test accuracy against measured batch-1 latency for every model and the cascade: the overall
+    figure as a large marker, each source's as a small one on a vertical line (the line's foot is
+    what model=auto's min_accuracy reads)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    source_markers = dict(zip(sorted({s for m in manifest.models.values() if m.test for s in m.test.by_source}),
+                              "v^<>dp", strict=False))
+
+    def point(x: float, test: Metrics, by_source: dict[str, float], label: str, style: dict[str, object]) -> None:
+        ys = [100 * a for a in by_source.values()]
+        if ys:
+            ax.vlines(x, min(ys), max(ys), color="grey", lw=0.8, alpha=0.7)
+            for source, accuracy in by_source.items():
+                ax.scatter(x, 100 * accuracy, s=16, marker=source_markers.get(source, "."), color="grey")
+        ax.scatter(x, 100 * test.accuracy, **style)  # type: ignore[arg-type]
+        ax.annotate(label, (x, 100 * test.accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+
     for name, m in manifest.models.items():
-        if m.test is None:
-            continue
-        x, y = m.latency.p50_ms_batch1, 100 * m.test.accuracy
-        ax.scatter(x, y, s=45, marker="s" if m.precision == "int8" else "o",
-                   color="tab:orange" if m.precision == "int8" else "tab:blue")
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if m.test is not None:
+            int8 = m.precision == "int8"
+            point(m.latency.p50_ms_batch1, m.test, {s: v.accuracy for s, v in m.test.by_source.items()}, name,
+                  {"s": 45, "marker": "s" if int8 else "o", "color": "tab:orange" if int8 else "tab:blue"})
     for c in manifest.cascades:
         if c.test is None or c.test_escalation_rate is None:
             continue
         small, large = manifest.models[c.small].latency, manifest.models[c.large].latency
         x = small.p50_ms_batch1 + c.test_escalation_rate * large.p50_ms_batch1
-        ax.scatter(x, 100 * c.test.accuracy, s=110, marker="*", color="black")
-        ax.annotate(f"cascade {c.small}->{c.large}", (x, 100 * c.test.accuracy), textcoords="offset points",
-                    xytext=(6, -12), fontsize=8)
+        point(x, c.test, {s: f.accuracy for s, f in c.test_by_source.items()}, f"cascade {c.small}->{c.large}",
+              {"s": 110, "marker": "*", "color": "black"})
+    for source, marker in source_markers.items():
+        ax.scatter([], [], marker=marker, color="grey", s=16, label=source)
+    if source_markers:
+        ax.legend(title="per source", fontsize=7, title_fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("bare onnxruntime latency, batch 1, p50 (ms, log scale; cascade: expected)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("catdog-serve: accuracy vs latency (circles fp32, squares int8, star cascade)", fontsize=10)
+    ax.set_title("catdog-serve: accuracy vs latency (circles fp32, squares int8, star cascade;\n"
+                 "grey: each photo source)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +142,10 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
 def print_report(out: Path, plot: Path | None) -> None:
     manifest = load_manifest(out / "manifest.json")
     print(table(manifest))
+    print()
+    print(source_table(manifest))
+    print()
+    print(int8_speedups(manifest, out))
     if plot is not None:
         plot_frontier(manifest, plot)
         print(f"frontier plot written to {plot}")

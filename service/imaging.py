@@ -35,8 +35,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise InvalidImage(
             f"not a decodable image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"corrupt image header: {exc}") from exc
+    except Exception as exc:  # OSError, ValueError, SyntaxError, and whatever else a parser raises
+        raise InvalidImage(f"corrupt image header: {type(exc).__name__}: {exc}") from exc
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImage("image has no pixels")
@@ -50,11 +50,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any decoded mode to 8-bit RGB without clipping or dropping information."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
-        # 16-bit data is scaled into 0..255; Pillow's own convert() would clamp it at 255.
+        # 16- and 32-bit data is scaled into 0..255 by the full scale of the smallest integer
+        # width that holds it; Pillow's own convert() would clamp at 255, a cast would wrap.
         wide = np.asarray(image, dtype=np.float64)
-        full_scale = 65535.0 if image.mode != "I" or wide.max(initial=0) > 255 else 255.0
         if wide.min(initial=0) < 0:
             raise InvalidImage("negative pixel values are not supported")
+        peak = wide.max(initial=0)
+        full_scale = next(scale for scale in (255.0, 65535.0, 2.0**31 - 1) if peak <= scale)
+        if image.mode in _SIXTEEN_BIT_MODES:
+            full_scale = 65535.0
         eight = np.rint(wide * (255.0 / full_scale)).astype(np.uint8)
         image = Image.fromarray(eight, mode="L")
     elif image.mode == "F":
@@ -76,19 +80,33 @@ def decode(data: bytes, target_size: tuple[int, int], max_pixels: int = DEFAULT_
         raise InvalidImage("empty body: no image bytes were sent")
     image = _open(data, max_pixels)
     try:
-        if image.format == "JPEG":
+        if image.format in ("JPEG", "MPO"):  # MPO: phone cameras' multi-picture JPEG
             image.draft(image.mode, target_size)
         image.seek(0)  # first frame of animations and multi-page TIFFs
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
-    except (ImageTooLarge, InvalidImage):
-        raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image has too many pixels: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        # Pillow reports truncated and corrupt data as OSError/ValueError/SyntaxError.
-        raise InvalidImage(f"corrupt or truncated image: {exc}") from exc
+    except Exception as exc:
+        # Pillow reports truncated and corrupt data as OSError/ValueError/SyntaxError, but a
+        # hostile file can reach other exceptions in its decoders: client bytes are never a 500.
+        raise InvalidImage(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from exc
+    image = _upright(image)
+    try:
+        return _to_rgb(image)
+    except InvalidImage:
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"cannot convert the image to RGB: {type(exc).__name__}: {exc}") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. A malformed EXIF block is refused (415) rather than ignored:
+    classifying a photo the wrong way up without saying so would be a silent wrong answer."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception as exc:  # struct.error, TypeError, AttributeError, ... from the EXIF parser
+        raise InvalidImage(f"malformed EXIF metadata ({type(exc).__name__}: {exc}); "
+                           "re-save the image without EXIF") from exc
 
 
 def to_array(image: Image.Image, target_size: tuple[int, int]) -> np.ndarray:

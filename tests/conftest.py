@@ -36,6 +36,8 @@ from service.manifest import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "catdog-web"
+# Every root of the development dataset: the split the build documents is drawn from all of them.
+SHARED_DATA_ROOTS = [ROOT.parent / "shared" / "data" / name for name in ("catdog-web", "catdog-more")]
 BUILT_MODELS = ROOT / "models"
 
 

@@ -121,3 +121,25 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "nul bytes": lambda: b"\x00" * 10_000,
     "png signature only": lambda: b"\x89PNG\r\n\x1a\n",
 }
+
+
+def malformed_exif_jpegs() -> dict[str, bytes]:
+    """JPEGs whose EXIF block makes Pillow's exif_transpose raise something other than OSError or
+    ValueError (found by mutating one byte of the block; offsets are from the "Exif" marker)."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    image = gradient(96, 64)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate, so exif_transpose rewrites the EXIF block
+    exif[0x010F] = "Camera"
+    exif[0x011A] = IFDRational(72, 1)
+    exif[0x0131] = "soft"
+    base = encode(image, "JPEG", exif=exif.tobytes())
+    start = base.index(b"Exif")
+
+    def mutate(offset: int, value: int) -> bytes:
+        data = bytearray(base)
+        data[start + offset] = value
+        return bytes(data)
+
+    return {"struct.error": mutate(17, 0), "TypeError": mutate(17, 26), "AttributeError": mutate(41, 13)}

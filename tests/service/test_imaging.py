@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,3 +73,27 @@ def test_large_jpeg_is_drafted_but_still_covers_the_target() -> None:
     image = decode(big, (299, 299))
     assert image.size[0] >= 299 and image.size[1] >= 299
     assert image.size[0] < 4000  # decoded at a reduced DCT scale
+
+
+@pytest.mark.parametrize("name", sorted(images.malformed_exif_jpegs()))
+def test_malformed_exif_is_a_client_error(name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about the corrupt block first
+        with pytest.raises(InvalidImage, match="EXIF"):
+            decode(images.malformed_exif_jpegs()[name], SIZE)
+
+
+def test_thirty_two_bit_values_are_scaled_not_wrapped() -> None:
+    ramp = np.linspace(0, 2**31 - 1, 64 * 64).reshape(64, 64).astype(np.int32)
+    gray = np.asarray(decode(images.encode(Image.fromarray(ramp, mode="I"), "TIFF"), (64, 64)))[..., 0]
+    # Wrapping modulo 256 would make the ramp saw-toothed; scaling keeps it monotonic 0..255.
+    assert gray.min() == 0 and gray.max() == 255
+    assert (np.diff(gray.ravel().astype(int)) >= 0).all()
+
+
+def test_multi_picture_jpeg_is_drafted_too() -> None:
+    first, second = images.gradient(4000, 3000), images.gradient(400, 300)
+    mpo = images.encode(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    image = decode(mpo, (299, 299))
+    assert 299 <= image.size[0] < 4000  # decoded at a reduced DCT scale, like a plain JPEG
