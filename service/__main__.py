@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.logging_setup import configure_logging
@@ -35,6 +36,13 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
+def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    # The drain timeout goes through as given: int() turned 0.5 s into 0 (no drain at all).
+    return uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
+                          timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works; uvicorn hints int
+                          access_log=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -42,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)
-    server = DrainingServer(config, app.state.catdog.begin_draining)
+    app = create_app(settings, metrics_host=args.host)
+    server = DrainingServer(uvicorn_config(app, settings, args.host, args.port), app.state.catdog.begin_draining)
     # uvicorn restores the previous handler after its graceful shutdown and re-raises the signal
     # through it. With this handler a completed drain ends in exit status 0, which is what process
     # supervisors expect; a SIGTERM before uvicorn starts also exits cleanly (nothing in flight).

@@ -125,8 +125,13 @@ def _exit_process() -> None:
     os._exit(3)  # same code uvicorn uses for a failed start-up
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = _exit_process) -> FastAPI:
-    """The app; on_fatal runs if the models fail to load after start-up checks passed."""
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = _exit_process,
+               metrics_host: str = "127.0.0.1") -> FastAPI:
+    """The app; on_fatal runs if the models fail to load after start-up checks passed.
+
+    metrics_host: the address the extra metrics port (CATDOG_METRICS_PORT) binds, the main
+    server's --host, so that port is never more exposed than the service itself.
+    """
     settings = settings or Settings()
     state = AppState(settings, Metrics())
 
@@ -138,7 +143,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
         manifest, paths = check_models(settings)
         log.info("providers %s, %d intra-op threads, %d models", providers, threads, len(paths))
         if settings.metrics_port:
-            start_http_server(settings.metrics_port, registry=state.metrics.registry)
+            start_http_server(settings.metrics_port, addr=metrics_host, registry=state.metrics.registry)
         loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, on_fatal))
         try:
             yield
@@ -308,8 +313,6 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics(state: State) -> Response:
-        for name, loaded in (state.classifier.registry.models.items() if state.classifier else []):
-            state.metrics.queue_depth.labels(name).set(loaded.batcher.pending)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -100,6 +100,8 @@ def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path]
                           max_wait_s=settings.max_wait_ms / 1000, capacity=settings.queue_size,
                           lane=lane, fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
                           on_batch=on_batch)
+        # Read at every scrape, on the main port and the extra metrics port alike: never stale.
+        metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.pending)
         device = device_of(session)
         models[name] = LoadedModel(entry, session, batcher, device)
         metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)

@@ -48,4 +48,7 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.queue_size < self.max_batch_size:
             raise ValueError("queue_size must be at least max_batch_size")
+        if self.queue_size < self.max_files:
+            raise ValueError(f"queue_size ({self.queue_size}) must be at least max_files ({self.max_files}): "
+                             "a request with max_files images could never be admitted")
         return self

@@ -47,7 +47,9 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge(self._message(received, at_least=True))
+                    # Connection: close makes the server end the connection after the 413 instead
+                    # of reading and discarding the rest of an endless chunked body.
+                    raise PayloadTooLarge(self._message(received, at_least=True), headers={"Connection": "close"})
             return message
 
         await self.app(scope, limited, send)

@@ -1,0 +1,61 @@
+"""Operational settings: cross-checks at start, the drain timeout, the extra metrics port."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from service.__main__ import uvicorn_config
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import free_port, run_server
+from tests.service import images
+
+
+def test_a_queue_smaller_than_one_full_request_is_refused_at_start() -> None:
+    # A multipart request of max_files images could never be admitted: 503 forever.
+    with pytest.raises(ValidationError, match="queue_size"):
+        Settings(queue_size=8, max_batch_size=8, max_files=16)
+    assert Settings(queue_size=16, max_batch_size=8, max_files=16).queue_size == 16
+
+
+def test_a_sub_second_drain_timeout_reaches_uvicorn_unchanged(tiny_models_dir: Path) -> None:
+    settings = Settings(models_dir=tiny_models_dir, drain_timeout_s=0.5)
+    config = uvicorn_config(create_app(settings), settings, "127.0.0.1", 0)
+    assert config.timeout_graceful_shutdown == 0.5
+
+
+def _queue_depth(text: str, model: str) -> float:
+    for family in text_string_to_metric_families(text):
+        if family.name == "catdog_queue_depth":
+            return next(s.value for s in family.samples if s.labels["model"] == model)
+    raise AssertionError("no catdog_queue_depth")
+
+
+def test_metrics_port_binds_the_main_host_and_shows_live_queue_depth(
+        slower_models_dir: Path, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with run_server(slower_models_dir, tmp_path, metrics_port=str(metrics_port), max_batch_size="1",
+                    queue_size="64") as server:
+        listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        local = {line.split()[1] for line in listening if line.split()[3] == "0A"}  # 0A: LISTEN
+        assert f"0100007F:{metrics_port:04X}" in local  # 127.0.0.1, like --host
+        assert f"00000000:{metrics_port:04X}" not in local  # not 0.0.0.0
+
+        async def burst_and_scrape() -> float:
+            async with httpx.AsyncClient(timeout=120) as client:
+                posts = [asyncio.create_task(client.post(
+                    f"{server.url}/classify", params={"model": "slow"}, content=images.jpeg(),
+                    headers={"Content-Type": "image/jpeg"})) for _ in range(8)]
+                await asyncio.sleep(0.3)
+                # Only the extra port is scraped: no request to the main /metrics refreshes anything.
+                scraped = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")
+                await asyncio.gather(*posts)
+                return _queue_depth(scraped.text, "slow")
+
+        assert asyncio.run(burst_and_scrape()) >= 1
