@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batching import Window
-from service.errors import BadRequest, DeadlineExceeded
+from service.errors import BadRequest, DeadlineExceeded, Unsatisfiable
 from service.imaging import preprocess
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
@@ -116,7 +116,19 @@ class Classifier:
                       self.predicted_seconds(m, len(blobs)) * 1000)
             for name, m in self.registry.models.items()
         ]
-        choice = choose_auto(candidates, budget_ms, min_accuracy)
+        try:
+            choice = choose_auto(candidates, budget_ms, min_accuracy)
+        except Unsatisfiable as unsatisfiable:
+            if budget_ms == max_latency_ms:
+                raise
+            # The deadline, not the caller's constraints, rules every model out: time ran out,
+            # which is a 504 like any missed deadline (the 422 is for constraints no wait can meet).
+            try:
+                choose_auto(candidates, max_latency_ms, min_accuracy)
+            except Unsatisfiable:
+                raise unsatisfiable from None
+            raise DeadlineExceeded(f"no model that meets the request's constraints can answer within its "
+                                   f"deadline ({budget_ms:.0f} ms left); {unsatisfiable.message}") from None
         self._metrics.selections.labels("auto", choice.candidate.name, choice.reason).inc()
         start = time.monotonic()
         answer = await self.direct(choice.candidate.name, blobs, deadline)

@@ -171,3 +171,16 @@ def test_selection_metrics(server: Server) -> None:
     assert 'catdog_cascade_escalations_total{large="slow",small="fast"}' in text
     assert 'catdog_selection_total{mode="auto"' in text
     assert 'catdog_requests_total{model="cascade",outcome="ok",status_class="2xx"}' in text
+
+
+def test_auto_that_only_the_deadline_rules_out_is_a_504_not_a_422(server: Server) -> None:
+    slow_ms = slow_latency_ms(server)
+    # Only slow (92 % on its hardest source) meets min_accuracy=0.9, and it needs more than the
+    # deadline leaves: the request was fine, time ran out, so 504 like any missed deadline.
+    late = httpx.post(f"{server.url}/classify", params={"model": "auto", "min_accuracy": 0.9},
+                      content=images.jpeg(), timeout=60,
+                      headers={"Content-Type": "image/png", "X-Deadline-Ms": str(max(1, round(slow_ms / 4)))})
+    assert late.status_code == 504, late.text
+    assert late.json()["error"]["code"] == "deadline_exceeded"
+    # Constraints that no deadline could help stay a 422.
+    assert post(server, images.jpeg(), model="auto", min_accuracy=0.99).status_code == 422
