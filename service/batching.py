@@ -55,10 +55,20 @@ class InferenceLane:
         self._executor.shutdown(wait=True)
 
 
+@dataclass(frozen=True)
+class Inferred:
+    """One image's answer from the batcher, and where its time went."""
+
+    logits: np.ndarray
+    queue_seconds: float  # enqueued until its session.run began, waiting for other models included
+    inference_seconds: float  # its batch's session.run alone, timed in the inference thread
+    batch_size: int
+
+
 @dataclass
 class _Job:
     array: np.ndarray
-    future: asyncio.Future[tuple[np.ndarray, float, float, int]]
+    future: asyncio.Future[Inferred]
     enqueued: float
     deadline: float | None
 
@@ -148,8 +158,8 @@ class Batcher:
             return 1
         return max(1, math.ceil(self.pending / rate))
 
-    async def infer(self, arrays: list[np.ndarray], deadline: float | None) -> list[tuple[np.ndarray, float, float, int]]:
-        """Logits per image, with (queue wait s, inference s, batch size) for each."""
+    async def infer(self, arrays: list[np.ndarray], deadline: float | None) -> list[Inferred]:
+        """Logits per image, with its queue wait, inference time and batch size."""
         if self._closing:
             raise Overloaded("server is shutting down", headers={"Retry-After": "1"})
         if self.pending + len(arrays) > self.capacity:
@@ -203,9 +213,16 @@ class Batcher:
             return
         batch = np.stack([job.array for job in live])
         self.running = len(live)
-        start = time.monotonic()
+
+        def timed_run() -> tuple[np.ndarray, float, float]:
+            # Timed here, in the inference thread: time spent waiting for the lane (another
+            # model's batch) is queue time, not this model's inference time.
+            began = time.monotonic()
+            out = self._session.run(None, {self._input: batch})[0]
+            return out, began, time.monotonic() - began
+
         try:
-            logits = await self._lane.run(lambda: self._session.run(None, {self._input: batch})[0])
+            logits, start, elapsed = await self._lane.run(timed_run)
         except Exception as exc:  # an inference failure is ours, not the client's: surface as 500
             log.exception("inference failed on %s (batch of %d)", self.name, len(live))
             for job in live:
@@ -214,14 +231,13 @@ class Batcher:
             return
         finally:
             self.running = 0
-        elapsed = time.monotonic() - start
         self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
         self.stats.images_per_second.update(len(live) / max(elapsed, 1e-6))
         if self._on_batch:
             self._on_batch(len(live), elapsed)
         for job, row in zip(live, logits, strict=True):
             if not job.future.done():
-                job.future.set_result((row, start - job.enqueued, elapsed, len(live)))
+                job.future.set_result(Inferred(row, start - job.enqueued, elapsed, len(live)))
 
     async def close(self) -> None:
         """Stop admitting, finish everything queued, then stop the worker."""

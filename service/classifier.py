@@ -210,12 +210,12 @@ class Classifier:
                     f"inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
                 )
         results = await model.batcher.infer(arrays, deadline)
-        queue_s = max(r[1] for r in results)
-        inference_s = max(r[2] for r in results)
+        queue_s = max(r.queue_seconds for r in results)
+        inference_s = max(r.inference_seconds for r in results)
         self._metrics.queue_seconds.labels(name).observe(queue_s)
         self._metrics.images.labels(name).inc(len(results))
-        predictions = [calibrated(r[0], model.entry.temperature, model.entry.labels) for r in results]
+        predictions = [calibrated(r.logits, model.entry.temperature, model.entry.labels) for r in results]
         for p in predictions:
             self._metrics.confidence.labels(name).observe(p.confidence)
         timings = Timings((decoded - start) * 1000, queue_s * 1000, inference_s * 1000)
-        return _Run(predictions, timings, [r[3] for r in results])
+        return _Run(predictions, timings, [r.batch_size for r in results])

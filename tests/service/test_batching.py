@@ -58,8 +58,8 @@ async def _with_batcher(test: Any, max_wait_s: float, capacity: int = 64) -> Any
 def test_idle_lane_runs_at_once_instead_of_waiting_for_company() -> None:
     async def test(session: RecordingSession, batcher: Batcher) -> None:
         # max_wait is a minute: only the idle-lane rule can answer within the 10 s timeout.
-        [(row, _, _, size)] = await asyncio.wait_for(batcher.infer(images(7), None), timeout=10)
-        assert row[0] == 7 and size == 1
+        [result] = await asyncio.wait_for(batcher.infer(images(7), None), timeout=10)
+        assert result.logits[0] == 7 and result.batch_size == 1
 
     asyncio.run(_with_batcher(test, max_wait_s=60))
 
@@ -75,7 +75,7 @@ def test_requests_arriving_while_the_lane_is_busy_share_one_batch_in_order() -> 
         session.gate.set()
         results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
         assert session.batch_sizes == [1, 3]
-        assert [r[0][0][0] for r in results] == [1, 2, 3, 4]
+        assert [r[0].logits[0] for r in results] == [1, 2, 3, 4]
 
     asyncio.run(_with_batcher(test, max_wait_s=0.01))
 
@@ -94,3 +94,32 @@ def test_full_queue_is_refused_with_retry_after() -> None:
         await asyncio.wait_for(asyncio.gather(running, queued), timeout=10)
 
     asyncio.run(_with_batcher(test, max_wait_s=0.01, capacity=4))
+
+
+def test_waiting_for_another_models_batch_is_queue_time_not_inference_time() -> None:
+    async def test() -> None:
+        lane = InferenceLane()
+        held, quick = RecordingSession(), RecordingSession()
+        held.gate.clear()
+        other, mine = make_batcher(held, lane, 0.0), make_batcher(quick, lane, 0.0)
+        other.start()
+        mine.start()
+        try:
+            blocking = asyncio.create_task(other.infer(images(1), None))
+            await asyncio.to_thread(held.entered.wait, 10)  # the lane is now busy with `other`
+            answer = asyncio.create_task(mine.infer(images(2), None))
+            await asyncio.sleep(0.3)
+            held.gate.set()
+            (result,) = await asyncio.wait_for(answer, 10)
+            await blocking
+            # `mine` waited ~0.3 s for the lane: that is queue time; its own run took ~nothing.
+            assert result.inference_seconds < 0.1
+            assert result.queue_seconds >= 0.25
+            assert result.batch_size == 1 and result.logits[0] == 2
+        finally:
+            held.gate.set()
+            await other.close()
+            await mine.close()
+            lane.shutdown()
+
+    asyncio.run(test())
