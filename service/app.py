@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import InferenceLane
 from service.classifier import Answer, Classifier
-from service.errors import BadRequest, CatdogError, NotReady
+from service.errors import BadRequest, CatdogError, ModelUnavailable, NotReady
 from service.manifest import Manifest
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.middleware import RequestIdMiddleware
@@ -297,9 +297,10 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
     async def get_model(name: str, registry: Registry) -> ModelInfo:
         return _info(registry, registry.get(name).entry.name)
 
-    @app.get("/livez", response_model=Health)
-    @app.get("/v2/health/live", response_model=Health, include_in_schema=False)
-    async def livez() -> Health:
+    @app.get("/livez", response_model=Health, responses={503: ERRORS[503]})
+    @app.get("/v2/health/live", response_model=Health, responses={503: ERRORS[503]}, include_in_schema=False)
+    async def livez(state: State) -> Health:
+        _check_batchers(state)  # a crashed batcher never recovers in-process: let Kubernetes restart us
         return Health(status="alive")
 
     @app.get("/readyz", response_model=Health, responses={503: ERRORS[503]})
@@ -309,6 +310,7 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
             raise NotReady("shutting down")
         if not state.ready:
             raise NotReady("models are still loading")
+        _check_batchers(state)
         return Health(status="ready")
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -318,6 +320,12 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo_page() -> HTMLResponse:
         return HTMLResponse(files("service").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+
+def _check_batchers(state: AppState) -> None:
+    crashed = state.classifier.registry.crashed() if state.classifier is not None else []
+    if crashed:
+        raise ModelUnavailable(f"the batcher of {', '.join(crashed)} crashed (see the log); restart the process")
 
 
 def _info(registry: ModelRegistry, name: str) -> ModelInfo:

@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Batcher:
         self._closing = False
         self.running = 0  # images inside session.run right now
         self.stats = BatchStats()
+        self.failure: BaseException | None = None  # why the worker stopped, if it crashed
         self.fallback_seconds = fallback_seconds  # per image, from the manifest, until measured
         self._on_batch = on_batch
 
@@ -140,6 +141,29 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._supervise)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """A worker that stops without being closed has crashed: record why, fail what is queued
+        (rather than leave it hanging), and let readiness and liveness report it."""
+        if task.cancelled():
+            self.failure = RuntimeError("the batcher task was cancelled")
+        elif task.exception() is not None:
+            self.failure = task.exception()
+        elif not self._closing:
+            self.failure = RuntimeError("the batcher task returned unexpectedly")
+        if self.failure is None:
+            return
+        log.critical("batcher for %s crashed; its requests now fail with 503 until the process restarts",
+                     self.name, exc_info=self.failure)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(self._unavailable())
+
+    def _unavailable(self) -> ModelUnavailable:
+        return ModelUnavailable(f"model {self.name} is unavailable: its batcher crashed ({self.failure!r}); "
+                                "the server reports not live and should be restarted", headers={"Retry-After": "5"})
 
     def backlog_seconds(self) -> float:
         """Predicted time until a newly queued image would start running."""
@@ -160,6 +184,8 @@ class Batcher:
 
     async def infer(self, arrays: list[np.ndarray], deadline: float | None) -> list[Inferred]:
         """Logits per image, with its queue wait, inference time and batch size."""
+        if self.failure is not None:
+            raise self._unavailable()
         if self._closing:
             raise Overloaded("server is shutting down", headers={"Retry-After": "1"})
         if self.pending + len(arrays) > self.capacity:
@@ -243,5 +269,6 @@ class Batcher:
         """Stop admitting, finish everything queued, then stop the worker."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        if self._task is not None and not self._task.done():  # a crashed one was logged by _supervise
+            with contextlib.suppress(Exception):
+                await self._task

@@ -47,6 +47,12 @@ class Overloaded(CatdogError):
     status, code = 503, "overloaded"
 
 
+class ModelUnavailable(CatdogError):
+    """The model's batcher has crashed: its requests fail fast until the pod is restarted."""
+
+    status, code = 503, "model_unavailable"
+
+
 class NotReady(CatdogError):
     status, code = 503, "not_ready"
 

@@ -41,6 +41,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self.models)
 
+    def crashed(self) -> list[str]:
+        """Models whose batcher has stopped by accident: they can no longer answer."""
+        return [name for name, model in self.models.items() if model.batcher.failure is not None]
+
     def get(self, name: str | None) -> LoadedModel:
         key = name or self.default
         if key not in self.models:

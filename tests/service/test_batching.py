@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, InferenceLane
-from service.errors import Overloaded
+from service.errors import ModelUnavailable, Overloaded
 
 
 class RecordingSession:
@@ -123,3 +123,26 @@ def test_waiting_for_another_models_batch_is_queue_time_not_inference_time() -> 
             lane.shutdown()
 
     asyncio.run(test())
+
+
+def test_a_crashed_batcher_fails_its_requests_fast_and_reports_itself() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        session.gate.clear()
+        running = asyncio.create_task(batcher.infer(images(1), None))
+        await asyncio.to_thread(session.entered.wait, 10)
+        queued = asyncio.create_task(batcher.infer(images(2), None))
+        await asyncio.sleep(0.05)
+
+        def broken() -> float:
+            raise RuntimeError("bug outside the inference try")
+
+        batcher._batch_ready_at = broken  # type: ignore[method-assign]  # inject a crash in the loop
+        session.gate.set()
+        await asyncio.wait_for(running, 10)  # the batch in flight still completes
+        with pytest.raises(ModelUnavailable):
+            await asyncio.wait_for(queued, 10)  # the queued one fails instead of hanging
+        assert batcher.failure is not None and "bug outside" in str(batcher.failure)
+        with pytest.raises(ModelUnavailable):
+            await asyncio.wait_for(batcher.infer(images(3), None), 1)
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.0))

@@ -103,3 +103,26 @@ def test_missing_manifest_is_a_startup_failure(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "make models" in result.stderr
+
+
+def test_a_crashed_batcher_turns_liveness_and_readiness_false(tiny_models_dir: Path) -> None:
+    app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
+
+    async def scenario() -> tuple[int, int, int, int, str]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(200):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                before = (await client.get("/livez")).status_code
+                batcher = app.state.catdog.classifier.registry.get("fast").batcher
+                batcher._task.cancel()  # stands in for any crash of the worker task
+                await asyncio.sleep(0.05)
+                live, ready = (await client.get("/livez")).status_code, (await client.get("/readyz")).status_code
+                answer = await client.post("/classify?model=fast", content=images.jpeg(),
+                                           headers={"Content-Type": "image/jpeg"})
+                return before, live, ready, answer.status_code, answer.json()["error"]["code"]
+
+    assert asyncio.run(scenario()) == (200, 503, 503, 503, "model_unavailable")
