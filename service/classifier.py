@@ -7,6 +7,7 @@ floor) and `cascade` (small model first, large one only for the images the small
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from concurrent.futures import Executor
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batching import Window
-from service.errors import BadRequest, DeadlineExceeded, Unsatisfiable
+from service.errors import BadRequest, DeadlineExceeded, ModelUnavailable, Overloaded, Unsatisfiable
 from service.imaging import preprocess
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.selection import Candidate, choose_auto, needs_escalation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,13 +171,19 @@ class Classifier:
         answers = [ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}) for p in first.predictions]
         unsure = [i for i, p in enumerate(first.predictions) if needs_escalation(p.confidence, threshold)]
         timings, batch_sizes, models_run = first.timings, list(first.batch_sizes), [small.entry.name]
-        if unsure and deadline is not None and \
-                time.monotonic() + self.predicted_seconds(large, len(unsure)) > deadline:
-            for i in unsure:  # no time for the large model: say so instead of failing
+        second: _Run | None = None
+        if unsure and (deadline is None or time.monotonic() + self.predicted_seconds(large, len(unsure)) <= deadline):
+            try:
+                second = await self._run(large, [blobs[i] for i in unsure], deadline)
+            except (Overloaded, DeadlineExceeded, ModelUnavailable) as exc:
+                # The small model's answers are already paid for: return them marked degraded
+                # rather than throw them away with a 503/504.
+                log.info("cascade escalation to %s failed (%s); answering degraded", large.entry.name, exc.code)
+        if unsure and second is None:
+            for i in unsure:  # no time or no room for the large model: say so instead of failing
                 answers[i].degraded = True
             self._metrics.degraded.labels("cascade").inc()
-        elif unsure:
-            second = await self._run(large, [blobs[i] for i in unsure], deadline)
+        elif second is not None:
             timings.add(second.timings)
             batch_sizes += second.batch_sizes
             models_run.append(large.entry.name)

@@ -10,7 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.app import create_app
 from service.errors import Unsatisfiable
+from service.settings import Settings
 from service.selection import Candidate, choose_auto, needs_escalation
 from tests.conftest import Server, run_server
 from tests.service import images
@@ -184,3 +186,26 @@ def test_auto_that_only_the_deadline_rules_out_is_a_504_not_a_422(server: Server
     assert late.json()["error"]["code"] == "deadline_exceeded"
     # Constraints that no deadline could help stay a 422.
     assert post(server, images.jpeg(), model="auto", min_accuracy=0.99).status_code == 422
+
+
+def test_a_failed_escalation_returns_the_small_models_answers_degraded(tiny_models_dir: Path) -> None:
+    app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
+
+    async def scenario() -> tuple[int, dict[str, object]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(200):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                app.state.catdog.classifier.registry.get("slow").batcher.capacity = 0  # its queue is full
+                response = await client.post("/classify", params={"model": "cascade", "min_confidence": 1.0},
+                                             content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
+                return response.status_code, response.json()
+
+    status, body = asyncio.run(scenario())
+    assert status == 200, body
+    (result,) = body["results"]  # type: ignore[misc]
+    assert result["model"] == "fast" and result["degraded"] is True and result["escalated"] is False
+    assert body["selection"]["reason"] == "degraded"  # type: ignore[index]
