@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,12 +21,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.admission import AdmissionMiddleware
 from service.batching import InferenceLane
 from service.classifier import Answer, Classifier
-from service.errors import BadRequest, CatdogError, ModelUnavailable, NotReady
+from service.errors import BadRequest, CatdogError, ClientClosed, ModelUnavailable, NotReady
 from service.manifest import Manifest
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.middleware import RequestIdMiddleware
+from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.runtime import default_threads, resolve_providers
 from service.schemas import (
@@ -44,6 +46,7 @@ from service.settings import Settings
 from service.uploads import BodyLimitMiddleware, read_images
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -75,6 +78,17 @@ class AppState:
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self.inference = InferenceLane()
+
+    def model_label(self, name: str | None) -> str:
+        """A metric label for a requested model name: known names only, so labels stay few."""
+        if name in ("auto", "cascade"):
+            return name
+        registry = self.classifier.registry if self.classifier is not None else None
+        if registry is None:
+            return UNKNOWN_MODEL
+        if name is None:
+            return registry.default
+        return name if name in registry.models else UNKNOWN_MODEL
 
     def begin_draining(self) -> None:
         """SIGTERM: readiness goes false at once so load balancers stop sending new work."""
@@ -159,7 +173,11 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
     app = FastAPI(title="catdog-serve", version="0.1.0", lifespan=lifespan,
                   description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.")
     app.state.catdog = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added innermost first. Requests pass: ids -> counting -> admission -> body limits -> routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       idle_timeout_s=settings.body_timeout_s, min_bytes_per_s=settings.min_upload_bytes_per_s)
+    app.add_middleware(AdmissionMiddleware, max_in_progress=settings.max_concurrent_requests)
+    app.add_middleware(OutcomeMiddleware, requests=state.metrics.requests, label_of=state.model_label)
     app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too
     _install_error_handlers(app)
     _install_routes(app, settings.max_files)
@@ -172,22 +190,29 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    # Each handler records its code in request.state.outcome: OutcomeMiddleware counts it.
     @app.exception_handler(CatdogError)
-    async def catdog_error(_: Request, exc: CatdogError) -> JSONResponse:
+    async def catdog_error(request: Request, exc: CatdogError) -> JSONResponse:
+        request.state.outcome = exc.code
+        if isinstance(exc, ClientClosed):
+            log.debug("client closed the connection: %s", exc.message)
         return _error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.state.outcome = "invalid_parameter"
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(422, "invalid_parameter", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        request.state.outcome = code
         return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request.state.outcome = "internal_error"
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal_error", "internal server error; see the server log")
 
@@ -203,6 +228,29 @@ def _deadline(request: Request, timeout_ms: float | None, start: float) -> float
         if not 0 < budget <= 3_600_000:
             raise BadRequest("X-Deadline-Ms must be in (0, 3600000]")
     return start + budget / 1000 if budget is not None else None
+
+
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run the work while watching the connection: a client that leaves cancels its queued jobs
+    (they are dropped before they run) and the request ends as 499 client_closed."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, CatdogError):
+        await task
+    raise ClientClosed("the client closed the connection before the answer was ready")
+
+
+async def _disconnected(request: Request) -> None:
+    # Once the body has been read, the server's receive() returns only when the client leaves.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _shape(answer: Answer, device: str, version: str | None, request_id: str, top: int | None,
@@ -256,30 +304,23 @@ def _install_routes(app: FastAPI, max_files: int) -> None:
         min_confidence: Annotated[float | None, Query(ge=0, le=1, description="cascade: escalation threshold.")] = None,
     ) -> ClassifyResponse:
         start = time.monotonic()
-        label = UNKNOWN_MODEL
-        outcome_label, status = "error", 500
-        try:
-            deadline = _deadline(request, timeout_ms, start)
-            mode = model if model in ("auto", "cascade") else None
-            label = mode or classifier.registry.get(model).entry.name
-            blobs = await read_images(request, state.settings.max_files)
-            if mode == "auto":
-                answer = await classifier.auto(blobs, deadline, max_latency_ms, min_accuracy)
-            elif mode == "cascade":
-                answer = await classifier.cascade(blobs, deadline, cascade, min_confidence)
-            else:
-                answer = await classifier.direct(label, blobs, deadline)
-            total_ms = (time.monotonic() - start) * 1000
-            outcome_label, status = "ok", 200
-            state.metrics.request_seconds.labels(label).observe(total_ms / 1000)
-            primary = classifier.registry.get(answer.models_run[0])
-            version = primary.entry.version if answer.mode != "cascade" else None
-            return _shape(answer, primary.device, version, request.state.request_id, top, total_ms)
-        except CatdogError as exc:
-            outcome_label, status = exc.code, exc.status
-            raise
-        finally:
-            state.metrics.requests.labels(label, outcome_label, f"{status // 100}xx").inc()
+        deadline = _deadline(request, timeout_ms, start)
+        mode = model if model in ("auto", "cascade") else None
+        label = mode or classifier.registry.get(model).entry.name
+        request.state.model_label = label
+        blobs = await read_images(request, state.settings.max_files)
+        if mode == "auto":
+            work = classifier.auto(blobs, deadline, max_latency_ms, min_accuracy)
+        elif mode == "cascade":
+            work = classifier.cascade(blobs, deadline, cascade, min_confidence)
+        else:
+            work = classifier.direct(label, blobs, deadline)
+        answer = await unless_client_leaves(request, work)
+        total_ms = (time.monotonic() - start) * 1000
+        state.metrics.request_seconds.labels(label).observe(total_ms / 1000)
+        primary = classifier.registry.get(answer.models_run[0])
+        version = primary.entry.version if answer.mode != "cascade" else None
+        return _shape(answer, primary.device, version, request.state.request_id, top, total_ms)
 
     @app.get("/models", response_model=ModelList, responses={503: ERRORS[503]})
     async def list_models(registry: Registry) -> ModelList:

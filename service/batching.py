@@ -198,7 +198,15 @@ class Batcher:
         jobs = [_Job(a, loop.create_future(), now, deadline) for a in arrays]
         self._queue.extend(jobs)
         self._wakeup.set()
-        return list(await asyncio.gather(*(job.future for job in jobs)))
+        try:
+            return list(await asyncio.gather(*(job.future for job in jobs)))
+        except asyncio.CancelledError:
+            # The request was abandoned (client gone): free its queue places at once; a job already
+            # taken into a batch is skipped there because its future is done.
+            for job in jobs:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(job)
+            raise
 
     def _batch_ready_at(self) -> float:
         first = self._queue[0]

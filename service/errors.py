@@ -31,6 +31,18 @@ class ImageTooLarge(CatdogError):
     status, code = 413, "image_too_large"
 
 
+class RequestTimeout(CatdogError):
+    """The upload stalled or crawled: the connection is closed so it cannot hold memory longer."""
+
+    status, code = 408, "request_timeout"
+
+
+class ClientClosed(CatdogError):
+    """The client went away before the answer: nginx's 499, in logs and metrics; never sent."""
+
+    status, code = 499, "client_closed"
+
+
 class BadRequest(CatdogError):
     status, code = 400, "bad_request"
 

@@ -1,4 +1,4 @@
-"""Per-request plumbing as plain ASGI: request ids and the in-flight gauge.
+"""Per-request plumbing as plain ASGI: request ids, the in-flight gauge and outcome counting.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware (`@app.middleware("http")`), which runs
 the rest of the app in a separate task and wraps the response body in a stream: about a
@@ -8,9 +8,13 @@ millisecond per request on this kind of machine, more than the whole of this mid
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from urllib.parse import parse_qs
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.admission import is_classification
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _HEADER_KEY = REQUEST_ID_HEADER.lower().encode()
@@ -53,3 +57,46 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.in_flight.dec()
+
+
+class OutcomeMiddleware:
+    """Counts every classification response once, by the status it really had.
+
+    The one place outcomes are counted: rejections by middleware (413, 408, 503 before the body),
+    validation errors, errors from the core, clients that left (499) and unexpected failures
+    alike. The error code comes from scope["state"]["outcome"], set by whoever answered; the model
+    label from the route, or else from the query mapped onto the known names (a small fixed set).
+    """
+
+    def __init__(self, app: ASGIApp, requests: Counter, label_of: Callable[[str | None], str]) -> None:
+        self.app = app
+        self.requests = requests
+        self.label_of = label_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_classification(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        state = scope.setdefault("state", {})
+        try:
+            await self.app(scope, receive, capture)
+        except Exception:
+            state["outcome"] = "internal_error"
+            raise
+        finally:
+            model = state.get("model_label") or self.label_of(_query_model(scope))
+            outcome = state.get("outcome") or ("ok" if status < 400 else "internal_error")
+            self.requests.labels(model, outcome, f"{status // 100}xx").inc()
+
+
+def _query_model(scope: Scope) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
+    return values[0] if values else None

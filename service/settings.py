@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     (never past its deadline); when it is idle, a batch runs at once."""
     queue_size: int = Field(64, ge=1)
     """Images admitted per model before new requests get 503 with Retry-After."""
+    max_concurrent_requests: int = Field(32, ge=1, le=10_000)
+    """Classification requests handled at once; more get 503 with Retry-After before their body is
+    read. Probes, /metrics and /models are never limited."""
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Longest wait for the next piece of an upload's body (408, connection closed)."""
+    min_upload_bytes_per_s: int = Field(16_384, ge=0)
+    """Slowest average upload rate accepted once body_timeout_s has passed (408); 0 turns it off."""
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     """Request body cap (413), enforced while reading, chunked uploads included."""
     max_files: int = Field(16, ge=1, le=256)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 RAW_MEDIA_TYPES = frozenset(
     {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream"}
@@ -17,15 +19,20 @@ RAW_MEDIA_TYPES = frozenset(
 
 
 class BodyLimitMiddleware:
-    """413 before reading when Content-Length is too large; 413 mid-stream for chunked bodies.
+    """413 before reading when Content-Length is too large; 413 mid-stream for chunked bodies;
+    408 when the body stalls or crawls.
 
     Counting in `receive` means a chunked upload is stopped as soon as it passes the cap, instead
-    of being buffered whole first.
+    of being buffered whole first. The timeouts bound how long a slow client can hold the memory
+    its partial body already takes: without them 30 stalled 19 MB uploads held 573 MiB for ever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 10.0,
+                 min_bytes_per_s: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.min_bytes_per_s = min_bytes_per_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,35 +41,60 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _reject(send, 400, "bad_request", "Content-Length is not a number")
+                scope.setdefault("state", {})["outcome"] = "bad_request"
+                await reject(send, 400, "bad_request", "Content-Length is not a number")
                 return
             if int(declared) > self.max_bytes:
-                await _reject(send, 413, PayloadTooLarge.code, self._message(int(declared)))
+                scope.setdefault("state", {})["outcome"] = PayloadTooLarge.code
+                await reject(send, 413, PayloadTooLarge.code, self._message(int(declared)))
                 return
         received = 0
+        complete = False
+        started = time.monotonic()
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() only waits for a disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except TimeoutError:
+                raise RequestTimeout(f"no body data for {self.idle_timeout_s:g} s", headers=_CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                self._check_rate(received, time.monotonic() - started, complete)
                 if received > self.max_bytes:
                     # Connection: close makes the server end the connection after the 413 instead
                     # of reading and discarding the rest of an endless chunked body.
-                    raise PayloadTooLarge(self._message(received, at_least=True), headers={"Connection": "close"})
+                    raise PayloadTooLarge(self._message(received, at_least=True), headers=_CLOSE)
             return message
 
         await self.app(scope, limited, send)
+
+    def _check_rate(self, received: int, elapsed: float, complete: bool) -> None:
+        if complete or not self.min_bytes_per_s or elapsed <= self.idle_timeout_s:
+            return
+        if received / elapsed < self.min_bytes_per_s:
+            raise RequestTimeout(f"upload too slow: {received / elapsed:.0f} bytes/s after {elapsed:.0f} s; "
+                                 f"at least {self.min_bytes_per_s} bytes/s is needed", headers=_CLOSE)
 
     def _message(self, size: int, at_least: bool = False) -> str:
         return f"body is {'over ' if at_least else ''}{size} bytes; the limit is {self.max_bytes}"
 
 
-async def _reject(send: Send, status: int, code: str, message: str) -> None:
+# Connection: close makes the server end the connection after the answer instead of reading and
+# discarding the rest of a body nobody will use.
+_CLOSE = {"Connection": "close"}
+
+
+async def reject(send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """Answer from ASGI middleware, before the app (and before reading the body)."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                          (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    headers_: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close"),
+                           *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())]
+    await send({"type": "http.response.start", "status": status, "headers": headers_})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -72,6 +104,13 @@ def media_type(request: Request) -> str:
 
 async def read_images(request: Request, max_files: int) -> list[bytes]:
     """The uploaded images' bytes, in order: every multipart `file` field, or the raw body."""
+    try:
+        return await _read_images(request, max_files)
+    except ClientDisconnect:
+        raise ClientClosed("the client closed the connection during the upload") from None
+
+
+async def _read_images(request: Request, max_files: int) -> list[bytes]:
     kind = media_type(request)
     if kind == "multipart/form-data":
         form = await request.form(max_files=max_files, max_fields=max_files)

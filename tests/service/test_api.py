@@ -219,7 +219,7 @@ async def _burst(url: str, n: int, **params: str) -> list[httpx.Response]:
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_models_dir: Path, tmp_path: Path) -> None:
-    with run_server(tiny_models_dir, tmp_path, queue_size="4", max_batch_size="2") as live:
+    with run_server(tiny_models_dir, tmp_path, queue_size="4", max_batch_size="2", max_files="4") as live:
         responses = asyncio.run(_burst(live.url, 40, model="slow"))
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}

@@ -1,0 +1,38 @@
+"""Admission before work: a cap on classification requests in progress, decided before any of the
+body is read, so excess load is shed with a fast 503 instead of queueing invisibly in the event
+loop and the decode pool (an open-loop 2x overload used to be answered 200 after 25 s p50)."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import Overloaded
+from service.uploads import reject
+
+
+def is_classification(path: str) -> bool:
+    """The routes that do inference work; probes, /metrics and /models never count or wait."""
+    return path == "/classify" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, max_in_progress: int) -> None:
+        self.app = app
+        self.max_in_progress = max_in_progress
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_classification(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_in_progress:
+            scope.setdefault("state", {})["outcome"] = Overloaded.code
+            await reject(send, Overloaded.status, Overloaded.code,
+                         f"{self.in_progress} classification requests are in progress, the most this server "
+                         "takes at once; retry later", {"Retry-After": "1"})
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

@@ -1,0 +1,143 @@
+"""Hostile and overloaded clients: work admitted before it is done, every wait bounded, abandoned
+work cancelled, and every response counted by what it really was."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Server, run_server
+from tests.service import images
+
+
+@pytest.fixture(scope="module")
+def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(slower_models_dir, tmp_path_factory.mktemp("overload"), max_concurrent_requests="2",
+                    body_timeout_s="1.0", max_batch_size="1") as live:
+        yield live
+
+
+def requests_total(server: Server) -> dict[tuple[str, str, str], float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {(s.labels["model"], s.labels["outcome"], s.labels["status_class"]): s.value
+            for family in text_string_to_metric_families(text) if family.name == "catdog_requests"
+            for s in family.samples if s.name == "catdog_requests_total"}
+
+
+def connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_head(sock: socket.socket) -> str:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received.split(b"\r\n\r\n")[0].decode().lower()
+
+
+def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
+    """Several images on the slow model (batch size 1 here): busy for a second or more."""
+    files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(n_images)]
+    response = httpx.post(f"{server.url}/classify", params={"model": "slow"}, files=files, timeout=60)
+    results.append(response.status_code)
+
+
+def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -> None:
+    results: list[int] = []
+    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.2)  # both admitted and working
+    with connect(server) as sock:
+        # Announce a body and send none of it: only a refusal that does not read it can answer.
+        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 1000000\r\n\r\n")
+        head = read_head(sock)
+    # 503, not the 408 that waiting for the body would end in: the refusal did not read it.
+    assert head.startswith("http/1.1 503"), head
+    assert "retry-after:" in head
+    for thread in busy:
+        thread.join()
+    assert results == [200, 200]
+    assert requests_total(server)[("slow", "overloaded", "5xx")] >= 1
+    # Probes and metrics are never limited.
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_a_stalled_upload_is_timed_out_with_408(server: Server) -> None:
+    before = requests_total(server).get(("slow", "request_timeout", "4xx"), 0)
+    with connect(server) as sock:
+        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b"\xff" * 100)
+        started = time.monotonic()
+        head = read_head(sock)
+        waited = time.monotonic() - started
+    assert head.startswith("http/1.1 408"), head
+    assert "connection: close" in head
+    assert 0.8 < waited < 5
+    assert requests_total(server)[("slow", "request_timeout", "4xx")] == before + 1
+
+
+def test_rejections_are_counted_by_their_real_status(server: Server) -> None:
+    before = requests_total(server)
+    assert httpx.post(f"{server.url}/classify", params={"model": "slow", "top": 0}, content=images.jpeg(),
+                      headers={"Content-Type": "image/jpeg"}).status_code == 422
+    assert httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=b"x" * 21_000_000,
+                      headers={"Content-Type": "image/jpeg"}).status_code == 413
+    assert httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=b"not an image",
+                      headers={"Content-Type": "image/jpeg"}).status_code == 415
+    after = requests_total(server)
+    for key in [("slow", "invalid_parameter", "4xx"), ("slow", "payload_too_large", "4xx"),
+                ("slow", "invalid_image", "4xx")]:
+        assert after.get(key, 0) == before.get(key, 0) + 1, key
+
+
+def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> None:
+    results: list[int] = []
+    busy = threading.Thread(target=slow_request, args=(server, results, 4))
+    busy.start()
+    time.sleep(0.2)
+    before = requests_total(server).get(("slow", "client_closed", "4xx"), 0)
+    images_before = _counter(server, "catdog_images_total", "slow")
+    blob = images.jpeg()
+    with connect(server) as sock:
+        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob))
+        time.sleep(0.1)  # admitted and queued behind the busy request
+    busy.join()
+    time.sleep(1.0)
+    assert results == [200]
+    assert requests_total(server)[("slow", "client_closed", "4xx")] == before + 1
+    # Only the busy request's images ran: the abandoned one was cancelled, not classified.
+    assert _counter(server, "catdog_images_total", "slow") == images_before + 4
+    assert "ERROR" not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -> None:
+    before = requests_total(server)
+    with connect(server) as sock:
+        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000)
+        time.sleep(0.1)
+    time.sleep(0.3)
+    after = requests_total(server)
+    new = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert new == {("slow", "client_closed", "4xx"): 1}
+    assert "ERROR" not in server.log() and "Traceback" not in server.log()
+
+
+def _counter(server: Server, name: str, model: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and s.labels.get("model") == model)
