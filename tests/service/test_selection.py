@@ -12,8 +12,8 @@ from PIL import Image
 
 from service.app import create_app
 from service.errors import Unsatisfiable
-from service.settings import Settings
 from service.selection import Candidate, choose_auto, needs_escalation
+from service.settings import Settings
 from tests.conftest import Server, run_server
 from tests.service import images
 
