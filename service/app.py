@@ -25,6 +25,7 @@ from service.admission import AdmissionMiddleware
 from service.batching import InferenceLane
 from service.classifier import Answer, Classifier
 from service.errors import BadRequest, CatdogError, ClientClosed, ModelUnavailable, NotReady
+from service.imaging import DecodeLimits
 from service.manifest import Manifest
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
@@ -128,7 +129,8 @@ async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], pro
         on_fatal()
         return
     registry.start()
-    state.classifier = Classifier(registry, state.decode_pool, state.metrics, state.settings.max_pixels,
+    limits = DecodeLimits(state.settings.max_pixels, state.settings.max_decode_bytes)
+    state.classifier = Classifier(registry, state.decode_pool, state.metrics, limits,
                                   state.settings.decode_threads)
     state.ready = not state.draining
     state.metrics.ready.set(1 if state.ready else 0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.batching import Window
 from service.errors import BadRequest, DeadlineExceeded, ModelUnavailable, Overloaded, Unsatisfiable
-from service.imaging import preprocess
+from service.imaging import DecodeLimits, preprocess
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.selection import Candidate, choose_auto, needs_escalation
@@ -81,12 +81,12 @@ def calibrated(logits: np.ndarray, temperature: float, labels: list[str]) -> Pre
 
 
 class Classifier:
-    def __init__(self, registry: ModelRegistry, decode_executor: Executor, metrics: Metrics, max_pixels: int,
+    def __init__(self, registry: ModelRegistry, decode_executor: Executor, metrics: Metrics, limits: DecodeLimits,
                  decode_threads: int) -> None:
         self.registry = registry
         self._decode_executor = decode_executor
         self._metrics = metrics
-        self._max_pixels = max_pixels
+        self._limits = limits
         self._decode_threads = decode_threads
         self._decode_seconds = {name: Window() for name in registry.names()}  # per image
 
@@ -205,7 +205,7 @@ class Classifier:
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         arrays = list(await asyncio.gather(*(
-            loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._max_pixels)
+            loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._limits)
             for blob in blobs
         )))
         decoded = time.monotonic()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     """Most images in one multipart request."""
     max_pixels: int = Field(50_000_000, ge=1)
     """Decoded image size cap (413); Pillow's decompression-bomb guard is raised to an error."""
+    max_decode_bytes: int = Field(200 * 1024 * 1024, ge=1024 * 1024)
+    """Peak memory one image may take to decode, estimated from its header (413 above it): pixels
+    times the bytes per pixel its mode needs (4 for RGB, 5 for 16-bit grey; JPEGs at draft scale)."""
     decode_threads: int = Field(2, ge=1, le=64)
     """Thread pool size for image decoding (off the event loop)."""
     drain_timeout_s: float = Field(20.0, gt=0)

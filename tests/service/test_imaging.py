@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.imaging import decode, preprocess
+from service.imaging import DecodeLimits, decode, decode_cost_bytes, preprocess
 from tests.service import images
 
 SIZE = (32, 32)
@@ -65,7 +65,7 @@ def test_pixel_cap_is_a_size_error_before_decoding() -> None:
     with pytest.raises(ImageTooLarge, match="too many pixels"):
         decode(images.png_header_only(30_000, 30_000), SIZE)
     with pytest.raises(ImageTooLarge):
-        decode(images.jpeg(200, 200), SIZE, max_pixels=100 * 100)
+        decode(images.jpeg(200, 200), SIZE, DecodeLimits(max_pixels=100 * 100))
 
 
 def test_large_jpeg_is_drafted_but_still_covers_the_target() -> None:
@@ -97,3 +97,24 @@ def test_multi_picture_jpeg_is_drafted_too() -> None:
     assert Image.open(io.BytesIO(mpo)).format == "MPO"
     image = decode(mpo, (299, 299))
     assert 299 <= image.size[0] < 4000  # decoded at a reduced DCT scale, like a plain JPEG
+
+
+def test_decode_cost_in_bytes_is_refused_from_the_header() -> None:
+    # 16-bit grey: 2 bytes a pixel in Pillow plus the integer scaling's copies, 5 in all.
+    blob = images.sixteen_bit_png()  # 64x64
+    assert decode_cost_bytes("I;16", (64, 64)) == 64 * 64 * 5
+    with pytest.raises(ImageTooLarge, match="bytes"):
+        decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 5 - 1))
+    assert decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 5)).mode == "RGB"
+
+
+def test_a_large_jpeg_is_costed_at_its_draft_scale() -> None:
+    big = images.jpeg(4000, 3000)  # 48 MB as full-size RGB, a sixteenth of that drafted to 1/4
+    assert decode(big, (299, 299), DecodeLimits(max_bytes=4000 * 3000 * 4 // 8)).size[0] >= 299
+
+
+def test_large_images_are_shrunk_before_full_size_conversions() -> None:
+    rgba = Image.new("RGBA", (1000, 800), (10, 200, 30, 255))
+    image = decode(images.encode(rgba, "PNG"), (100, 100))
+    assert image.size == (125, 100)  # reduced by 8, still covering the target
+    assert image.getpixel((50, 50)) == (10, 200, 30)
