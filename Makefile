@@ -13,7 +13,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov image smoke-test bench soak train clean
+.PHONY: install models verify report serve test lint checkov image smoke-test bench soak hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,10 @@ smoke-test:
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)
+
+# Peak memory under the worst uploads the limits admit, against the Deployment's memory limit.
+hostile-memory: models
+	$(PY) -m bench.hostile_memory --models-dir $(MODELS_DIR)
 
 # Memory under 10 minutes of mixed load (RSS plot in bench/results/soak_rss.png).
 soak: models

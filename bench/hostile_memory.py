@@ -1,0 +1,144 @@
+"""`make hostile-memory`: the server's peak memory under the worst uploads its limits admit.
+
+Every model loaded, default settings. Worst cases are built at the decode caps (16-bit grey, RGBA
+and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and CATDOG_MAX_DECODE_BYTES allow for
+each mode), sent one at a time and then 8 at once; then 30 uploads that each send 19 MB of a
+declared 20 MB and stall. The figure that matters is the server's high-water RSS (VmHWM) against
+the Deployment's memory limit, which must keep 20 % headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from PIL import Image
+
+from bench.load import ROOT, server
+from service.imaging import decode_cost_bytes
+from service.settings import Settings
+
+PORT = 18431
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def deployment_memory_limit_mib() -> float:
+    deployment = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
+    limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    return float(limit.removesuffix("Mi"))
+
+
+def kib_field(pid: int, name: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {name} for pid {pid}")
+
+
+def side_at_caps(mode: str, settings: Settings) -> int:
+    """The largest square image of `mode` that both caps admit."""
+    side = int((settings.max_pixels) ** 0.5)
+    while decode_cost_bytes(mode, (side, side)) > settings.max_decode_bytes:
+        side -= 16
+    return side
+
+
+def worst_cases(settings: Settings) -> dict[str, bytes]:
+    cases = {}
+    for name, mode, value, fmt, options in [
+        ("16-bit grey PNG", "I;16", 40000, "PNG", {}),
+        ("RGBA PNG", "RGBA", (200, 120, 40, 128), "PNG", {}),
+        ("RGB PNG", "RGB", (200, 120, 40), "PNG", {}),
+        ("32-bit grey TIFF", "I", 3_000_000, "TIFF", {"compression": "tiff_deflate"}),
+    ]:
+        side = side_at_caps(mode, settings)
+        buffer = io.BytesIO()
+        Image.new(mode, (side, side), value).save(buffer, fmt, **options)
+        cases[f"{name} {side}x{side}"] = buffer.getvalue()
+    return cases
+
+
+def post(blob: bytes, model: str) -> int:
+    response = httpx.post(f"{URL}/classify", params={"model": model}, content=blob,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=300)
+    return response.status_code
+
+
+def stalled_uploads(n: int, sent: int, declared: int, hold_s: float) -> list[str]:
+    """n connections that send `sent` of `declared` body bytes and then stop; what each got back."""
+    sockets = []
+    chunk = b"\x00" * 65536
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", PORT), timeout=hold_s + 30)
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % declared)
+        left = sent
+        while left > 0:
+            left -= sock.send(chunk[:min(left, len(chunk))])
+        sockets.append(sock)
+    time.sleep(hold_s)
+    answers = []
+    for sock in sockets:
+        try:
+            answers.append(sock.recv(64).split(b"\r\n")[0].decode())
+        except OSError as exc:
+            answers.append(type(exc).__name__)
+        sock.close()
+    return answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="xception", help="the model the uploads ask for")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile_memory.json")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    limit = deployment_memory_limit_mib()
+    print("building worst-case images at the caps ...", flush=True)
+    cases = worst_cases(settings)
+    rows: list[dict[str, Any]] = []
+    env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
+    command = [sys.executable, "-m", "service", "--port", str(PORT)]
+    with server(command, env, f"{URL}/readyz", args.out.with_suffix(".log")) as process:
+        def record(case: str, statuses: list[int | str]) -> None:
+            rows.append({"case": case, "statuses": sorted({str(s) for s in statuses}),
+                         "peak_rss_mib": round(kib_field(process.pid, "VmHWM"), 1),
+                         "rss_now_mib": round(kib_field(process.pid, "VmRSS"), 1)})
+            print(f"{case:<44} statuses {rows[-1]['statuses']}  peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
+                  flush=True)
+
+        record("idle, every model loaded and warm", [])
+        for name, blob in cases.items():
+            record(f"{name} ({len(blob) / 1e6:.1f} MB), one", [post(blob, args.model)])
+        for name, blob in cases.items():
+            with ThreadPoolExecutor(8) as pool:
+                record(f"{name}, 8 at once", list(pool.map(lambda b: post(b, args.model), [blob] * 8)))
+        declared = settings.max_body_bytes
+        answers = stalled_uploads(30, 19_000_000, declared, settings.body_timeout_s + 3)
+        record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
+        threading.Event().wait(0.5)
+    peak = max(r["peak_rss_mib"] for r in rows)
+    verdict = "within" if peak <= 0.8 * limit else "OVER"
+    summary = {"deployment_limit_mib": limit, "peak_rss_mib": peak, "headroom": round(1 - peak / limit, 3),
+               "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\npeak RSS {peak:.0f} MiB against the Deployment's {limit:.0f} MiB limit: {100 * (1 - peak / limit):.0f} % "
+          f"headroom ({verdict} the 20 % the limit keeps); written to {args.out}")
+    return 0 if verdict == "within" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

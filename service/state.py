@@ -1,0 +1,74 @@
+"""What the routes share: the app's state, built by the lifespan, and the dependencies that reach it."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.batching import InferenceLane
+from service.classifier import Classifier
+from service.errors import NotReady
+from service.metrics import UNKNOWN_MODEL, Metrics
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything the routes need, built by the lifespan and reachable from each request."""
+
+    settings: Settings
+    metrics: Metrics
+    classifier: Classifier | None = None  # set once the models are loaded and warm
+    ready: bool = False
+    draining: bool = False
+    decode_pool: ThreadPoolExecutor = field(init=False)
+    inference: InferenceLane = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self.inference = InferenceLane()
+
+    def model_label(self, name: str | None) -> str:
+        """A metric label for a requested model name: known names only, so labels stay few."""
+        if name in ("auto", "cascade"):
+            return name
+        registry = self.classifier.registry if self.classifier is not None else None
+        if registry is None:
+            return UNKNOWN_MODEL
+        if name is None:
+            return registry.default
+        return name if name in registry.models else UNKNOWN_MODEL
+
+    def begin_draining(self) -> None:
+        """SIGTERM: readiness goes false at once so load balancers stop sending new work."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.catdog
+    return state
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return get_classifier(request).registry
+
+
+def get_classifier(request: Request) -> Classifier:
+    state = get_state(request)
+    if state.classifier is None or not state.ready:
+        raise NotReady("models are not loaded yet", headers={"Retry-After": "5"})
+    return state.classifier
+
+
+State = Annotated[AppState, Depends(get_state)]
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
+Core = Annotated[Classifier, Depends(get_classifier)]
+
