@@ -41,9 +41,9 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     chosen_tuned = False
     if cfg.finetune:
         bottleneck_weights = backbones.top_weights(model, include_top_block=True)
-        second = stage2(model, backbone, train, val, cfg)
+        second = stage2(model, backbone, train, val, cfg, spec.name)
         results.append(second)
-        chosen_tuned = second.val_log_loss < first.val_log_loss and second.no_worse_anywhere(first)
+        chosen_tuned = second.improves_on(first)
         if not chosen_tuned:
             backbones.apply_weights(model, bottleneck_weights)
     # Evaluate and calibrate what will actually be committed: the fp16-rounded weights.
