@@ -13,7 +13,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov image smoke-test bench soak hostile-memory train clean
+.PHONY: install models verify report serve test lint checkov image smoke-test bench soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,11 @@ smoke-test:
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)
+
+# Open-loop overload (Locust in its own process) at 1x/2x/3x the capacity measured in the same run.
+overload: models
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.overload --models-dir $(MODELS_DIR)
 
 # Peak memory under the worst uploads the limits admit, against the Deployment's memory limit.
 hostile-memory: models

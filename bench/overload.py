@@ -1,0 +1,129 @@
+"""`make overload`: open-loop overload at 1x, 2x and 3x the capacity measured in the same run.
+
+The server runs with its default settings and every model loaded. Capacity is the closed-loop
+throughput (wrk, 8 connections) on the model; Locust (its own process, bench/open_loop_locustfile.py)
+then offers 1x, 2x and 3x that rate for 30 s each. Reported per point: offered and achieved rate,
+answered 200, shed 503, any other status, goodput, p50/p99 of admitted and of shed answers, and
+whether every 503 carried Retry-After. The aims: at 3x, admitted p99 <= 2 s, shed answered within
+100 ms p99, goodput >= 85 % of the 1x capacity, nothing but 200 and 503, no connection errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.images import write_bench_images
+from bench.load import ROOT, server, wrk
+
+PORT = 18432
+URL = f"http://127.0.0.1:{PORT}"
+LOCUSTFILE = Path(__file__).with_name("open_loop_locustfile.py")
+LONGEST_ACCEPTED_S = 2.5  # the pace is at least this, so answers within it keep the loop open
+
+
+def offer(model: str, image: Path, rate: float, seconds: int) -> list[tuple[float, int, float, bool]]:
+    users = max(1, math.ceil(rate * LONGEST_ACCEPTED_S))
+    pace = users / rate
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        env = {**os.environ, "OVERLOAD_IMAGE": str(image), "OVERLOAD_MODEL": model,
+               "OVERLOAD_PACING_S": str(pace), "OVERLOAD_OUT": str(out)}
+        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", URL,
+                   "-u", str(users), "-r", str(users / pace), "-t", f"{seconds + pace:.0f}s", "--only-summary",
+                   "--stop-timeout", "30", "--loglevel", "WARNING"]
+        subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
+        records = json.loads(out.read_text())
+    start = min(r[0] for r in records) + pace  # after the spawn ramp
+    return [r for r in records if start <= r[0] < start + seconds]
+
+
+def summarise(records: list[tuple[float, int, float, bool]], seconds: int, target: float) -> dict[str, Any]:
+    statuses = np.array([r[1] for r in records])
+    ms = np.array([r[2] for r in records])
+    ok, shed = statuses == 200, statuses == 503
+
+    def pct(mask: np.ndarray, q: float) -> float | None:
+        return round(float(np.percentile(ms[mask], q)), 1) if mask.any() else None
+
+    return {
+        "target_rps": round(target, 1), "offered_rps": round(len(records) / seconds, 1),
+        "answered_200": int(ok.sum()), "shed_503": int(shed.sum()),
+        "other": {str(s): int((statuses == s).sum()) for s in set(statuses.tolist()) - {200, 503}},
+        "goodput_rps": round(float(ok.sum()) / seconds, 1),
+        "admitted_p50_ms": pct(ok, 50), "admitted_p99_ms": pct(ok, 99),
+        "shed_p50_ms": pct(shed, 50), "shed_p99_ms": pct(shed, 99),
+        "shed_with_retry_after": all(r[3] for r in records if r[1] == 503),
+    }
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for model, points in results.items():
+        x = [p["offered_rps"] / points[0]["capacity_rps"] for p in points]
+        axes[0].plot(x, [p["goodput_rps"] / points[0]["capacity_rps"] for p in points], "o-", label=model)
+        axes[1].plot(x, [p["admitted_p99_ms"] or 0 for p in points], "o-", label=f"{model} admitted")
+        axes[1].plot(x, [p["shed_p99_ms"] or 0 for p in points], "x--", label=f"{model} shed (503)")
+    axes[0].axhline(0.85, color="grey", ls=":", lw=1)
+    axes[0].set(xlabel="offered load / measured capacity", ylabel="goodput / capacity", ylim=(0, 1.2),
+                title="goodput under open-loop overload")
+    axes[1].axhline(2000, color="grey", ls=":", lw=1)
+    axes[1].set(xlabel="offered load / measured capacity", ylabel="p99 ms", yscale="log", title="p99 latency")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--models", nargs="+", default=["mobilenet", "xception"])
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--multiples", nargs="+", type=float, default=[1.0, 2.0, 3.0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "overload.png")
+    args = parser.parse_args(argv)
+    image = write_bench_images(args.out.parent)["small"]
+    results: dict[str, list[dict[str, Any]]] = {}
+    env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
+    with server([sys.executable, "-m", "service", "--port", str(PORT)], env, f"{URL}/readyz",
+                args.out.with_suffix(".log")):
+        for model in args.models:
+            capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["requests_per_s"]
+            print(f"{model}: closed-loop capacity {capacity} req/s (wrk, 8 connections, 10 s)", flush=True)
+            results[model] = []
+            for multiple in args.multiples:
+                time.sleep(2)  # let the queues drain between points
+                point = summarise(offer(model, image, capacity * multiple, args.seconds), args.seconds,
+                                  capacity * multiple)
+                point.update(model=model, multiple=multiple, capacity_rps=capacity)
+                results[model].append(point)
+                print(json.dumps(point), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.plot)
+    print(f"written to {args.out} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
