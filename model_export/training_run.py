@@ -37,15 +37,18 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
                               cache_dir, f"{spec.name} train", aug=cfg.augmentation)
     val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
     model, first = stage1(backbone, train, val, cfg, len(LABELS))
-    results = [first]
-    chosen_tuned = False
-    if cfg.finetune:
-        bottleneck_weights = backbones.top_weights(model, include_top_block=True)
-        second = stage2(model, backbone, train, val, cfg, spec.name)
-        results.append(second)
-        chosen_tuned = second.improves_on(first)
-        if not chosen_tuned:
-            backbones.apply_weights(model, bottleneck_weights)
+    results, best = [first], first
+    best_weights = bottleneck_weights = backbones.top_weights(model, include_top_block=True)
+    for rate, epochs in cfg.finetune_grid[spec.name] if cfg.finetune else ():
+        backbones.apply_weights(model, bottleneck_weights)
+        tuned = stage2(model, backbone, train, val, cfg, rate, epochs)
+        results.append(tuned)
+        log.info("%s %s: val accuracy %.4f %s, log loss %.4f", spec.name, tuned.stage, tuned.val_accuracy,
+                 tuned.val_accuracy_by_source, tuned.val_log_loss)
+        if tuned.improves_on(best):
+            best, best_weights = tuned, backbones.top_weights(model, include_top_block=True)
+    chosen_tuned = best is not first
+    backbones.apply_weights(model, best_weights)
     # Evaluate and calibrate what will actually be committed: the fp16-rounded weights.
     committed = round_trip_fp16(backbones.top_weights(model, include_top_block=chosen_tuned))
     backbones.apply_weights(model, committed)
@@ -54,7 +57,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     # `build --calibrate` on the exported ONNX model's validation logits.
     logits = model.predict(val.activations, batch_size=128, verbose=0)
     raw = quality(logits, val.labels, 1.0)
-    log.info("%s: chose %s, val %s", spec.name, "fine-tuned" if chosen_tuned else "bottleneck", raw)
+    log.info("%s: chose %s, val %s", spec.name, best.stage, raw)
     return {
         "family": spec.family,
         "input_size": spec.input_size,
@@ -63,6 +66,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
         "source": artifact.key,
         "source_digest": artifact.digest,
         "stages": [r.__dict__ for r in results],
+        "chosen_stage": best.stage,
         "fine_tuned": chosen_tuned,
         "temperature": None,
         "val_accuracy": raw.accuracy,
