@@ -171,6 +171,11 @@ class Batcher:
         batches = math.ceil(waiting / self.max_batch)
         return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
 
+    def inference_seconds(self, n_images: int) -> float:
+        """Predicted session.run time for n images of one request, in batches of max_batch."""
+        batches = math.ceil(n_images / self.max_batch)
+        return batches * self.stats.seconds_for(min(n_images, self.max_batch), self.fallback_seconds)
+
     def next_batch_seconds(self) -> float:
         """Predicted run time of the batch this model will run next (0 when idle)."""
         waiting = self.pending + self.running
@@ -199,7 +204,17 @@ class Batcher:
         self._queue.extend(jobs)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(job.future for job in jobs)))
+            results = asyncio.gather(*(job.future for job in jobs))
+            if deadline is None:
+                return list(await results)
+            # Bounded: a batch already running past the deadline is not waited for.
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                return list(await results)
+        except TimeoutError:
+            for job in jobs:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(job)
+            raise DeadlineExceeded("deadline passed before the answer was ready") from None
         except asyncio.CancelledError:
             # The request was abandoned (client gone): free its queue places at once; a job already
             # taken into a batch is skipped there because its future is done.
@@ -239,8 +254,8 @@ class Batcher:
         for job in jobs:
             if job.future.done():
                 continue  # the client went away
-            if job.deadline is not None and job.deadline <= now:
-                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            if job.deadline is not None and job.deadline <= now + self.stats.seconds_for(1, self.fallback_seconds):
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued (or too near to run)"))
             else:
                 live.append(job)
         if not live:

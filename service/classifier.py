@@ -96,9 +96,7 @@ class Classifier:
         """Decode + wait for the shared inference thread + this model's own inference."""
         decode = (self._decode_seconds[model.entry.name].value or 0.0) * math.ceil(n_images / self._decode_threads)
         batcher = model.batcher
-        batches = math.ceil(n_images / batcher.max_batch)
-        inference = batches * batcher.stats.seconds_for(min(n_images, batcher.max_batch), batcher.fallback_seconds)
-        return decode + self.registry.backlog_seconds(model) + inference
+        return decode + self.registry.backlog_seconds(model) + batcher.inference_seconds(n_images)
 
     # -- the three modes -----------------------------------------------------------------------
 
@@ -212,7 +210,8 @@ class Classifier:
         self._metrics.decode_seconds.labels(name).observe(decoded - start)
         self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
         if deadline is not None:
-            predicted = self.registry.backlog_seconds(model) + model.batcher.stats.seconds_for(1, model.batcher.fallback_seconds)
+            # The wait for the lane plus this request's own images, all of them, not just one.
+            predicted = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
             if decoded + predicted > deadline:
                 raise DeadlineExceeded(
                     f"deadline cannot be met by {name}: about {predicted * 1000:.1f} ms of queue and "

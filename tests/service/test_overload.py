@@ -141,3 +141,21 @@ def _counter(server: Server, name: str, model: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if s.name == name and s.labels.get("model") == model)
+
+
+def test_a_deadline_covers_all_of_the_requests_images(server: Server) -> None:
+    # One image on the slow model (batch size 1 here) takes about `single` seconds; eight take
+    # about eight times that. A deadline of three singles fits one image but never eight: the
+    # request must be refused at once with 504, not answered 200 long after its deadline.
+    one = httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=images.jpeg(),
+                     headers={"Content-Type": "image/jpeg"}, timeout=60)
+    single_ms = one.json()["timings_ms"]["inference"]
+    deadline_ms = max(30.0, 3 * single_ms)
+    files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(8)]
+    late = httpx.post(f"{server.url}/classify", params={"model": "slow"}, files=files, timeout=60,
+                      headers={"X-Deadline-Ms": str(deadline_ms)})
+    assert late.status_code == 504, (late.status_code, late.text[:300], single_ms)
+    assert late.json()["error"]["code"] == "deadline_exceeded"
+    # Refused on the prediction for its own eight images, before queueing any of them (not
+    # "deadline passed while queued" after holding a place in the queue until it expired).
+    assert "cannot be met" in late.json()["error"]["message"], late.text
