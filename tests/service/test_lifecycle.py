@@ -38,10 +38,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: P
         results: list[int] = []
 
         def client() -> None:
-            blob = images.jpeg()
+            # Three images a request keep every request in flight long enough for all twelve to
+            # arrive before SIGTERM, also on a busy machine.
+            files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(3)]
             with httpx.Client(timeout=60) as http:
-                response = http.post(f"{live.url}/classify?model=slow", content=blob,
-                                     headers={"Content-Type": "image/jpeg"})
+                response = http.post(f"{live.url}/classify?model=slow", files=files)
                 results.append(response.status_code)
 
         threads = [threading.Thread(target=client) for _ in range(12)]
