@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -46,10 +47,10 @@ def kib_field(pid: int, name: str) -> float:
     raise RuntimeError(f"no {name} for pid {pid}")
 
 
-def side_at_caps(mode: str, settings: Settings) -> int:
+def side_at_caps(mode: str, fmt: str, settings: Settings) -> int:
     """The largest square image of `mode` that both caps admit."""
     side = int((settings.max_pixels) ** 0.5)
-    while decode_cost_bytes(mode, (side, side)) > settings.max_decode_bytes:
+    while decode_cost_bytes(mode, (side, side), fmt) > settings.max_decode_bytes:
         side -= 16
     return side
 
@@ -62,11 +63,47 @@ def worst_cases(settings: Settings) -> dict[str, bytes]:
         ("RGB PNG", "RGB", (200, 120, 40), "PNG", {}),
         ("32-bit grey TIFF", "I", 3_000_000, "TIFF", {"compression": "tiff_deflate"}),
     ]:
-        side = side_at_caps(mode, settings)
+        side = side_at_caps(mode, fmt, settings)
         buffer = io.BytesIO()
         Image.new(mode, (side, side), value).save(buffer, fmt, **options)
         cases[f"{name} {side}x{side}"] = buffer.getvalue()
     return cases
+
+
+_PROBE = r"""
+import io, sys
+from PIL import Image
+from service.imaging import DecodeLimits, decode, decode_cost_bytes
+mode, fmt, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+value = {"I;16": 40000, "I": 3000000, "L": 100, "P": 3, "1": 1, "LA": (100, 128), "RGB": (1, 2, 3),
+         "RGBA": (1, 2, 3, 128), "CMYK": (1, 2, 3, 4)}[mode]
+buffer = io.BytesIO()
+Image.new(mode, (side, side), value).save(buffer, fmt, **({"transparency": 0} if mode == "P" else {}))
+data = buffer.getvalue()
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+base = status("VmRSS")
+decode(data, (299, 299), DecodeLimits(max_pixels=10**9, max_bytes=10**12))
+print((status("VmHWM") - base) / side**2, decode_cost_bytes(mode, (side, side), fmt) / side**2)
+"""
+PROBES = [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("1", "PNG"),
+          ("I;16", "PNG"), ("I", "TIFF"), ("CMYK", "TIFF"), ("RGB", "BMP"), ("RGB", "WEBP"),
+          ("RGBA", "WEBP"), ("P", "GIF")]
+
+
+def bytes_per_pixel_table(side: int = 4000) -> list[dict[str, Any]]:
+    """Each mode and format's measured peak bytes per pixel in decode(), against the table the
+    decode-cost cap uses (a fresh process each, so one's allocations cannot hide another's)."""
+    rows = []
+    for mode, fmt in PROBES:
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode, fmt, str(side)], capture_output=True, text=True,
+                             check=True, cwd=ROOT)
+        measured, table = (float(v) for v in out.stdout.split())
+        rows.append({"mode": mode, "format": fmt, "measured": round(measured, 2), "table": table})
+        print(f"  {mode:5} {fmt:4}: {measured:5.2f} bytes/pixel measured, {table:.0f} in the table"
+              f"{'' if measured <= table else '  <-- OVER'}", flush=True)
+    return rows
 
 
 def post(blob: bytes, model: str) -> int:
@@ -106,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     limit = deployment_memory_limit_mib()
+    print("peak bytes per pixel while decoding, by mode and format:", flush=True)
+    per_pixel = bytes_per_pixel_table()
     print("building worst-case images at the caps ...", flush=True)
     cases = worst_cases(settings)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
     command = [sys.executable, "-m", "service", "--port", str(PORT)]
@@ -130,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
         threading.Event().wait(0.5)
     peak = max(r["peak_rss_mib"] for r in rows)
-    verdict = "within" if peak <= 0.8 * limit else "OVER"
+    verdict = "within" if peak <= 0.8 * limit and all(r["measured"] <= r["table"] for r in per_pixel) else "OVER"
     summary = {"deployment_limit_mib": limit, "peak_rss_mib": peak, "headroom": round(1 - peak / limit, 3),
-               "rows": rows}
+               "rows": rows, "bytes_per_pixel": per_pixel}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\npeak RSS {peak:.0f} MiB against the Deployment's {limit:.0f} MiB limit: {100 * (1 - peak / limit):.0f} % "

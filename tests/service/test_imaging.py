@@ -100,12 +100,13 @@ def test_multi_picture_jpeg_is_drafted_too() -> None:
 
 
 def test_decode_cost_in_bytes_is_refused_from_the_header() -> None:
-    # 16-bit grey: 2 bytes a pixel in Pillow plus the integer scaling's copies, 5 in all.
+    # 16-bit grey: 2 bytes a pixel in Pillow plus the integer scaling's copies, 6 in all.
     blob = images.sixteen_bit_png()  # 64x64
-    assert decode_cost_bytes("I;16", (64, 64)) == 64 * 64 * 5
+    assert decode_cost_bytes("I;16", (64, 64)) == 64 * 64 * 6
     with pytest.raises(ImageTooLarge, match="bytes"):
-        decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 5 - 1))
-    assert decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 5)).mode == "RGB"
+        decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 6 - 1))
+    assert decode(blob, SIZE, DecodeLimits(max_bytes=64 * 64 * 6)).mode == "RGB"
+    assert decode_cost_bytes("RGB", (10, 10), "WEBP") == 1600  # libwebp's own buffer
 
 
 def test_a_large_jpeg_is_costed_at_its_draft_scale() -> None:
