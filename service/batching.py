@@ -18,7 +18,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -114,6 +114,14 @@ class BatchStats:
         return seen[nearest] * batch / nearest  # type: ignore[operator]
 
 
+@dataclass
+class Reservation:
+    """Queue places held for one request from before its images are decoded until they are
+    queued, so admission is decided before the work (decoding) is done."""
+
+    places: int
+
+
 class Batcher:
     def __init__(self, name: str, session: ort.InferenceSession, *, max_batch: int, max_wait_s: float,
                  capacity: int, lane: InferenceLane, fallback_seconds: float,
@@ -132,6 +140,7 @@ class Batcher:
         self.running = 0  # images inside session.run right now
         self.stats = BatchStats()
         self.failure: BaseException | None = None  # why the worker stopped, if it crashed
+        self.reserved = 0  # queue places held by requests still decoding
         self.fallback_seconds = fallback_seconds  # per image, from the manifest, until measured
         self._on_batch = on_batch
 
@@ -187,17 +196,38 @@ class Batcher:
             return 1
         return max(1, math.ceil(self.pending / rate))
 
-    async def infer(self, arrays: list[np.ndarray], deadline: float | None) -> list[Inferred]:
-        """Logits per image, with its queue wait, inference time and batch size."""
+    def _admit(self, n_images: int) -> None:
         if self.failure is not None:
             raise self._unavailable()
         if self._closing:
             raise Overloaded("server is shutting down", headers={"Retry-After": "1"})
-        if self.pending + len(arrays) > self.capacity:
+        if self.pending + self.reserved + n_images > self.capacity:
             raise Overloaded(
-                f"model {self.name} queue is full ({self.pending}/{self.capacity} images)",
-                headers={"Retry-After": str(self.retry_after_seconds())},
+                f"model {self.name} queue is full ({self.pending} queued and {self.reserved} decoding of "
+                f"{self.capacity} places)", headers={"Retry-After": str(self.retry_after_seconds())},
             )
+
+    @contextlib.contextmanager
+    def reservation(self, n_images: int) -> Iterator[Reservation]:
+        """Hold n places (503 now if they are not free); whatever infer() has not taken is given
+        back when the block ends, on every path out of it."""
+        self._admit(n_images)
+        held = Reservation(n_images)
+        self.reserved += n_images
+        try:
+            yield held
+        finally:
+            self.reserved -= held.places
+
+    async def infer(self, arrays: list[np.ndarray], deadline: float | None,
+                    reservation: Reservation | None = None) -> list[Inferred]:
+        """Logits per image, with its queue wait, inference time and batch size."""
+        if reservation is not None and reservation.places >= len(arrays):
+            # The places were held since admission: they become queued jobs now.
+            reservation.places -= len(arrays)
+            self.reserved -= len(arrays)
+        else:
+            self._admit(len(arrays))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         jobs = [_Job(a, loop.create_future(), now, deadline) for a in arrays]

@@ -202,22 +202,29 @@ class Classifier:
         name = model.entry.name
         start = time.monotonic()
         loop = asyncio.get_running_loop()
-        arrays = list(await asyncio.gather(*(
-            loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._limits)
-            for blob in blobs
-        )))
-        decoded = time.monotonic()
-        self._metrics.decode_seconds.labels(name).observe(decoded - start)
-        self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
-        if deadline is not None:
-            # The wait for the lane plus this request's own images, all of them, not just one.
-            predicted = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
-            if decoded + predicted > deadline:
+        # Admission before work: the queue places are held (or 503) and the deadline checked
+        # against the prediction before any image is decoded.
+        with model.batcher.reservation(len(blobs)) as held:
+            if deadline is not None and start + self.predicted_seconds(model, len(blobs)) > deadline:
                 raise DeadlineExceeded(
-                    f"deadline cannot be met by {name}: about {predicted * 1000:.1f} ms of queue and "
-                    f"inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
-                )
-        results = await model.batcher.infer(arrays, deadline)
+                    f"deadline cannot be met by {name}: about {self.predicted_seconds(model, len(blobs)) * 1000:.1f} "
+                    f"ms of decoding, queue and inference predicted, {max(0.0, (deadline - start) * 1000):.1f} ms left")
+            arrays = list(await asyncio.gather(*(
+                loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._limits)
+                for blob in blobs
+            )))
+            decoded = time.monotonic()
+            self._metrics.decode_seconds.labels(name).observe(decoded - start)
+            self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
+            if deadline is not None:
+                # The wait for the lane plus this request's own images, all of them, not just one.
+                predicted = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
+                if decoded + predicted > deadline:
+                    raise DeadlineExceeded(
+                        f"deadline cannot be met by {name}: about {predicted * 1000:.1f} ms of queue and "
+                        f"inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
+                    )
+            results = await model.batcher.infer(arrays, deadline, held)
         queue_s = max(r.queue_seconds for r in results)
         inference_s = max(r.inference_seconds for r in results)
         self._metrics.queue_seconds.labels(name).observe(queue_s)

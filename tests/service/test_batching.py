@@ -146,3 +146,23 @@ def test_a_crashed_batcher_fails_its_requests_fast_and_reports_itself() -> None:
             await asyncio.wait_for(batcher.infer(images(3), None), 1)
 
     asyncio.run(_with_batcher(test, max_wait_s=0.0))
+
+
+def test_queue_places_are_reserved_before_decoding_and_released_on_every_exit() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        session.gate.clear()
+        with batcher.reservation(3) as first:  # 3 of 4 places held while "decoding"
+            with pytest.raises(Overloaded), batcher.reservation(2):
+                pass
+            running = asyncio.create_task(batcher.infer(images(1, 2, 3), None, first))
+            await asyncio.sleep(0.05)
+            assert batcher.reserved == 0  # the places became jobs: not counted twice
+            session.gate.set()
+            await asyncio.wait_for(running, 10)
+        with pytest.raises(RuntimeError), batcher.reservation(4):
+            raise RuntimeError("decoding failed")  # the places come back on an error too
+        assert batcher.reserved == 0
+        with batcher.reservation(4):
+            pass
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.0, capacity=4))
