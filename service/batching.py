@@ -73,17 +73,6 @@ class _Job:
     deadline: float | None
 
 
-@dataclass
-class Ewma:
-    """Exponentially weighted mean; None until the first observation."""
-
-    alpha: float = 0.2
-    value: float | None = None
-
-    def update(self, sample: float) -> None:
-        self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
-
-
 class Window:
     """The last few observations; their median is a live p50 that ignores the odd outlier."""
 
@@ -101,7 +90,6 @@ class Window:
 @dataclass
 class BatchStats:
     batch_seconds: dict[int, Window] = field(default_factory=dict)  # per batch size
-    images_per_second: Ewma = field(default_factory=lambda: Ewma(alpha=0.3))
 
     def seconds_for(self, batch: int, fallback: float) -> float:
         """Estimated session.run time for a batch: measured when seen, else scaled from nearest."""
@@ -191,10 +179,8 @@ class Batcher:
         return self.stats.seconds_for(min(waiting, self.max_batch), self.fallback_seconds) if waiting else 0.0
 
     def retry_after_seconds(self) -> int:
-        rate = self.stats.images_per_second.value
-        if not rate:
-            return 1
-        return max(1, math.ceil(self.pending / rate))
+        """When the queue will have room again: the same latency model as deadlines and auto."""
+        return max(1, math.ceil(self.backlog_seconds()))
 
     def _admit(self, n_images: int) -> None:
         if self.failure is not None:
@@ -311,7 +297,6 @@ class Batcher:
         finally:
             self.running = 0
         self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
-        self.stats.images_per_second.update(len(live) / max(elapsed, 1e-6))
         if self._on_batch:
             self._on_batch(len(live), elapsed)
         for job, row in zip(live, logits, strict=True):
