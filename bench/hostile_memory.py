@@ -1,6 +1,6 @@
 """`make hostile-memory`: the server's peak memory under the worst uploads its limits admit.
 
-Every model loaded, default settings. Worst cases are built at the decode caps (16-bit grey, RGBA
+Every model loaded, the Deployment's ConfigMap settings. Worst cases are built at the decode caps (16-bit grey, RGBA
 and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and CATDOG_MAX_DECODE_BYTES allow for
 each mode), sent one at a time and then 8 at once; then 30 uploads that each send 19 MB of a
 declared 20 MB and stall. The figure that matters is the server's high-water RSS (VmHWM) against
@@ -33,11 +33,16 @@ PORT = 18431
 URL = f"http://127.0.0.1:{PORT}"
 
 
+def deployment_settings() -> dict[str, str]:
+    """The ConfigMap's settings: the server runs as the Deployment runs it."""
+    config = yaml.safe_load((ROOT / "k8s" / "base" / "configmap.yaml").read_text())["data"]
+    return {k: v for k, v in config.items() if k not in ("CATDOG_PROVIDERS", "CATDOG_LOG_JSON")}
+
+
 def deployment_memory_limit_mib() -> float:
     deployment = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
-    assert limit.endswith("Mi"), limit
-    return float(limit.removesuffix("Mi"))
+    return float(limit[:-2]) * {"Mi": 1, "Gi": 1024}[limit[-2:]]
 
 
 def kib_field(pid: int, name: str) -> float:
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="xception", help="the model the uploads ask for")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile_memory.json")
     args = parser.parse_args(argv)
-    settings = Settings()
+    env = {"CATDOG_MODELS_DIR": str(args.models_dir), **deployment_settings()}
+    settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in env.items()})
     limit = deployment_memory_limit_mib()
     print("peak bytes per pixel while decoding, by mode and format:", flush=True)
     per_pixel = bytes_per_pixel_table()
@@ -149,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     cases = worst_cases(settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
     command = [sys.executable, "-m", "service", "--port", str(PORT)]
     with server(command, env, f"{URL}/readyz", args.out.with_suffix(".log")) as process:
         def record(case: str, statuses: list[int | str]) -> None:

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     (never past its deadline); when it is idle, a batch runs at once."""
     queue_size: int = Field(64, ge=1)
     """Images admitted per model before new requests get 503 with Retry-After."""
-    max_concurrent_requests: int = Field(32, ge=1, le=10_000)
+    max_concurrent_requests: int = Field(16, ge=1, le=10_000)
     """Classification requests handled at once; more get 503 with Retry-After before their body is
     read. Probes, /metrics and /models are never limited."""
     body_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     """Log one JSON object per line instead of plain text."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level for the service's and uvicorn's loggers."""
+
+    def worst_case_request_memory_bytes(self) -> int:
+        """The most memory requests can take on top of the loaded models (README, "Memory"):
+        every admitted request's body, twice over while a raw body is joined from its chunks, and
+        every decode thread's costliest image (max_decode_bytes bounds one decode's peak)."""
+        return 2 * self.max_concurrent_requests * self.max_body_bytes + self.decode_threads * self.max_decode_bytes
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -153,3 +153,25 @@ def test_monitoring_rules_and_dashboard_use_metrics_the_service_exports(rendered
     used -= {"catdog_serve"}  # resource names, not metrics
     unknown = {name for name in used if name not in exported and not name.startswith("catdog_serve")}
     assert not unknown, unknown
+
+
+# Resident memory of the server with every model loaded and warm, before any request: measured by
+# `make hostile-memory` (bench/hostile_memory.py, first row). Update it when the models change.
+IDLE_RSS_MIB = 850
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_memory_limit_follows_from_the_worst_case_formula(rendered: dict[str, Path]) -> None:
+    """limit >= (idle + every admitted body twice + every decode thread's costliest image) / 0.8:
+    the worst case the settings admit still leaves 20 % headroom (README, "Memory")."""
+    docs = documents(rendered["cpu"])
+    config = docs["ConfigMap"]["data"]
+    settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in config.items()})
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    limit = _mebibytes(container["resources"]["limits"]["memory"])
+    worst = IDLE_RSS_MIB + settings.worst_case_request_memory_bytes() / 2**20
+    assert limit >= worst / 0.8, f"limit {limit:.0f} MiB < {worst / 0.8:.0f} MiB (worst case {worst:.0f} MiB / 0.8)"
