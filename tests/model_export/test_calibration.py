@@ -90,3 +90,17 @@ def test_cascade_threshold_holds_on_every_source_not_only_overall() -> None:
     assert 0.9995 < per_source.threshold <= 0.99995
     accuracy, rate = cascade_outcome(small, large, labels, per_source.threshold)
     assert accuracy == 1.0 and rate == pytest.approx(1 / 1000)
+
+
+def test_metrics_are_reported_per_source() -> None:
+    from model_export.evaluate import metrics
+
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    sources = np.array(["a", "a", "a", "b", "b", "b"])
+    logits = np.where(labels[:, None] == 0, [4.0, -4.0], [-4.0, 4.0])  # every answer right
+    logits[4] = [-4.0, 4.0]  # a: all three right; b: its class-0 photo answered 1
+    result = metrics(logits, labels, 1.0, "test", sources)
+    assert result.by_source["a"].accuracy == 1.0 and result.by_source["a"].n_images == 3
+    assert result.by_source["b"].accuracy == pytest.approx(2 / 3)
+    assert result.accuracy == pytest.approx(5 / 6)
+    assert result.hardest_source == ("b", pytest.approx(2 / 3))

@@ -61,3 +61,38 @@ def test_bad_fractions_are_refused(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "data", {"cat": 3, "dog": 3})
     with pytest.raises(ValueError, match="fractions"):
         stratified_split(root, fractions=(0.5, 0.5, 0.5))
+
+
+def test_split_is_stratified_by_class_and_source_across_roots(tmp_path: Path) -> None:
+    web = image_folder(tmp_path / "web", {"cat": 20, "dog": 40})
+    more = tmp_path / "more"
+    for label, prefix, count in (("cat", "kaggle", 20), ("cat", "breed", 40), ("dog", "kaggle", 20),
+                                 ("dog", "breed", 20)):
+        (more / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(more / label / f"{prefix}_{i:03d}.png")
+    split = stratified_split([web, more], seed=3, fractions=(0.5, 0.25, 0.25))
+    assert split.sources == ["more/breed", "more/kaggle", "web"]
+    # Every (class, source) stratum is cut 50/25/25 on its own.
+    for name, share in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
+        strata = {(s.label, s.source) for s in split.samples[name]}
+        assert len(strata) == 6
+        assert split.source_counts()[name] == {"more/breed": 60 * share, "more/kaggle": 40 * share,
+                                               "web": 60 * share}
+    # A prefix that is the class name ("cat_001.png") is no source of its own.
+    assert all(s.source == "web" for v in split.samples.values() for s in v if s.path.is_relative_to(web))
+
+
+def test_adding_a_root_leaves_the_other_sources_split_unchanged(tmp_path: Path) -> None:
+    web = image_folder(tmp_path / "web", {"cat": 30, "dog": 30})
+    other = image_folder(tmp_path / "other", {"cat": 10, "dog": 10})
+    alone, together = stratified_split([web], seed=5), stratified_split([web, other], seed=5)
+    for name in ("train", "val", "test"):
+        assert [s.path for s in alone.samples[name]] == [s.path for s in together.samples[name] if s.source == "web"]
+
+
+def test_roots_must_share_their_classes(tmp_path: Path) -> None:
+    web = image_folder(tmp_path / "web", {"cat": 3, "dog": 3})
+    birds = image_folder(tmp_path / "birds", {"cat": 3, "bird": 3})
+    with pytest.raises(ValueError, match="classes"):
+        stratified_split([web, birds])
