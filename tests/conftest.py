@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 
 from service.manifest import (
@@ -201,3 +203,17 @@ def shared_photos(label: str, count: int) -> list[Path]:
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (the development dataset lives beside the checkout)")
     return sorted(folder.glob("*.jpg"))[:count]
+
+
+@contextlib.asynccontextmanager
+async def in_process_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app's lifespan running in this process and a client for it, once /readyz says 200:
+    for what a test must reach inside the app (its state) or cannot see from outside."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            for _ in range(200):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield client

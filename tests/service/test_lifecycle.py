@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import ROOT, run_server, wait_until
+from tests.conftest import ROOT, in_process_client, run_server, wait_until
 from tests.service import images
 
 
@@ -74,17 +74,11 @@ def test_readiness_turns_false_when_draining_begins(tiny_models_dir: Path) -> No
     app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
 
     async def scenario() -> tuple[int, int]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                for _ in range(200):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                before = (await client.get("/readyz")).status_code
-                app.state.catdog.begin_draining()
-                after = (await client.get("/readyz")).status_code
-                return before, after
+        async with in_process_client(app) as client:
+            before = (await client.get("/readyz")).status_code
+            app.state.catdog.begin_draining()
+            after = (await client.get("/readyz")).status_code
+            return before, after
 
     assert asyncio.run(scenario()) == (200, 503)
 
@@ -110,20 +104,14 @@ def test_a_crashed_batcher_turns_liveness_and_readiness_false(tiny_models_dir: P
     app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
 
     async def scenario() -> tuple[int, int, int, int, str]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                for _ in range(200):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                before = (await client.get("/livez")).status_code
-                batcher = app.state.catdog.classifier.registry.get("fast").batcher
-                batcher._task.cancel()  # stands in for any crash of the worker task
-                await asyncio.sleep(0.05)
-                live, ready = (await client.get("/livez")).status_code, (await client.get("/readyz")).status_code
-                answer = await client.post("/classify?model=fast", content=images.jpeg(),
-                                           headers={"Content-Type": "image/jpeg"})
-                return before, live, ready, answer.status_code, answer.json()["error"]["code"]
+        async with in_process_client(app) as client:
+            before = (await client.get("/livez")).status_code
+            batcher = app.state.catdog.classifier.registry.get("fast").batcher
+            batcher._task.cancel()  # stands in for any crash of the worker task
+            await asyncio.sleep(0.05)
+            live, ready = (await client.get("/livez")).status_code, (await client.get("/readyz")).status_code
+            answer = await client.post("/classify?model=fast", content=images.jpeg(),
+                                       headers={"Content-Type": "image/jpeg"})
+            return before, live, ready, answer.status_code, answer.json()["error"]["code"]
 
     assert asyncio.run(scenario()) == (200, 503, 503, 503, "model_unavailable")

@@ -14,7 +14,7 @@ from service.app import create_app
 from service.errors import Unsatisfiable
 from service.selection import Candidate, choose_auto, needs_escalation
 from service.settings import Settings
-from tests.conftest import Server, run_server
+from tests.conftest import Server, in_process_client, run_server
 from tests.service import images
 
 FAST = Candidate("fast", 0.90, 5.0)
@@ -192,17 +192,11 @@ def test_a_failed_escalation_returns_the_small_models_answers_degraded(tiny_mode
     app = create_app(Settings(models_dir=tiny_models_dir, intra_op_threads=1))
 
     async def scenario() -> tuple[int, dict[str, object]]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                for _ in range(200):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                app.state.catdog.classifier.registry.get("slow").batcher.capacity = 0  # its queue is full
-                response = await client.post("/classify", params={"model": "cascade", "min_confidence": 1.0},
-                                             content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
-                return response.status_code, response.json()
+        async with in_process_client(app) as client:
+            app.state.catdog.classifier.registry.get("slow").batcher.capacity = 0  # its queue is full
+            response = await client.post("/classify", params={"model": "cascade", "min_confidence": 1.0},
+                                         content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
+            return response.status_code, response.json()
 
     status, body = asyncio.run(scenario())
     assert status == 200, body
