@@ -1,7 +1,7 @@
 """`model_export verify`: re-check every built file's hash and numeric parity.
 
 fp32 files are compared with the Keras model rebuilt from the pinned source and committed weights
-(max |dp| <= 1e-4); int8 files with their fp32 file (prediction agreement >= 99.5 %). Parity uses
+(max |dp| <= 1e-4); int8 files with their fp32 file (prediction agreement >= 99 %). Parity uses
 val-split photos when the dataset is given, synthetic images otherwise.
 """
 
