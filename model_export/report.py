@@ -97,19 +97,22 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     source_markers = dict(zip(sorted({s for m in manifest.models.values() if m.test for s in m.test.by_source}),
                               "v^<>dp", strict=False))
 
-    def point(x: float, test: Metrics, by_source: dict[str, float], label: str, style: dict[str, object]) -> None:
+    def point(x: float, test: Metrics, by_source: dict[str, float], label: str, style: dict[str, object],
+              offset: tuple[int, int] = (6, 4)) -> None:
         ys = [100 * a for a in by_source.values()]
         if ys:
             ax.vlines(x, min(ys), max(ys), color="grey", lw=0.8, alpha=0.7)
             for source, accuracy in by_source.items():
                 ax.scatter(x, 100 * accuracy, s=16, marker=source_markers.get(source, "."), color="grey")
         ax.scatter(x, 100 * test.accuracy, **style)  # type: ignore[arg-type]
-        ax.annotate(label, (x, 100 * test.accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(label, (x, 100 * test.accuracy), textcoords="offset points", xytext=offset, fontsize=8,
+                    ha="left" if offset[0] >= 0 else "right")
 
     for name, m in manifest.models.items():
         if m.test is not None:
@@ -122,12 +125,15 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
         small, large = manifest.models[c.small].latency, manifest.models[c.large].latency
         x = small.p50_ms_batch1 + c.test_escalation_rate * large.p50_ms_batch1
         point(x, c.test, {s: f.accuracy for s, f in c.test_by_source.items()}, f"cascade {c.small}->{c.large}",
-              {"s": 110, "marker": "*", "color": "black"})
+              {"s": 110, "marker": "*", "color": "black"}, offset=(-8, -14))
     for source, marker in source_markers.items():
         ax.scatter([], [], marker=marker, color="grey", s=16, label=source)
     if source_markers:
         ax.legend(title="per source", fontsize=7, title_fontsize=8, loc="lower right")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200) if t <= ax.get_xlim()[1] * 1.5])
     ax.set_xlabel("bare onnxruntime latency, batch 1, p50 (ms, log scale; cascade: expected)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("catdog-serve: accuracy vs latency (circles fp32, squares int8, star cascade;\n"
