@@ -1,4 +1,4 @@
-"""Locust users that each fire at a fixed pace (`constant_pacing`), spawned evenly over one pace.
+"""Locust users that each fire at a fixed pace (`constant_pacing`), each at a random phase.
 
 While every answer takes less than the pace, the offered rate is users / pace whatever the
 answers: an open loop, as production traffic is. bench/overload.py sizes the users for a pace
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import FastHttpUser, constant_pacing, events, task
 
 IMAGE = Path(os.environ["OVERLOAD_IMAGE"]).read_bytes()
@@ -20,10 +22,18 @@ MODEL = os.environ["OVERLOAD_MODEL"]
 RECORDS: list[tuple[float, int, float, bool]] = []  # (sent at, status, ms, Retry-After present)
 
 
+PACE_S = float(os.environ["OVERLOAD_PACING_S"])
+
+
 class PacedClient(FastHttpUser):
-    wait_time = constant_pacing(float(os.environ["OVERLOAD_PACING_S"]))
+    wait_time = constant_pacing(PACE_S)
     network_timeout = 30.0
     connection_timeout = 10.0
+
+    def on_start(self) -> None:
+        # Locust starts each second's users together: without a random phase the arrivals came
+        # in bursts of a second's worth every pace, not evenly.
+        gevent.sleep(random.uniform(0, PACE_S))
 
     @task
     def classify(self) -> None:
