@@ -205,10 +205,8 @@ class Classifier:
         # Admission before work: the queue places are held (or 503) and the deadline checked
         # against the prediction before any image is decoded.
         with model.batcher.reservation(len(blobs)) as held:
-            if deadline is not None and start + self.predicted_seconds(model, len(blobs)) > deadline:
-                raise DeadlineExceeded(
-                    f"deadline cannot be met by {name}: about {self.predicted_seconds(model, len(blobs)) * 1000:.1f} "
-                    f"ms of decoding, queue and inference predicted, {max(0.0, (deadline - start) * 1000):.1f} ms left")
+            _check_deadline(name, start, self.predicted_seconds(model, len(blobs)), deadline,
+                            "decoding, queue and inference")
             arrays = list(await asyncio.gather(*(
                 loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._limits)
                 for blob in blobs
@@ -216,14 +214,9 @@ class Classifier:
             decoded = time.monotonic()
             self._metrics.decode_seconds.labels(name).observe(decoded - start)
             self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
-            if deadline is not None:
-                # The wait for the lane plus this request's own images, all of them, not just one.
-                predicted = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
-                if decoded + predicted > deadline:
-                    raise DeadlineExceeded(
-                        f"deadline cannot be met by {name}: about {predicted * 1000:.1f} ms of queue and "
-                        f"inference remain, {max(0.0, (deadline - decoded) * 1000):.1f} ms left"
-                    )
+            # The wait for the lane plus this request's own images, all of them, not just one.
+            remaining_s = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
+            _check_deadline(name, decoded, remaining_s, deadline, "queue and inference")
             results = await model.batcher.infer(arrays, deadline, held)
         queue_s = max(r.queue_seconds for r in results)
         inference_s = max(r.inference_seconds for r in results)
@@ -234,3 +227,10 @@ class Classifier:
             self._metrics.confidence.labels(name).observe(p.confidence)
         timings = Timings((decoded - start) * 1000, queue_s * 1000, inference_s * 1000)
         return _Run(predictions, timings, [r.batch_size for r in results])
+
+
+def _check_deadline(name: str, now: float, predicted_s: float, deadline: float | None, what: str) -> None:
+    """504 now, rather than work that cannot finish in time."""
+    if deadline is not None and now + predicted_s > deadline:
+        raise DeadlineExceeded(f"deadline cannot be met by {name}: about {predicted_s * 1000:.1f} ms of {what} "
+                               f"predicted, {max(0.0, (deadline - now) * 1000):.1f} ms left")
