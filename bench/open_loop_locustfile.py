@@ -1,46 +1,52 @@
-"""Locust users that each fire at a fixed pace (`constant_pacing`), each at a random phase.
+"""An open-loop arrival schedule on Locust's HTTP client: requests start at fixed times,
+1/rate apart, whether or not earlier ones have been answered (one greenlet each).
 
-While every answer takes less than the pace, the offered rate is users / pace whatever the
-answers: an open loop, as production traffic is. bench/overload.py sizes the users for a pace
-well above the longest answer it accepts and reports the rate that was really offered.
-Each answer's status, latency and Retry-After go to a JSON file when Locust quits.
+Locust's users are closed loops: a user waits for its answer before its next request, and even
+paced users synchronised into bursts here (0 to 500 requests in a second at a target of 200) as
+soon as the server slowed down. So one user only schedules; every request runs in a greenlet of
+its own, over a connection pool large enough that none waits for a connection. Each answer's
+send time, status, latency and Retry-After go to a JSON file when Locust quits.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import time
 from pathlib import Path
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, constant_pacing, events, task
+from locust import FastHttpUser, constant, events, task
 
 IMAGE = Path(os.environ["OVERLOAD_IMAGE"]).read_bytes()
 MODEL = os.environ["OVERLOAD_MODEL"]
+RATE = float(os.environ["OVERLOAD_RATE"])
 RECORDS: list[tuple[float, int, float, bool]] = []  # (sent at, status, ms, Retry-After present)
 
 
-PACE_S = float(os.environ["OVERLOAD_PACING_S"])
-
-
-class PacedClient(FastHttpUser):
-    wait_time = constant_pacing(PACE_S)
+class ArrivalSchedule(FastHttpUser):
+    wait_time = constant(0)
+    concurrency = 4000  # connections: a request never waits for one (that would close the loop)
     network_timeout = 30.0
     connection_timeout = 10.0
 
     def on_start(self) -> None:
-        # Locust starts each second's users together: without a random phase the arrivals came
-        # in bursts of a second's worth every pace, not evenly.
-        gevent.sleep(random.uniform(0, PACE_S))
+        self.next_at = time.monotonic()
 
     @task
+    def send_next(self) -> None:
+        delay = self.next_at - time.monotonic()
+        if delay > 0:
+            gevent.sleep(delay)
+        gevent.spawn(self.classify)
+        self.next_at += 1.0 / RATE
+
     def classify(self) -> None:
+        sent = time.time()
         with self.client.post(f"/classify?model={MODEL}", data=IMAGE, name="classify", catch_response=True,
                               headers={"Content-Type": "image/jpeg"}) as response:
-            meta = response.request_meta
-            RECORDS.append((meta["start_time"], response.status_code or 0, meta["response_time"],
+            RECORDS.append((sent, response.status_code or 0, response.request_meta["response_time"],
                             "retry-after" in {k.lower() for k in (response.headers or {})}))
             response.success()  # every status is recorded; the report judges them
 

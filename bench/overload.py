@@ -1,8 +1,9 @@
 """`make overload`: open-loop overload at 1x, 2x and 3x the capacity measured in the same run.
 
 The server runs with its default settings and every model loaded. Capacity is the closed-loop
-throughput (wrk, 8 connections) on the model; Locust (its own process, bench/open_loop_locustfile.py)
-then offers 1x, 2x and 3x that rate for 30 s each. Reported per point: offered and achieved rate,
+throughput (wrk, 8 connections) on the model; Locust (its own process, bench/open_loop_locustfile.py,
+requests started on a fixed schedule whatever the answers) then offers 1x, 2x and 3x that rate
+for 30 s each. Reported per point: offered and achieved rate,
 answered 200, shed 503, any other status, goodput, p50/p99 of admitted and of shed answers, and
 whether every 503 carried Retry-After. The aims: at 3x, admitted p99 <= 2 s, shed answered within
 100 ms p99, goodput >= 85 % of the 1x capacity, nothing but 200 and 503, no connection errors.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,24 +29,20 @@ from bench.load import ROOT, server, wrk
 PORT = 18432
 URL = f"http://127.0.0.1:{PORT}"
 LOCUSTFILE = Path(__file__).with_name("open_loop_locustfile.py")
-LONGEST_ACCEPTED_S = 2.5  # the pace is at least this, so answers within it keep the loop open
+WARMUP_S = 2  # the first seconds of each point are not counted
 
 
 def offer(model: str, image: Path, rate: float, seconds: int) -> list[tuple[float, int, float, bool]]:
-    users = max(1, math.ceil(rate * LONGEST_ACCEPTED_S))
-    pace = users / rate
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
-        env = {**os.environ, "OVERLOAD_IMAGE": str(image), "OVERLOAD_MODEL": model,
-               "OVERLOAD_PACING_S": str(pace), "OVERLOAD_OUT": str(out)}
-        # niced: on this 2-core machine the generator shares the cores with the server, and at full
-        # priority Locust took as much CPU as the server itself (goodput fell to a tenth)
-        command = ["nice", "-n", "10", sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", URL,
-                   "-u", str(users), "-r", str(users), "-t", f"{seconds + 2 * pace + 1:.0f}s", "--only-summary",
-                   "--stop-timeout", "30", "--loglevel", "WARNING"]
+        env = {**os.environ, "OVERLOAD_IMAGE": str(image), "OVERLOAD_MODEL": model, "OVERLOAD_RATE": str(rate),
+               "OVERLOAD_OUT": str(out)}
+        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", URL,
+                   "-u", "1", "-r", "1", "-t", f"{seconds + WARMUP_S:.0f}s", "--only-summary",
+                   "--stop-timeout", "35", "--loglevel", "WARNING"]
         subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
         records = json.loads(out.read_text())
-    start = min(r[0] for r in records) + pace  # after every user's first (random-phase) request
+    start = min(r[0] for r in records) + WARMUP_S
     return [r for r in records if start <= r[0] < start + seconds]
 
 
@@ -79,8 +75,8 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for model, points in results.items():
         x = [p["offered_rps"] / points[0]["capacity_rps"] for p in points]
         axes[0].plot(x, [p["goodput_rps"] / points[0]["capacity_rps"] for p in points], "o-", label=model)
-        axes[1].plot(x, [p["admitted_p99_ms"] or 0 for p in points], "o-", label=f"{model} admitted")
-        axes[1].plot(x, [p["shed_p99_ms"] or 0 for p in points], "x--", label=f"{model} shed (503)")
+        axes[1].plot(x, [p["admitted_p99_ms"] or float("nan") for p in points], "o-", label=f"{model} admitted")
+        axes[1].plot(x, [p["shed_p99_ms"] or float("nan") for p in points], "x--", label=f"{model} shed (503)")
     axes[0].axhline(0.85, color="grey", ls=":", lw=1)
     axes[0].set(xlabel="offered load / measured capacity", ylabel="goodput / capacity", ylim=(0, 1.2),
                 title="goodput under open-loop overload")
