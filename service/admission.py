@@ -4,6 +4,8 @@ loop and the decode pool (an open-loop 2x overload used to be answered 200 after
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Overloaded
@@ -27,12 +29,34 @@ class AdmissionMiddleware:
             return
         if self.in_progress >= self.max_in_progress:
             scope.setdefault("state", {})["outcome"] = Overloaded.code
+            # A small body is read and dropped so the connection can stay open: closing it costs the
+            # client a new connection per refusal, and the server its accept and setup.
+            keep = await _drained(scope, receive)
             await reject(send, Overloaded.status, Overloaded.code,
                          f"{self.in_progress} classification requests are in progress, the most this server "
-                         "takes at once; retry later", {"Retry-After": "1"})
+                         "takes at once; retry later", {"Retry-After": "1"}, close=not keep)
             return
         self.in_progress += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+DRAIN_MAX_BYTES = 256 * 1024
+DRAIN_TIMEOUT_S = 1.0
+
+
+async def _drained(scope: Scope, receive: Receive) -> bool:
+    """Read and drop a refused request's body if it is declared small and arrives at once."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    if not declared.isdigit() or int(declared) > DRAIN_MAX_BYTES:
+        return False
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return message["type"] == "http.request"
+    except TimeoutError:
+        return False

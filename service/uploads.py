@@ -88,11 +88,12 @@ class BodyLimitMiddleware:
 _CLOSE = {"Connection": "close"}
 
 
-async def reject(send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-    """Answer from ASGI middleware, before the app (and before reading the body)."""
+async def reject(send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 close: bool = True) -> None:
+    """Answer from ASGI middleware, before the app; close unless the body has been read."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     headers_: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           (b"connection", b"close"),
+                           *([(b"connection", b"close")] if close else []),
                            *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())]
     await send({"type": "http.response.start", "status": status, "headers": headers_})
     await send({"type": "http.response.body", "body": body})

@@ -37,13 +37,26 @@ def connect(server: Server) -> socket.socket:
 
 
 def read_head(sock: socket.socket) -> str:
+    return read_response(sock)[0]
+
+
+def read_response(sock: socket.socket) -> tuple[str, bytes]:
+    """(head, lower case; body) of one response: the head, then Content-Length bytes of body."""
     received = b""
     while b"\r\n\r\n" not in received:
         chunk = sock.recv(65536)
         if not chunk:
-            break
+            return received.decode(errors="replace").lower(), b""
         received += chunk
-    return received.split(b"\r\n\r\n")[0].decode().lower()
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head.decode().lower(), body
 
 
 def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
@@ -159,3 +172,24 @@ def test_a_deadline_covers_all_of_the_requests_images(server: Server) -> None:
     # Refused on the prediction for its own eight images, before queueing any of them (not
     # "deadline passed while queued" after holding a place in the queue until it expired).
     assert "cannot be met" in late.json()["error"]["message"], late.text
+
+
+def test_a_refused_small_upload_keeps_its_connection(server: Server) -> None:
+    """Refusing by closing costs every refused client a new connection (and the server its setup):
+    a small body is read and dropped instead, and the connection serves the next request."""
+    results: list[int] = []
+    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.2)
+    blob = images.jpeg()
+    request = (b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob))
+    with connect(server) as sock:
+        sock.sendall(request)
+        head = read_head(sock)
+        assert head.startswith("http/1.1 503") and "connection: close" not in head, head
+        for thread in busy:
+            thread.join()
+        sock.sendall(request)
+        assert read_head(sock).startswith("http/1.1 200")
