@@ -182,11 +182,14 @@ class Batcher:
         """When the queue will have room again: the same latency model as deadlines and auto."""
         return max(1, math.ceil(self.backlog_seconds()))
 
-    def _admit(self, n_images: int) -> None:
+    def _check_serving(self) -> None:
         if self.failure is not None:
             raise self._unavailable()
         if self._closing:
             raise Overloaded("server is shutting down", headers={"Retry-After": "1"})
+
+    def _admit(self, n_images: int) -> None:
+        self._check_serving()
         if self.pending + self.reserved + n_images > self.capacity:
             raise Overloaded(
                 f"model {self.name} queue is full ({self.pending} queued and {self.reserved} decoding of "
@@ -209,7 +212,9 @@ class Batcher:
                     reservation: Reservation | None = None) -> list[Inferred]:
         """Logits per image, with its queue wait, inference time and batch size."""
         if reservation is not None and reservation.places >= len(arrays):
-            # The places were held since admission: they become queued jobs now.
+            # The places were held since admission: they become queued jobs now, unless the worker
+            # died or began closing meanwhile (queued then, they would wait for nobody).
+            self._check_serving()
             reservation.places -= len(arrays)
             self.reserved -= len(arrays)
         else:
@@ -227,17 +232,18 @@ class Batcher:
             async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
                 return list(await results)
         except TimeoutError:
-            for job in jobs:
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(job)
+            self._forget(jobs)
             raise DeadlineExceeded("deadline passed before the answer was ready") from None
         except asyncio.CancelledError:
-            # The request was abandoned (client gone): free its queue places at once; a job already
-            # taken into a batch is skipped there because its future is done.
-            for job in jobs:
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(job)
+            self._forget(jobs)  # the request was abandoned (client gone)
             raise
+
+    def _forget(self, jobs: list[_Job]) -> None:
+        """Free an abandoned request's queue places at once; a job already taken into a batch is
+        skipped there, because its future is done (cancelled)."""
+        for job in jobs:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
 
     def _batch_ready_at(self) -> float:
         first = self._queue[0]

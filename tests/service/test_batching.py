@@ -166,3 +166,15 @@ def test_queue_places_are_reserved_before_decoding_and_released_on_every_exit() 
             pass
 
     asyncio.run(_with_batcher(test, max_wait_s=0.0, capacity=4))
+
+
+def test_a_batcher_that_crashes_while_a_request_decodes_refuses_its_jobs() -> None:
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        with batcher.reservation(1) as held:  # admitted, still "decoding"
+            assert batcher._task is not None
+            batcher._task.cancel()  # the worker dies meanwhile
+            await asyncio.sleep(0.05)
+            with pytest.raises(ModelUnavailable):  # not queued into a queue nobody serves
+                await asyncio.wait_for(batcher.infer(images(1), None, held), 1)
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.0))
