@@ -28,11 +28,10 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.max_in_progress:
-            scope.setdefault("state", {})["outcome"] = Overloaded.code
             # A small body is read and dropped so the connection can stay open: closing it costs the
             # client a new connection per refusal, and the server its accept and setup.
             keep = await _drained(scope, receive)
-            await reject(send, Overloaded.status, Overloaded.code,
+            await reject(scope, send, Overloaded.status, Overloaded.code,
                          f"{self.in_progress} classification requests are in progress, the most this server "
                          "takes at once; retry later", {"Retry-After": "1"}, close=not keep)
             return

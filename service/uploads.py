@@ -41,12 +41,10 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                scope.setdefault("state", {})["outcome"] = "bad_request"
-                await reject(send, 400, "bad_request", "Content-Length is not a number")
+                await reject(scope, send, 400, "bad_request", "Content-Length is not a number")
                 return
             if int(declared) > self.max_bytes:
-                scope.setdefault("state", {})["outcome"] = PayloadTooLarge.code
-                await reject(send, 413, PayloadTooLarge.code, self._message(int(declared)))
+                await reject(scope, send, 413, PayloadTooLarge.code, self._message(int(declared)))
                 return
         received = 0
         complete = False
@@ -88,9 +86,11 @@ class BodyLimitMiddleware:
 _CLOSE = {"Connection": "close"}
 
 
-async def reject(send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 close: bool = True) -> None:
-    """Answer from ASGI middleware, before the app; close unless the body has been read."""
+async def reject(scope: Scope, send: Send, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, close: bool = True) -> None:
+    """Answer from ASGI middleware, before the app; close unless the body has been read. The code
+    is recorded for OutcomeMiddleware, like the app's error handlers do."""
+    scope.setdefault("state", {})["outcome"] = code
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     headers_: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                            *([(b"connection", b"close")] if close else []),
