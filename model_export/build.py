@@ -175,15 +175,14 @@ def int8_decision(fp_logits: np.ndarray, q_logits: np.ndarray, labels: np.ndarra
     drop = max(float(fp_right[g].mean() - q_right[g].mean()) for g in groups)
     agreement = float((fp_logits.argmax(1) == q_logits.argmax(1)).mean())
     speedup = fp_ms / q_ms
-    if drop > INT8_MAX_ACCURACY_DROP:
-        reason = f"loses {100 * drop:.2f} points of val accuracy on a source"
-    elif agreement < INT8_MIN_AGREEMENT:
-        reason = f"agrees with fp32 on only {100 * agreement:.2f} % of val photos"
-    elif speedup <= 1.0:
-        reason = f"not faster than fp32 ({speedup:.2f}x)"
-    else:
-        reason = f"kept: {speedup:.2f}x faster, worst val drop {100 * drop:.2f} points"
-    return Int8Decision(reason.startswith("kept"), reason, drop, agreement, speedup)
+    refusals = [
+        (drop > INT8_MAX_ACCURACY_DROP, f"loses {100 * drop:.2f} points of val accuracy on a source"),
+        (agreement < INT8_MIN_AGREEMENT, f"agrees with fp32 on only {100 * agreement:.2f} % of val photos"),
+        (speedup <= 1.0, f"not faster than fp32 ({speedup:.2f}x)"),
+    ]
+    refused = next((reason for failed, reason in refusals if failed), None)
+    reason = refused or f"kept: {speedup:.2f}x faster, worst val drop {100 * drop:.2f} points"
+    return Int8Decision(refused is None, reason, drop, agreement, speedup)
 
 
 def int8_is_kept(fp32: Built, int8: Built, fp_entry: ModelEntry, q_entry: ModelEntry,
@@ -206,12 +205,15 @@ def calibration_samples(train: list[Sample], n: int = N_CALIBRATION_IMAGES) -> l
     return train[::step][:n]
 
 
-def _dataset_info(split: Split | None, record: dict[str, Any]) -> DatasetInfo | None:
+def _dataset_info(split: Split | None, roots: list[Path] | None, record: dict[str, Any]) -> DatasetInfo | None:
     saved = record["split"]
     if split is None and "source_counts" not in saved:
         return None
-    return DatasetInfo(split_sha256=saved["sha256"], seed=saved["seed"], roots=saved.get("roots", []),
-                       images_by_source=split.source_counts() if split is not None else saved["source_counts"])
+    if split is None:  # the figures are the recorded ones: so is the split they were measured on
+        return DatasetInfo(split_sha256=saved["sha256"], seed=saved["seed"], roots=saved.get("roots", []),
+                           images_by_source=saved["source_counts"])
+    return DatasetInfo(split_sha256=split.sha256, seed=split.seed, roots=[r.name for r in roots or []],
+                       images_by_source=split.source_counts())
 
 
 def build_all(out: Path, data: list[Path] | None, cache_dir: Path, threads: int,
@@ -254,7 +256,7 @@ def build_all(out: Path, data: list[Path] | None, cache_dir: Path, threads: int,
             int8.path.unlink()
     cascades = [_cascade(entries, built_models, evaluation, previous)]
     manifest = Manifest(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), models=entries,
-                        cascades=cascades, default_model=DEFAULT_MODEL, dataset=_dataset_info(split, record))
+                        cascades=cascades, default_model=DEFAULT_MODEL, dataset=_dataset_info(split, data, record))
     write_manifest(manifest, out / "manifest.json")
     if evaluation is not None and recalibrate:
         write_record(record)  # the fitted temperatures
