@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,28 +22,20 @@ import numpy as np
 
 from bench.images import write_bench_images
 from bench.load import ROOT, server, wrk
+from bench.open_loop import Record, run_open_loop
 
 PORT = 18432
 URL = f"http://127.0.0.1:{PORT}"
-LOCUSTFILE = Path(__file__).with_name("open_loop_locustfile.py")
 WARMUP_S = 2  # the first seconds of each point are not counted
 
 
-def offer(model: str, image: Path, rate: float, seconds: int) -> list[tuple[float, int, float, bool]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "records.json"
-        env = {**os.environ, "OVERLOAD_IMAGE": str(image), "OVERLOAD_MODEL": model, "OVERLOAD_RATE": str(rate),
-               "OVERLOAD_OUT": str(out)}
-        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", URL,
-                   "-u", "1", "-r", "1", "-t", f"{seconds + WARMUP_S:.0f}s", "--only-summary",
-                   "--stop-timeout", "35", "--loglevel", "WARNING"]
-        subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
-        records = json.loads(out.read_text())
+def offer(model: str, image: Path, rate: float, seconds: int) -> list[Record]:
+    records = run_open_loop(URL, model, image, rate, seconds + WARMUP_S)
     start = min(r[0] for r in records) + WARMUP_S
     return [r for r in records if start <= r[0] < start + seconds]
 
 
-def summarise(records: list[tuple[float, int, float, bool]], seconds: int, target: float) -> dict[str, Any]:
+def summarise(records: list[Record], seconds: int, target: float) -> dict[str, Any]:
     statuses = np.array([r[1] for r in records])
     ms = np.array([r[2] for r in records])
     ok, shed = statuses == 200, statuses == 503

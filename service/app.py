@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
                 await state.classifier.registry.close()
             state.decode_pool.shutdown(wait=True)
             state.inference.shutdown()
-            log.info("drained and stopped")
+            log.info("drained and stopped; classification responses: %s",
+                     json.dumps(state.metrics.responses_by_outcome(), sort_keys=True))
 
     app = FastAPI(title="catdog-serve", version="0.1.0", lifespan=lifespan,
                   description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.")

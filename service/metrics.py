@@ -45,3 +45,9 @@ class Metrics:
                                     buckets=_CONFIDENCE_BUCKETS, registry=r)
         self.budget_misses = Counter("catdog_budget_misses_total", "Requests slower than their budget.",
                                      ["model"], registry=r)
+
+    def responses_by_outcome(self) -> dict[str, int]:
+        """Classification responses counted so far, as {"<outcome> <status class>": count}: logged
+        at shutdown, so a drain can be checked against what clients received."""
+        return {f"{s.labels['outcome']} {s.labels['status_class']}": int(s.value)
+                for family in self.requests.collect() for s in family.samples if s.name.endswith("_total")}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.open_loop import start_open_loop
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import ROOT, in_process_client, run_server, wait_until
@@ -55,6 +58,36 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: P
         assert live.process.wait(timeout=60) == 0, live.log()
         assert results == [200] * 12
         assert "draining" in live.log()
+
+
+@pytest.mark.slow
+def test_sigterm_under_open_loop_load_loses_nothing_admitted(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """Open-loop load (Locust, its own process) goes on through a SIGTERM: every request the server
+    admitted is answered, and the responses it counted are exactly the ones clients received."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(images.jpeg())
+    records_path = tmp_path / "records.json"
+    with run_server(tiny_models_dir, tmp_path) as live:
+        load = start_open_loop(live.url, "slow", photo, rate=100, seconds=6, out=records_path)
+        time.sleep(3)
+        sigterm_at = time.time()
+        live.process.send_signal(signal.SIGTERM)
+        assert live.process.wait(timeout=60) == 0, live.log()
+        output, _ = load.communicate(timeout=120)
+        assert load.returncode == 0, output.decode(errors="replace")
+        log = live.log()
+    records = json.loads(records_path.read_text())
+    statuses = [status for _, status, _, _ in records]
+    assert set(statuses) <= {0, 200, 503}, sorted(set(statuses))
+    # A connection error (0) is a request the server never took: only once the listener closed.
+    lost_before = [sent for sent, status, _, _ in records if status == 0 and sent < sigterm_at - 0.5]
+    assert lost_before == []
+    assert any(sent > sigterm_at for sent, _, _, _ in records), "the load did not go on past SIGTERM"
+    counted = json.loads(re.search(r"classification responses: (\{.*\})", log).group(1))  # type: ignore[union-attr]  # absent log line fails the test here
+    served = {cls: sum(n for key, n in counted.items() if key.endswith(cls)) for cls in ("2xx", "4xx", "5xx")}
+    assert served == {"2xx": statuses.count(200), "4xx": 0, "5xx": statuses.count(503)}, counted
+    assert statuses.count(200) > 0
+    assert "Traceback" not in log and " ERROR " not in log
 
 
 def test_readiness_is_false_until_every_model_is_warm(tiny_models_dir: Path, tmp_path: Path) -> None:
