@@ -13,7 +13,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov image smoke-test bench soak overload hostile-memory train clean
+.PHONY: install models verify report serve test lint checkov image smoke-test pod-smoke-test bench soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ image: $(VENV)/.installed
 
 smoke-test:
 	deploy/smoke-test.sh
+
+# The image from `make image` under the Deployment's own limits (podman kube play of the cpu
+# overlay): worst-case uploads and a 3x burst must not get it OOM-killed or restarted.
+pod-smoke-test: $(VENV)/.installed
+	$(PY) -m bench.pod_smoke
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)

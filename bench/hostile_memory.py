@@ -111,18 +111,18 @@ def bytes_per_pixel_table(side: int = 4000) -> list[dict[str, Any]]:
     return rows
 
 
-def post(blob: bytes, model: str) -> int:
-    response = httpx.post(f"{URL}/classify", params={"model": model}, content=blob,
+def post(blob: bytes, model: str, url: str = URL) -> int:
+    response = httpx.post(f"{url}/classify", params={"model": model}, content=blob,
                           headers={"Content-Type": "application/octet-stream"}, timeout=300)
     return response.status_code
 
 
-def stalled_uploads(n: int, sent: int, declared: int, hold_s: float) -> list[str]:
+def stalled_uploads(n: int, sent: int, declared: int, hold_s: float, port: int = PORT) -> list[str]:
     """n connections that send `sent` of `declared` body bytes and then stop; what each got back."""
     sockets = []
     chunk = b"\x00" * 65536
     for _ in range(n):
-        sock = socket.create_connection(("127.0.0.1", PORT), timeout=hold_s + 30)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=hold_s + 30)
         sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                      b"Content-Length: %d\r\n\r\n" % declared)
         left = sent

@@ -1,0 +1,151 @@
+"""`make pod-smoke-test`: the image under the Deployment's own resources, as Kubernetes would run it.
+
+`podman kube play` of the rendered cpu overlay (its ConfigMap and Deployment, one replica, the image
+set to the local build with pull policy Never, a host port on 127.0.0.1), so the container gets the
+Deployment's memory and CPU limits, read-only root and UID. Then the worst-case uploads the caps
+admit (one at a time, 8 at once), 30 stalled uploads and a 3x open-loop burst on MobileNet. It
+passes when the container was never OOM-killed nor restarted, every answer was one the contract
+documents, and /readyz still answers 200. Peak memory comes from the container's cgroup.
+
+podman 4.3 cannot set rlimits in this kind of sandbox with its defaults (host maximum): a
+containers.conf pinning `default_ulimits` is passed through CONTAINERS_CONF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from bench.hostile_memory import deployment_settings, post, stalled_uploads, worst_cases
+from bench.images import write_bench_images
+from bench.load import ROOT, wrk
+from bench.open_loop import run_open_loop
+from service.settings import Settings
+
+PORT = 18433
+URL = f"http://127.0.0.1:{PORT}"
+CONTAINERS_CONF = '[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n'
+
+
+def pod_spec(image: str) -> list[dict[str, Any]]:
+    """The cpu overlay's ConfigMap and Deployment, made runnable by podman on this machine."""
+    kubectl = ROOT / ".venv" / "bin" / "kubectl"
+    rendered = subprocess.run([str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
+                              capture_output=True, text=True, check=True).stdout
+    kept = []
+    for doc in yaml.safe_load_all(rendered):
+        if doc["kind"] == "Deployment":
+            doc["spec"]["replicas"] = 1
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            container.update(image=image, imagePullPolicy="Never")
+            container["ports"][0].update(hostPort=PORT, hostIP="127.0.0.1")
+            kept.append(doc)
+        elif doc["kind"] == "ConfigMap":
+            kept.append(doc)
+    return kept
+
+
+def podman(*args: str) -> str:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def container_name(spec: list[dict[str, Any]]) -> str:
+    deployment = next(d for d in spec if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]["name"]
+    return f"{deployment['metadata']['name']}-pod-0-{container}"
+
+
+def cgroup_memory(name: str) -> dict[str, float]:
+    """Peak and limit in MiB from the container's cgroup (v1 or v2), as the kernel's OOM killer sees them."""
+    path = podman("inspect", name, "--format", "{{.State.CgroupPath}}").lstrip("/")
+    v2 = Path("/sys/fs/cgroup") / path
+    if (v2 / "memory.peak").exists():
+        peak, limit = (v2 / "memory.peak").read_text(), (v2 / "memory.max").read_text()
+    else:
+        v1 = Path("/sys/fs/cgroup/memory") / path
+        peak, limit = (v1 / "memory.max_usage_in_bytes").read_text(), (v1 / "memory.limit_in_bytes").read_text()
+    return {"peak_mib": int(peak) / 2**20, "limit_mib": int(limit) / 2**20}
+
+
+def wait_ready(timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{URL}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the pod was not ready within {timeout_s}s")
+
+
+def exercise(name: str, settings: Settings, seconds: int) -> list[dict[str, Any]]:
+    """Every hostile case in turn; after each, the container's peak memory so far."""
+    steps: list[dict[str, Any]] = []
+
+    def record(case: str, statuses: list[int | str]) -> None:
+        steps.append({"case": case, "statuses": sorted({str(s) for s in statuses}), **cgroup_memory(name)})
+        print(f"{case:<48} {steps[-1]['statuses']}  cgroup peak {steps[-1]['peak_mib']:.0f} MiB", flush=True)
+
+    record("idle, ready", [])
+    for case, blob in worst_cases(settings).items():
+        record(f"{case}, one", [post(blob, "xception", URL)])
+        with ThreadPoolExecutor(8) as pool:
+            record(f"{case}, 8 at once", list(pool.map(lambda b: post(b, "xception", URL), [blob] * 8)))
+    answers = stalled_uploads(30, 19_000_000, settings.max_body_bytes, settings.body_timeout_s + 3, PORT)
+    record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
+    photo = write_bench_images(ROOT / "bench" / "results")["small"]
+    capacity = wrk(f"{URL}/classify?model=mobilenet", photo, 8, 5)["requests_per_s"]
+    burst = run_open_loop(URL, "mobilenet", photo, 3 * capacity, seconds)
+    record(f"3x burst on mobilenet ({3 * capacity:.0f} req/s for {seconds} s)", [r[1] for r in burst])
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image", default=os.environ.get("IMAGE", "localhost/catdog-serve:dev"))
+    parser.add_argument("--burst-seconds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pod_smoke.json")
+    args = parser.parse_args(argv)
+    settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in deployment_settings().items()})
+    spec = pod_spec(args.image)
+    name = container_name(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        play, conf = Path(tmp) / "pod.yaml", Path(tmp) / "containers.conf"
+        play.write_text(yaml.safe_dump_all(spec))
+        conf.write_text(CONTAINERS_CONF)
+        os.environ.setdefault("CONTAINERS_CONF", str(conf))
+        os.environ.setdefault("STORAGE_DRIVER", "vfs")
+        podman("kube", "play", "--replace", str(play))
+        try:
+            wait_ready()
+            steps = exercise(name, settings, args.burst_seconds)
+            state = json.loads(podman("inspect", name, "--format", "{{json .State}}"))
+            restarts = int(podman("inspect", name, "--format", "{{.RestartCount}}"))
+            ready = httpx.get(f"{URL}/readyz", timeout=5).status_code
+        finally:
+            subprocess.run(["podman", "kube", "down", str(play)], capture_output=True, check=False)
+    verdict = {"oom_killed": state["OOMKilled"], "restarts": restarts, "running": state["Running"],
+               "readyz_after": ready, "steps": steps}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(verdict, indent=2) + "\n")
+    allowed = {"200", "408", "503"}
+    unexpected = sorted({s for step in steps for s in step["statuses"]} - allowed)
+    print(f"OOM-killed {state['OOMKilled']}, restarts {restarts}, ready after {ready}, "
+          f"statuses outside {sorted(allowed)}: {unexpected or 'none'}")
+    ok = not state["OOMKilled"] and restarts == 0 and state["Running"] and ready == 200 and not unexpected
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
