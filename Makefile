@@ -13,7 +13,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test lint checkov image smoke-test pod-smoke-test bench soak overload hostile-memory train clean
+.PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,15 @@ serve: models
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Strict on service/ and catdog_core/ (pyproject.toml [tool.mypy]).
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+# The inner loop: tests that need no built models, no network and no checkov (under a minute).
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not models and not slow"
 
 $(CHECKOV_VENV)/.installed: deploy/checkov-requirements.txt
 	$(PYTHON) -m venv $(CHECKOV_VENV)
@@ -53,7 +62,7 @@ checkov: $(CHECKOV_VENV)/.installed $(VENV)/.installed
 		-f build/k8s/cpu.yaml -f build/k8s/gpu.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 
-test: models lint checkov
+test: models lint typecheck checkov
 	$(PY) -m pytest
 
 # Container image with buildah/podman (no Docker engine needed); see deploy/*.sh. Release checks,

@@ -28,32 +28,28 @@ import onnxruntime as ort
 
 from bench.images import write_bench_images
 from bench.load import server, wrk
+from catdog_core.sessions import cpu_session, random_batch, run_times_ms
 from service.imaging import preprocess
 from service.manifest import load_manifest
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(samples_ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(samples_ms, 99)), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(samples_ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(samples_ms, 99)), 3),
+    }
 
 
 def bare_onnxruntime(path: Path, size: int, input_name: str, threads: int, seconds: float) -> dict[str, Any]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads)
     result = {}
     for batch in (1, 8):
-        data = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        for _ in range(3):
-            session.run(None, {input_name: data})
-        times: list[float] = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 10:
-            start = time.perf_counter()
-            session.run(None, {input_name: data})
-            times.append((time.perf_counter() - start) * 1000)
-        result[f"batch{batch}"] = {**percentiles(times), "images_per_s": round(1000 * batch / statistics.median(times), 1)}
+        feed = {input_name: random_batch(batch, size)}
+        times = run_times_ms(lambda feed=feed: session.run(None, feed), repeats=10, min_seconds=seconds)
+        result[f"batch{batch}"] = {
+            **percentiles(times),
+            "images_per_s": round(1000 * batch / statistics.median(times), 1),
+        }
     return result
 
 
@@ -71,15 +67,28 @@ def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) 
     return result
 
 
-def sweep(base_url: str, models: list[str], image: Path, concurrencies: list[int], seconds: int,
-          path: str = "/classify?model={model}", content_type: str = "image/jpeg") -> dict[str, list[dict[str, Any]]]:
+def sweep(
+    base_url: str,
+    models: list[str],
+    image: Path,
+    concurrencies: list[int],
+    seconds: int,
+    path: str = "/classify?model={model}",
+    content_type: str = "image/jpeg",
+) -> dict[str, list[dict[str, Any]]]:
     results = {}
     for model in models:
         url = base_url + path.format(model=model)
         wrk(url, image, 2, 2, content_type)  # warm the path (and the live latency estimates)
         results[model] = [wrk(url, image, c, seconds, content_type) for c in concurrencies]
-        print(f"  {model}: " + ", ".join(f"c={r['concurrency']} {r['requests_per_s']}/s p99 {r['p99_ms']:.1f} ms"
-                                        for r in results[model]), flush=True)
+        print(
+            f"  {model}: "
+            + ", ".join(
+                f"c={r['concurrency']} {r['requests_per_s']}/s p99 {r['p99_ms']:.1f} ms"
+                for r in results[model]
+            ),
+            flush=True,
+        )
     return results
 
 
@@ -92,16 +101,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for system, style in (("catdog-serve", "-o"), ("plain FastAPI", "--s"), ("LitServe", ":^")):
         for model, points in results["http"].get(system, {}).items():
-            ax.plot([p["requests_per_s"] for p in points], [p["p99_ms"] for p in points], style,
-                    label=f"{system}: {model}")
+            ax.plot(
+                [p["requests_per_s"] for p in points],
+                [p["p99_ms"] for p in points],
+                style,
+                label=f"{system}: {model}",
+            )
             for p in points:
-                ax.annotate(f"c{p['concurrency']}", (p["requests_per_s"], p["p99_ms"]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(
+                    f"c{p['concurrency']}",
+                    (p["requests_per_s"], p["p99_ms"]),
+                    fontsize=6,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("throughput (images/s, log)")
     ax.set_ylabel("p99 latency (ms, log)")
-    ax.set_title(f"p99 latency vs throughput, ~500x375 JPEG, wrk closed loop ({results['machine']})", fontsize=8)
+    ax.set_title(
+        f"p99 latency vs throughput, ~500x375 JPEG, wrk closed loop ({results['machine']})", fontsize=8
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -119,24 +139,36 @@ def _best(points: list[dict[str, Any]] | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Machine: {results['machine']}; server threads {results['threads']}; wrk -t1, {results['seconds']} s per point.", "",
-             "| model | bare b1 p50 ms | bare b8 img/s | e2e c=1 p50 ms | e2e/bare | best img/s (catdog) | p99 there | best img/s (plain) | p99 there | best img/s (LitServe) | p99 there |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']}; server threads {results['threads']}; "
+        f"wrk -t1, {results['seconds']} s per point.",
+        "",
+        "| model | bare b1 p50 ms | bare b8 img/s | e2e c=1 p50 ms | e2e/bare "
+        "| best img/s (catdog) | p99 there | best img/s (plain) | p99 there "
+        "| best img/s (LitServe) | p99 there |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ours, plain = results["http"]["catdog-serve"], results["http"].get("plain FastAPI", {})
     lit = results["http"].get("LitServe", {})
     for model, bare in results["bare"].items():
         c1 = ours[model][0]
         best = max(ours[model], key=lambda r: r["requests_per_s"])
-        lines.append(f"| {model} | {bare['batch1']['p50_ms']:.1f} | {bare['batch8']['images_per_s']:.0f} | "
-                     f"{c1['p50_ms']:.1f} | {c1['p50_ms'] / bare['batch1']['p50_ms']:.2f} | "
-                     f"{best['requests_per_s']:.0f} (c={best['concurrency']}) | {best['p99_ms']:.0f} | "
-                     + _best(plain.get(model)) + _best(lit.get(model)))
+        lines.append(
+            f"| {model} | {bare['batch1']['p50_ms']:.1f} | {bare['batch8']['images_per_s']:.0f} | "
+            f"{c1['p50_ms']:.1f} | {c1['p50_ms'] / bare['batch1']['p50_ms']:.2f} | "
+            f"{best['requests_per_s']:.0f} (c={best['concurrency']}) | {best['p99_ms']:.0f} | "
+            + _best(plain.get(model))
+            + _best(lit.get(model))
+        )
     lines += ["", "| preprocessing (decode + resize) | p50 ms | p99 ms |", "|---|---|---|"]
     lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |" for k, v in results["preprocessing"].items()]
     lines += ["", "| large JPEG end to end | c | img/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     for model, points in results["http"].get("catdog-serve 4000x3000", {}).items():
-        lines += [f"| {model} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
-                  for p in points]
+        lines += [
+            f"| {model} | {p['concurrency']} | {p['requests_per_s']:.1f} "
+            f"| {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
+            for p in points
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -158,27 +190,58 @@ def main() -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     images = write_bench_images(args.out / "images")
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}",
-                               "threads": args.threads, "seconds": args.seconds, "bare": {}, "http": {}}
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}",
+        "threads": args.threads,
+        "seconds": args.seconds,
+        "bare": {},
+        "http": {},
+    }
     print("bare onnxruntime", flush=True)
     for name in models:
         e = manifest.models[name]
-        results["bare"][name] = bare_onnxruntime(args.models_dir / e.file, e.input.width, e.input.name, args.threads, 3)
+        results["bare"][name] = bare_onnxruntime(
+            args.models_dir / e.file, e.input.width, e.input.name, args.threads, 3
+        )
         print(f"  {name}: {results['bare'][name]}", flush=True)
-    results["preprocessing"] = preprocessing(images, sorted({e.input.width for e in manifest.models.values()}))
+    results["preprocessing"] = preprocessing(
+        images, sorted({e.input.width for e in manifest.models.values()})
+    )
     base = f"http://127.0.0.1:{args.port}"
-    env = {"CATDOG_MODELS_DIR": str(args.models_dir), "CATDOG_INTRA_OP_THREADS": str(args.threads),
-           "CATDOG_QUEUE_SIZE": "256", "CATDOG_LOG_LEVEL": "warning"}
+    env = {
+        "CATDOG_MODELS_DIR": str(args.models_dir),
+        "CATDOG_INTRA_OP_THREADS": str(args.threads),
+        "CATDOG_QUEUE_SIZE": "256",
+        "CATDOG_LOG_LEVEL": "warning",
+    }
     print("catdog-serve", flush=True)
-    with server([sys.executable, "-m", "service", "--port", str(args.port)], env, base + "/readyz", args.out / "server.log"):
+    with server(
+        [sys.executable, "-m", "service", "--port", str(args.port)],
+        env,
+        base + "/readyz",
+        args.out / "server.log",
+    ):
         results["http"]["catdog-serve"] = sweep(base, models, images["small"], concurrencies, args.seconds)
         large_models = [m for m in ("mobilenet", "xception") if m in models]
-        results["http"]["catdog-serve 4000x3000"] = sweep(base, large_models, images["large"], concurrencies[:2], args.seconds)
+        results["http"]["catdog-serve 4000x3000"] = sweep(
+            base, large_models, images["large"], concurrencies[:2], args.seconds
+        )
     print("plain FastAPI handler", flush=True)
     plain_models = [m for m in ("mobilenet", "xception") if m in models]
-    command = [sys.executable, "-m", "uvicorn", "bench.baselines.plain_fastapi:app", "--port", str(args.port), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.baselines.plain_fastapi:app",
+        "--port",
+        str(args.port),
+        "--log-level",
+        "warning",
+    ]
     with server(command, env, base + "/docs", args.out / "plain.log"):
-        results["http"]["plain FastAPI"] = sweep(base, plain_models, images["small"], concurrencies, args.seconds)
+        results["http"]["plain FastAPI"] = sweep(
+            base, plain_models, images["small"], concurrencies, args.seconds
+        )
     if importlib.util.find_spec("litserve") is not None:
         print("LitServe (batching)", flush=True)
         body = args.out / "images" / "small.json"
@@ -186,9 +249,20 @@ def main() -> int:
         results["http"]["LitServe"] = {}
         for model in plain_models:
             command = [sys.executable, "-m", "bench.baselines.litserve_app", str(args.port)]
-            with server(command, {**env, "CATDOG_BENCH_MODEL": model}, base + "/health", args.out / "litserve.log"):
-                results["http"]["LitServe"].update(sweep(base, [model], body, concurrencies, args.seconds,
-                                                         path="/predict", content_type="application/json"))
+            with server(
+                command, {**env, "CATDOG_BENCH_MODEL": model}, base + "/health", args.out / "litserve.log"
+            ):
+                results["http"]["LitServe"].update(
+                    sweep(
+                        base,
+                        [model],
+                        body,
+                        concurrencies,
+                        args.seconds,
+                        path="/predict",
+                        content_type="application/json",
+                    )
+                )
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results))
     plot(results, args.out / "latency_vs_throughput.png")

@@ -1,10 +1,11 @@
 """`make hostile-memory`: the server's peak memory under the worst uploads its limits admit.
 
-Every model loaded, the Deployment's ConfigMap settings. Worst cases are built at the decode caps (16-bit grey, RGBA
-and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and CATDOG_MAX_DECODE_BYTES allow for
-each mode), sent one at a time and then 8 at once; then 30 uploads that each send 19 MB of a
-declared 20 MB and stall. The figure that matters is the server's high-water RSS (VmHWM) against
-the Deployment's memory limit, which must keep 20 % headroom.
+Every model loaded, the Deployment's ConfigMap settings. Worst cases are built at the decode caps
+(16-bit grey, RGBA and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and
+CATDOG_MAX_DECODE_BYTES allow for each mode), sent one at a time and then 8 at once; then 30
+uploads that each send 19 MB of a declared 20 MB and stall. The figure that matters is the
+server's high-water RSS (VmHWM) against the Deployment's memory limit, which must keep 20 %
+headroom.
 """
 
 from __future__ import annotations
@@ -92,9 +93,21 @@ base = status("VmRSS")
 decode(data, (299, 299), DecodeLimits(max_pixels=10**9, max_bytes=10**12))
 print((status("VmHWM") - base) / side**2, decode_cost_bytes(mode, (side, side), fmt) / side**2)
 """
-PROBES = [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("1", "PNG"),
-          ("I;16", "PNG"), ("I", "TIFF"), ("CMYK", "TIFF"), ("RGB", "BMP"), ("RGB", "WEBP"),
-          ("RGBA", "WEBP"), ("P", "GIF")]
+PROBES = [
+    ("L", "PNG"),
+    ("RGB", "PNG"),
+    ("RGBA", "PNG"),
+    ("LA", "PNG"),
+    ("P", "PNG"),
+    ("1", "PNG"),
+    ("I;16", "PNG"),
+    ("I", "TIFF"),
+    ("CMYK", "TIFF"),
+    ("RGB", "BMP"),
+    ("RGB", "WEBP"),
+    ("RGBA", "WEBP"),
+    ("P", "GIF"),
+]
 
 
 def bytes_per_pixel_table(side: int = 4000) -> list[dict[str, Any]]:
@@ -102,18 +115,31 @@ def bytes_per_pixel_table(side: int = 4000) -> list[dict[str, Any]]:
     decode-cost cap uses (a fresh process each, so one's allocations cannot hide another's)."""
     rows = []
     for mode, fmt in PROBES:
-        out = subprocess.run([sys.executable, "-c", _PROBE, mode, fmt, str(side)], capture_output=True, text=True,
-                             check=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, mode, fmt, str(side)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         measured, table = (float(v) for v in out.stdout.split())
         rows.append({"mode": mode, "format": fmt, "measured": round(measured, 2), "table": table})
-        print(f"  {mode:5} {fmt:4}: {measured:5.2f} bytes/pixel measured, {table:.0f} in the table"
-              f"{'' if measured <= table + 0.1 else '  <-- OVER'}", flush=True)
+        print(
+            f"  {mode:5} {fmt:4}: {measured:5.2f} bytes/pixel measured, {table:.0f} in the table"
+            f"{'' if measured <= table + 0.1 else '  <-- OVER'}",
+            flush=True,
+        )
     return rows
 
 
 def post(blob: bytes, model: str, url: str = URL) -> int:
-    response = httpx.post(f"{url}/classify", params={"model": model}, content=blob,
-                          headers={"Content-Type": "application/octet-stream"}, timeout=300)
+    response = httpx.post(
+        f"{url}/classify",
+        params={"model": model},
+        content=blob,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=300,
+    )
     return response.status_code
 
 
@@ -123,12 +149,14 @@ def stalled_uploads(n: int, sent: int, declared: int, hold_s: float, port: int =
     chunk = b"\x00" * 65536
     for _ in range(n):
         sock = socket.create_connection(("127.0.0.1", port), timeout=hold_s + 30)
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: %d\r\n\r\n" % declared)
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % declared
+        )
         left = sent
         try:
             while left > 0:
-                left -= sock.send(chunk[:min(left, len(chunk))])
+                left -= sock.send(chunk[: min(left, len(chunk))])
         except OSError:
             pass  # refused before its body (admission): the answer is read below
         sockets.append(sock)
@@ -160,12 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     command = [sys.executable, "-m", "service", "--port", str(PORT)]
     with server(command, env, f"{URL}/readyz", args.out.with_suffix(".log")) as process:
+
         def record(case: str, statuses: list[int | str]) -> None:
-            rows.append({"case": case, "statuses": sorted({str(s) for s in statuses}),
-                         "peak_rss_mib": round(kib_field(process.pid, "VmHWM"), 1),
-                         "rss_now_mib": round(kib_field(process.pid, "VmRSS"), 1)})
-            print(f"{case:<44} statuses {rows[-1]['statuses']}  peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            rows.append(
+                {
+                    "case": case,
+                    "statuses": sorted({str(s) for s in statuses}),
+                    "peak_rss_mib": round(kib_field(process.pid, "VmHWM"), 1),
+                    "rss_now_mib": round(kib_field(process.pid, "VmRSS"), 1),
+                }
+            )
+            print(
+                f"{case:<44} statuses {rows[-1]['statuses']}  peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
 
         record("idle, every model loaded and warm", [])
         for name, blob in cases.items():
@@ -181,12 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     # 0.1 byte a pixel for the allocator's own overhead in the probe (0.03-0.04 measured).
     table_holds = all(r["measured"] <= r["table"] + 0.1 for r in per_pixel)
     verdict = "within" if peak <= 0.8 * limit and table_holds else "OVER"
-    summary = {"deployment_limit_mib": limit, "peak_rss_mib": peak, "headroom": round(1 - peak / limit, 3),
-               "rows": rows, "bytes_per_pixel": per_pixel}
+    summary = {
+        "deployment_limit_mib": limit,
+        "peak_rss_mib": peak,
+        "headroom": round(1 - peak / limit, 3),
+        "rows": rows,
+        "bytes_per_pixel": per_pixel,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\npeak RSS {peak:.0f} MiB against the Deployment's {limit:.0f} MiB limit: {100 * (1 - peak / limit):.0f} % "
-          f"headroom ({verdict} the 20 % the limit keeps); written to {args.out}")
+    print(
+        f"\npeak RSS {peak:.0f} MiB against the Deployment's {limit:.0f} MiB limit: "
+        f"{100 * (1 - peak / limit):.0f} % "
+        f"headroom ({verdict} the 20 % the limit keeps); written to {args.out}"
+    )
     return 0 if verdict == "within" else 1
 
 

@@ -23,8 +23,14 @@ LUA = Path(__file__).with_name("wrk_post.lua")
 def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         # A session of its own, so stopping it stops its workers too (LitServe forks them).
-        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -43,14 +49,21 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
         process.wait(timeout=60)
 
 
-def wrk(url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg") -> dict[str, Any]:
+def wrk(
+    url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg"
+) -> dict[str, Any]:
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type}
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {
-        "concurrency": concurrency, "requests": summary["requests"],
+        "concurrency": concurrency,
+        "requests": summary["requests"],
         "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
-        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
-        "errors": summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"],
+        "p50_ms": summary["p50_us"] / 1000,
+        "p99_ms": summary["p99_us"] / 1000,
+        "errors": summary["http_errors"]
+        + summary["connect_errors"]
+        + summary["read_errors"]
+        + summary["timeouts"],
     }

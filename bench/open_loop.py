@@ -20,18 +20,43 @@ Record = tuple[float, int, float, bool]
 
 
 def open_loop_command(url: str, seconds: float) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-            "-u", "1", "-r", "1", "-t", f"{max(1, round(seconds))}s", "--only-summary",
-            "--stop-timeout", "35", "--loglevel", "WARNING"]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        url,
+        "-u",
+        "1",
+        "-r",
+        "1",
+        "-t",
+        f"{max(1, round(seconds))}s",
+        "--only-summary",
+        "--stop-timeout",
+        "35",
+        "--loglevel",
+        "WARNING",
+    ]
 
 
-def start_open_loop(url: str, model: str, image: Path, rate: float, seconds: float,
-                    out: Path) -> subprocess.Popen[bytes]:
+def start_open_loop(
+    url: str, model: str, image: Path, rate: float, seconds: float, out: Path
+) -> subprocess.Popen[bytes]:
     """Start offering `rate` requests a second for `seconds`; the records land in `out` at exit."""
-    env = {**os.environ, "OVERLOAD_IMAGE": str(image), "OVERLOAD_MODEL": model, "OVERLOAD_RATE": str(rate),
-           "OVERLOAD_OUT": str(out)}
-    return subprocess.Popen(open_loop_command(url, seconds), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "OVERLOAD_IMAGE": str(image),
+        "OVERLOAD_MODEL": model,
+        "OVERLOAD_RATE": str(rate),
+        "OVERLOAD_OUT": str(out),
+    }
+    return subprocess.Popen(
+        open_loop_command(url, seconds), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def run_open_loop(url: str, model: str, image: Path, rate: float, seconds: float) -> list[Record]:
@@ -41,5 +66,7 @@ def run_open_loop(url: str, model: str, image: Path, rate: float, seconds: float
         output, _ = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"locust exited with {process.returncode}:\n{output.decode(errors='replace')}")
-        return [(float(sent), int(status), float(ms), bool(retry)) for sent, status, ms, retry
-                in json.loads(out.read_text())]
+        return [
+            (float(sent), int(status), float(ms), bool(retry))
+            for sent, status, ms, retry in json.loads(out.read_text())
+        ]

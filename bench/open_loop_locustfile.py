@@ -44,10 +44,21 @@ class ArrivalSchedule(FastHttpUser):
 
     def classify(self) -> None:
         sent = time.time()
-        with self.client.post(f"/classify?model={MODEL}", data=IMAGE, name="classify", catch_response=True,
-                              headers={"Content-Type": "image/jpeg"}) as response:
-            RECORDS.append((sent, response.status_code or 0, response.request_meta["response_time"],
-                            "retry-after" in {k.lower() for k in (response.headers or {})}))
+        with self.client.post(
+            f"/classify?model={MODEL}",
+            data=IMAGE,
+            name="classify",
+            catch_response=True,
+            headers={"Content-Type": "image/jpeg"},
+        ) as response:
+            RECORDS.append(
+                (
+                    sent,
+                    response.status_code or 0,
+                    response.request_meta["response_time"],
+                    "retry-after" in {k.lower() for k in (response.headers or {})},
+                )
+            )
             response.success()  # every status is recorded; the report judges them
 
 

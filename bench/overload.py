@@ -44,12 +44,16 @@ def summarise(records: list[Record], seconds: int, target: float) -> dict[str, A
         return round(float(np.percentile(ms[mask], q)), 1) if mask.any() else None
 
     return {
-        "target_rps": round(target, 1), "offered_rps": round(len(records) / seconds, 1),
-        "answered_200": int(ok.sum()), "shed_503": int(shed.sum()),
+        "target_rps": round(target, 1),
+        "offered_rps": round(len(records) / seconds, 1),
+        "answered_200": int(ok.sum()),
+        "shed_503": int(shed.sum()),
         "other": {str(s): int((statuses == s).sum()) for s in set(statuses.tolist()) - {200, 503}},
         "goodput_rps": round(float(ok.sum()) / seconds, 1),
-        "admitted_p50_ms": pct(ok, 50), "admitted_p99_ms": pct(ok, 99),
-        "shed_p50_ms": pct(shed, 50), "shed_p99_ms": pct(shed, 99),
+        "admitted_p50_ms": pct(ok, 50),
+        "admitted_p99_ms": pct(ok, 99),
+        "shed_p50_ms": pct(shed, 50),
+        "shed_p99_ms": pct(shed, 99),
         "shed_with_retry_after": all(r[3] for r in records if r[1] == 503),
     }
 
@@ -64,11 +68,19 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for model, points in results.items():
         x = [p["offered_rps"] / points[0]["capacity_rps"] for p in points]
         axes[0].plot(x, [p["goodput_rps"] / points[0]["capacity_rps"] for p in points], "o-", label=model)
-        axes[1].plot(x, [p["admitted_p99_ms"] or float("nan") for p in points], "o-", label=f"{model} admitted")
-        axes[1].plot(x, [p["shed_p99_ms"] or float("nan") for p in points], "x--", label=f"{model} shed (503)")
+        axes[1].plot(
+            x, [p["admitted_p99_ms"] or float("nan") for p in points], "o-", label=f"{model} admitted"
+        )
+        axes[1].plot(
+            x, [p["shed_p99_ms"] or float("nan") for p in points], "x--", label=f"{model} shed (503)"
+        )
     axes[0].axhline(0.85, color="grey", ls=":", lw=1)
-    axes[0].set(xlabel="offered load / measured capacity", ylabel="goodput / capacity", ylim=(0, 1.2),
-                title="goodput under open-loop overload")
+    axes[0].set(
+        xlabel="offered load / measured capacity",
+        ylabel="goodput / capacity",
+        ylim=(0, 1.2),
+        title="goodput under open-loop overload",
+    )
     axes[1].axhline(2000, color="grey", ls=":", lw=1)
     axes[1].set(xlabel="offered load / measured capacity", ylabel="p99 ms", yscale="log", title="p99 latency")
     for ax in axes:
@@ -92,16 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
-    with server([sys.executable, "-m", "service", "--port", str(PORT)], env, f"{URL}/readyz",
-                args.out.with_suffix(".log")):
+    with server(
+        [sys.executable, "-m", "service", "--port", str(PORT)],
+        env,
+        f"{URL}/readyz",
+        args.out.with_suffix(".log"),
+    ):
         for model in args.models:
             capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["requests_per_s"]
             print(f"{model}: closed-loop capacity {capacity} req/s (wrk, 8 connections, 10 s)", flush=True)
             results[model] = []
             for multiple in args.multiples:
                 time.sleep(2)  # let the queues drain between points
-                point = summarise(offer(model, image, capacity * multiple, args.seconds), args.seconds,
-                                  capacity * multiple)
+                point = summarise(
+                    offer(model, image, capacity * multiple, args.seconds), args.seconds, capacity * multiple
+                )
                 point.update(model=model, multiple=multiple, capacity_rps=capacity)
                 results[model].append(point)
                 print(json.dumps(point), flush=True)

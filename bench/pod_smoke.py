@@ -40,8 +40,12 @@ CONTAINERS_CONF = '[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4
 def pod_spec(image: str) -> list[dict[str, Any]]:
     """The cpu overlay's ConfigMap and Deployment, made runnable by podman on this machine."""
     kubectl = ROOT / ".venv" / "bin" / "kubectl"
-    rendered = subprocess.run([str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
-                              capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        [str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     kept = []
     for doc in yaml.safe_load_all(rendered):
         if doc["kind"] == "Deployment":
@@ -73,7 +77,10 @@ def cgroup_memory(name: str) -> dict[str, float]:
         peak, limit = (v2 / "memory.peak").read_text(), (v2 / "memory.max").read_text()
     else:
         v1 = Path("/sys/fs/cgroup/memory") / path
-        peak, limit = (v1 / "memory.max_usage_in_bytes").read_text(), (v1 / "memory.limit_in_bytes").read_text()
+        peak, limit = (
+            (v1 / "memory.max_usage_in_bytes").read_text(),
+            (v1 / "memory.limit_in_bytes").read_text(),
+        )
     return {"peak_mib": int(peak) / 2**20, "limit_mib": int(limit) / 2**20}
 
 
@@ -135,14 +142,21 @@ def main(argv: list[str] | None = None) -> int:
             ready = httpx.get(f"{URL}/readyz", timeout=5).status_code
         finally:
             subprocess.run(["podman", "kube", "down", str(play)], capture_output=True, check=False)
-    verdict = {"oom_killed": state["OOMKilled"], "restarts": restarts, "running": state["Running"],
-               "readyz_after": ready, "steps": steps}
+    verdict = {
+        "oom_killed": state["OOMKilled"],
+        "restarts": restarts,
+        "running": state["Running"],
+        "readyz_after": ready,
+        "steps": steps,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(verdict, indent=2) + "\n")
     allowed = {"200", "408", "503"}
     unexpected = sorted({s for step in steps for s in step["statuses"]} - allowed)
-    print(f"OOM-killed {state['OOMKilled']}, restarts {restarts}, ready after {ready}, "
-          f"statuses outside {sorted(allowed)}: {unexpected or 'none'}")
+    print(
+        f"OOM-killed {state['OOMKilled']}, restarts {restarts}, ready after {ready}, "
+        f"statuses outside {sorted(allowed)}: {unexpected or 'none'}"
+    )
     ok = not state["OOMKilled"] and restarts == 0 and state["Running"] and ready == 200 and not unexpected
     return 0 if ok else 1
 

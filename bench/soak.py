@@ -93,24 +93,41 @@ def main() -> int:
             left = int(end - time.monotonic())
             if left < 2:
                 break
-            result = wrk(f"{base}/classify?model={target}", images[size], args.concurrency,
-                         min(args.slice_seconds, left))
+            result = wrk(
+                f"{base}/classify?model={target}",
+                images[size],
+                args.concurrency,
+                min(args.slice_seconds, left),
+            )
             runs.append({"model": target, "image": size, **result})
-            print(f"  {target:>14} {size:>5}: {result['requests_per_s']:7.1f}/s p99 {result['p99_ms']:7.1f} ms, "
-                  f"errors {result['errors']}, RSS {sampler.samples[-1][1]:.0f} MiB", flush=True)
+            print(
+                f"  {target:>14} {size:>5}: {result['requests_per_s']:7.1f}/s "
+                f"p99 {result['p99_ms']:7.1f} ms, "
+                f"errors {result['errors']}, RSS {sampler.samples[-1][1]:.0f} MiB",
+                flush=True,
+            )
         sampler.stop()
     rss = [m for _, m in sampler.samples]
     tenth = max(1, len(rss) // 10)
     summary = {
-        "minutes": args.minutes, "concurrency": args.concurrency, "rss_after_load_mib": round(loaded, 1),
-        "rss_max_mib": round(max(rss), 1), "rss_first_tenth_mean_mib": round(sum(rss[:tenth]) / tenth, 1),
+        "minutes": args.minutes,
+        "concurrency": args.concurrency,
+        "rss_after_load_mib": round(loaded, 1),
+        "rss_max_mib": round(max(rss), 1),
+        "rss_first_tenth_mean_mib": round(sum(rss[:tenth]) / tenth, 1),
         "rss_last_tenth_mean_mib": round(sum(rss[-tenth:]) / tenth, 1),
         "requests": sum(r["requests"] for r in runs),
         "errors": sum(r["errors"] for r in runs),
     }
-    (args.out / "soak.json").write_text(json.dumps({"summary": summary, "runs": runs, "rss": sampler.samples}, indent=1))
-    plot(sampler.samples, f"server RSS under {args.minutes:g} min of mixed load (wrk c={args.concurrency}, "
-         f"every model, auto, cascade; 500x375 and 12 MP JPEGs)", args.out / "soak_rss.png")
+    (args.out / "soak.json").write_text(
+        json.dumps({"summary": summary, "runs": runs, "rss": sampler.samples}, indent=1)
+    )
+    plot(
+        sampler.samples,
+        f"server RSS under {args.minutes:g} min of mixed load (wrk c={args.concurrency}, "
+        f"every model, auto, cascade; 500x375 and 12 MP JPEGs)",
+        args.out / "soak_rss.png",
+    )
     print(json.dumps(summary, indent=2))
     return 0 if summary["errors"] == 0 else 1
 

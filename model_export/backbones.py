@@ -26,8 +26,14 @@ def _mobilenet_blocks(first: int, last: int = 13) -> tuple[str, ...]:
     for i in range(first, last + 1):
         if i in (2, 4, 6, 12) and i != first:  # stride-2 blocks start with an explicit padding
             names.append(f"conv_pad_{i}")
-        names += [f"conv_dw_{i}", f"conv_dw_{i}_bn", f"conv_dw_{i}_relu",
-                  f"conv_pw_{i}", f"conv_pw_{i}_bn", f"conv_pw_{i}_relu"]
+        names += [
+            f"conv_dw_{i}",
+            f"conv_dw_{i}_bn",
+            f"conv_dw_{i}_relu",
+            f"conv_pw_{i}",
+            f"conv_pw_{i}_bn",
+            f"conv_pw_{i}_relu",
+        ]
     return tuple(names)
 
 
@@ -37,8 +43,12 @@ def _mobilenet_blocks(first: int, last: int = 13) -> tuple[str, ...]:
 # block13 would multiply the cache (19x19x728 per view) and the training time several times over.
 TOP_BLOCK_LAYERS: dict[str, tuple[str, ...]] = {
     "xception": (
-        "block14_sepconv1", "block14_sepconv1_bn", "block14_sepconv1_act",
-        "block14_sepconv2", "block14_sepconv2_bn", "block14_sepconv2_act",
+        "block14_sepconv1",
+        "block14_sepconv1_bn",
+        "block14_sepconv1_act",
+        "block14_sepconv2",
+        "block14_sepconv2_bn",
+        "block14_sepconv2_act",
     ),
     "mobilenet_v1": _mobilenet_blocks(11),
 }

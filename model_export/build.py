@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from catdog_core.hashing import sha256_file
+from catdog_core.probabilities import softmax
+from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms
 from model_export import backbones, onnx_tools, sources
-from model_export.calibration import fit_temperature, softmax
+from model_export.calibration import fit_temperature
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import Evaluation, Member, measure_cascade
 from model_export.quantize import quantize
@@ -32,12 +35,11 @@ from service.manifest import (
     InputSpec,
     Latency,
     Manifest,
-    Metrics,
     ModelEntry,
     OutputSpec,
     Parity,
     Provenance,
-    sha256_file,
+    QualityFigures,
     write_manifest,
 )
 
@@ -78,10 +80,16 @@ def git_commit() -> str:
     if os.environ.get("CATDOG_GIT_COMMIT"):  # container builds have no .git
         return os.environ["CATDOG_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -93,10 +101,12 @@ def synthetic_images(size: int, n: int, seed: int = 0) -> np.ndarray:
     coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float32)
     from PIL import Image
 
-    return np.stack([
-        np.asarray(Image.fromarray(c.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))
-        for c in coarse
-    ])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(c.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))
+            for c in coarse
+        ]
+    )
 
 
 def keras_classifier(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
@@ -125,7 +135,7 @@ def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, 
     exporter = onnx_tools.export_keras(model, path)
     log.info("%s: exported, ops %s", spec.name, onnx_tools.check(path))
     expected = model.predict(probe, batch_size=8, verbose=0)
-    actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
+    actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
     parity = compare(expected, actual, 1.0, "keras (tensorflow backend)")
     if parity.max_abs_diff_probability > PARITY_TOLERANCE:
         raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
@@ -139,11 +149,13 @@ def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, 
     if calibration is not None:
         _slim_calibration_cache(fp32.spec.calibration_cache)
     onnx_tools.check(path)
-    reference = onnx_tools.run_batches(onnx_tools.session(fp32.path, 2), probe)
-    actual = onnx_tools.run_batches(onnx_tools.session(path, 2), probe)
+    reference = onnx_tools.run_batches(cpu_session(fp32.path, 2), probe)
+    actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
     parity = compare(reference, actual, 1.0, f"{fp32.name} fp32 onnx")
     exporter = f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile"
-    return Built(fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature)
+    return Built(
+        fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature
+    )
 
 
 def _slim_calibration_cache(path: Path) -> None:
@@ -165,8 +177,14 @@ class Int8Decision:
     speedup_batch1: float
 
 
-def int8_decision(fp_logits: np.ndarray, q_logits: np.ndarray, labels: np.ndarray, sources: np.ndarray,
-                  fp_ms: float, q_ms: float) -> Int8Decision:
+def int8_decision(
+    fp_logits: np.ndarray,
+    q_logits: np.ndarray,
+    labels: np.ndarray,
+    sources: np.ndarray,
+    fp_ms: float,
+    q_ms: float,
+) -> Int8Decision:
     """Keep an int8 variant only if it is at most INT8_MAX_ACCURACY_DROP below its fp32 model on
     validation overall and on every source, agrees with it on INT8_MIN_AGREEMENT of the photos, and
     is faster at batch 1 (bare onnxruntime, the same run)."""
@@ -185,15 +203,27 @@ def int8_decision(fp_logits: np.ndarray, q_logits: np.ndarray, labels: np.ndarra
     return Int8Decision(refused is None, reason, drop, agreement, speedup)
 
 
-def int8_is_kept(fp32: Built, int8: Built, fp_entry: ModelEntry, q_entry: ModelEntry,
-                 evaluation: Evaluation | None, previous: dict[str, Any]) -> bool:
+def int8_is_kept(
+    fp32: Built,
+    int8: Built,
+    fp_entry: ModelEntry,
+    q_entry: ModelEntry,
+    evaluation: Evaluation | None,
+    previous: dict[str, Any],
+) -> bool:
     """Measured on val when the dataset is here; otherwise the recorded decision for these weights."""
     if evaluation is None:
         return bool(previous.get("int8_kept", {}).get(int8.name, False))
     fp_logits, labels = evaluation.logits(fp32.member, "val")
     q_logits, _ = evaluation.logits(int8.member, "val")
-    decision = int8_decision(fp_logits, q_logits, labels, evaluation.sources("val"),
-                             fp_entry.latency.p50_ms_batch1, q_entry.latency.p50_ms_batch1)
+    decision = int8_decision(
+        fp_logits,
+        q_logits,
+        labels,
+        evaluation.sources("val"),
+        fp_entry.latency.p50_ms_batch1,
+        q_entry.latency.p50_ms_batch1,
+    )
     log.info("%s: %s (agreement %.4f)", int8.name, decision.reason, decision.agreement)
     return decision.kept
 
@@ -205,25 +235,41 @@ def calibration_samples(train: list[Sample], n: int = N_CALIBRATION_IMAGES) -> l
     return train[::step][:n]
 
 
-def _dataset_info(split: Split | None, roots: list[Path] | None, record: dict[str, Any]) -> DatasetInfo | None:
+def _dataset_info(
+    split: Split | None, roots: list[Path] | None, record: dict[str, Any]
+) -> DatasetInfo | None:
     saved = record["split"]
     if split is None and "source_counts" not in saved:
         return None
     if split is None:  # the figures are the recorded ones: so is the split they were measured on
-        return DatasetInfo(split_sha256=saved["sha256"], seed=saved["seed"], roots=saved.get("roots", []),
-                           images_by_source=saved["source_counts"])
-    return DatasetInfo(split_sha256=split.sha256, seed=split.seed, roots=[r.name for r in roots or []],
-                       images_by_source=split.source_counts())
+        return DatasetInfo(
+            split_sha256=saved["sha256"],
+            seed=saved["seed"],
+            roots=saved.get("roots", []),
+            images_by_source=saved["source_counts"],
+        )
+    return DatasetInfo(
+        split_sha256=split.sha256,
+        seed=split.seed,
+        roots=[r.name for r in roots or []],
+        images_by_source=split.source_counts(),
+    )
 
 
-def build_all(out: Path, data: list[Path] | None, cache_dir: Path, threads: int,
-              recalibrate: bool = False) -> Manifest:
+def build_all(
+    out: Path, data: list[Path] | None, cache_dir: Path, threads: int, recalibrate: bool = False
+) -> Manifest:
     record = read_record()
     out.mkdir(parents=True, exist_ok=True)
-    split = stratified_split(data, record["split"]["seed"], tuple(record["split"]["fractions"])) if data else None
+    split = (
+        stratified_split(data, record["split"]["seed"], tuple(record["split"]["fractions"])) if data else None
+    )
     if split is not None and split.sha256 != record["split"]["sha256"]:
-        log.warning("dataset split %s differs from the one trained on (%s): figures are not comparable",
-                    split.sha256[:12], record["split"]["sha256"][:12])
+        log.warning(
+            "dataset split %s differs from the one trained on (%s): figures are not comparable",
+            split.sha256[:12],
+            record["split"]["sha256"][:12],
+        )
     if recalibrate and split is None:
         raise ValueError("--calibrate needs --data")
     evaluation = Evaluation(split.samples) if split is not None else None
@@ -233,18 +279,24 @@ def build_all(out: Path, data: list[Path] | None, cache_dir: Path, threads: int,
     built_models: dict[str, Built] = {}
     for spec in MODEL_SPECS:
         trained = record["models"][spec.name]
-        probe = (evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES] if evaluation
-                 else synthetic_images(spec.input_size, N_PARITY_IMAGES))
+        probe = (
+            evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES]
+            if evaluation
+            else synthetic_images(spec.input_size, N_PARITY_IMAGES)
+        )
         fp32 = export_fp32(spec, out, cache_dir, probe, trained["temperature"] or 1.0)
         if recalibrate and evaluation is not None:
-            fp32.temperature = trained["temperature"] = fit_temperature(*evaluation.logits(fp32.member, "val"))
+            fp32.temperature = trained["temperature"] = fit_temperature(
+                *evaluation.logits(fp32.member, "val")
+            )
             log.info("%s: temperature %.4f fitted on val", spec.name, fp32.temperature)
         elif trained["temperature"] is None:
             raise ValueError(f"{spec.name} has no fitted temperature: run `build --calibrate --data DIR`")
         calibration = None
         if recalibrate and evaluation is not None:
-            calibration = load_images(calibration_samples(evaluation.sets["train"]), spec.input_size,
-                                      "calibration images").arrays
+            calibration = load_images(
+                calibration_samples(evaluation.sets["train"]), spec.input_size, "calibration images"
+            ).arrays
         int8 = export_int8(fp32, calibration, probe, fp32.temperature)
         fp_entry = _entry(fp32, record, evaluation, previous, threads)
         q_entry = _entry(int8, record, evaluation, previous, threads)
@@ -255,8 +307,13 @@ def build_all(out: Path, data: list[Path] | None, cache_dir: Path, threads: int,
         else:
             int8.path.unlink()
     cascades = [_cascade(entries, built_models, evaluation, previous)]
-    manifest = Manifest(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), models=entries,
-                        cascades=cascades, default_model=DEFAULT_MODEL, dataset=_dataset_info(split, data, record))
+    manifest = Manifest(
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        models=entries,
+        cascades=cascades,
+        default_model=DEFAULT_MODEL,
+        dataset=_dataset_info(split, data, record),
+    )
     write_manifest(manifest, out / "manifest.json")
     if evaluation is not None and recalibrate:
         write_record(record)  # the fitted temperatures
@@ -282,17 +339,26 @@ def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: d
         "weights_sha256": {name: m["weights_sha256"] for name, m in record["models"].items()},
         "split_sha256": record["split"]["sha256"],
         "int8_kept": int8_kept,
-        "models": {name: {"val": e.val.model_dump() if e.val else None,
-                          "test": e.test.model_dump() if e.test else None}
-                   for name, e in manifest.models.items()},
+        "models": {
+            name: {
+                "val": e.val.model_dump() if e.val else None,
+                "test": e.test.model_dump() if e.test else None,
+            }
+            for name, e in manifest.models.items()
+        },
         "cascades": [c.model_dump() for c in manifest.cascades],
     }
     EVALUATION_RECORD.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     log.info("int8 decisions and figures recorded in %s", EVALUATION_RECORD)
 
 
-def _entry(built: Built, record: dict[str, Any], evaluation: Evaluation | None, previous: dict[str, Any],
-           threads: int) -> ModelEntry:
+def _entry(
+    built: Built,
+    record: dict[str, Any],
+    evaluation: Evaluation | None,
+    previous: dict[str, Any],
+    threads: int,
+) -> ModelEntry:
     spec, trained = built.spec, record["models"][built.spec.name]
     artifact = sources.ARTIFACTS[trained["source"]]
     if evaluation is not None:
@@ -300,36 +366,65 @@ def _entry(built: Built, record: dict[str, Any], evaluation: Evaluation | None, 
         test = evaluation.metrics(built.member, "test", "test")
     else:
         saved = previous.get("models", {}).get(built.name, {})
-        val = Metrics(**saved["val"]) if saved.get("val") else None
-        test = Metrics(**saved["test"]) if saved.get("test") else None
-    sess = onnx_tools.session(built.path, threads)
+        val = QualityFigures(**saved["val"]) if saved.get("val") else None
+        test = QualityFigures(**saved["test"]) if saved.get("test") else None
+    sess = cpu_session(built.path, threads)
     input_name, output_name = onnx_tools.io_names(built.path)
     digest = sha256_file(built.path)
     return ModelEntry(
-        name=built.name, version=digest[:12], family=spec.family, precision=built.precision,  # type: ignore[arg-type]
+        name=built.name,
+        version=digest[:12],
+        family=spec.family,
+        precision=built.precision,
         derived_from=spec.name if built.name != spec.name else None,
-        file=built.path.name, sha256=digest, labels=list(LABELS), temperature=built.temperature,
-        input=InputSpec(name=input_name, height=spec.input_size, width=spec.input_size,
-                        in_graph_normalisation=backbones.IN_GRAPH_NORMALISATION),
-        output=OutputSpec(name=output_name), test=test, val=val,
-        latency=Latency(p50_ms_batch1=onnx_tools.latency_p50_ms(sess, spec.input_size, 1),
-                        p50_ms_batch8=onnx_tools.latency_p50_ms(sess, spec.input_size, 8),
-                        intra_op_threads=threads, machine=onnx_tools.machine_description()),
-        parameters=built.parameters, flops=onnx_tools.count_flops(built.path), parity=built.parity,
+        file=built.path.name,
+        sha256=digest,
+        labels=list(LABELS),
+        temperature=built.temperature,
+        input=InputSpec(
+            name=input_name,
+            height=spec.input_size,
+            width=spec.input_size,
+            in_graph_normalisation=backbones.IN_GRAPH_NORMALISATION,
+        ),
+        output=OutputSpec(name=output_name),
+        test=test,
+        val=val,
+        latency=Latency(
+            p50_ms_batch1=latency_p50_ms(sess, spec.input_size, 1),
+            p50_ms_batch8=latency_p50_ms(sess, spec.input_size, 8),
+            intra_op_threads=threads,
+            machine=onnx_tools.machine_description(),
+            session_profile=SESSION_PROFILE,
+        ),
+        parameters=built.parameters,
+        flops=onnx_tools.count_flops(built.path),
+        parity=built.parity,
         provenance=Provenance(
-            source_artifact=artifact.pinned_as, source_sha256=artifact.digest or "",
+            source_artifact=artifact.pinned_as,
+            source_sha256=artifact.digest or "",
             trained_weights_sha256=trained["weights_sha256"],
-            dataset_split_sha256=record["split"]["sha256"], git_commit=git_commit(), exporter=built.exporter,
+            dataset_split_sha256=record["split"]["sha256"],
+            git_commit=git_commit(),
+            exporter=built.exporter,
         ),
     )
 
 
-def _cascade(entries: dict[str, ModelEntry], built: dict[str, Built], evaluation: Evaluation | None,
-             previous: dict[str, Any]) -> CascadeEntry:
+def _cascade(
+    entries: dict[str, ModelEntry],
+    built: dict[str, Built],
+    evaluation: Evaluation | None,
+    previous: dict[str, Any],
+) -> CascadeEntry:
     small, large = CASCADE
     if evaluation is not None:
-        return measure_cascade(evaluation, entries[small], entries[large], built[small].member, built[large].member)
+        return measure_cascade(
+            evaluation, entries[small], entries[large], built[small].member, built[large].member
+        )
     saved = next((c for c in previous.get("cascades", []) if (c["small"], c["large"]) == CASCADE), None)
     if saved is None:
-        raise ValueError("no dataset and no recorded cascade threshold for these weights: build once with --data")
+        raise ValueError(
+            "no dataset and no recorded cascade threshold for these weights: build once with --data"
+        )
     return CascadeEntry(**saved)

@@ -7,12 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
+from catdog_core.probabilities import softmax
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -103,7 +98,10 @@ def cascade_outcome(
 
 
 def choose_cascade_threshold(
-    small_probs: np.ndarray, large_probs: np.ndarray, labels: np.ndarray, sources: np.ndarray | None = None,
+    small_probs: np.ndarray,
+    large_probs: np.ndarray,
+    labels: np.ndarray,
+    sources: np.ndarray | None = None,
     tolerance: float = 0.001,
 ) -> CascadeChoice:
     """The lowest escalation rate whose cascade accuracy is within `tolerance` of the large model's
@@ -130,5 +128,7 @@ def choose_cascade_threshold(
         escalate = small_probs.max(axis=1) < threshold
         correct = np.where(escalate, large_correct, small_probs.argmax(1) == labels)
         if all(correct[g].mean() >= large_correct[g].mean() - tolerance - 1e-12 for g in groups):
-            return CascadeChoice(threshold, float(escalate.mean()), float(correct.mean()), large_accuracy, floor)
+            return CascadeChoice(
+                threshold, float(escalate.mean()), float(correct.mean()), large_accuracy, floor
+            )
     raise AssertionError("escalating everything always reaches the large model's accuracy")

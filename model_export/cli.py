@@ -18,17 +18,30 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train heads/top blocks on a dataset (developers)")
-    train.add_argument("--data", type=Path, nargs="+", required=True,
-                       help="ImageFolder roots (cat/, dog/ in each); the split is stratified by source")
+    train.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="ImageFolder roots (cat/, dog/ in each); the split is stratified by source",
+    )
     train.add_argument("--only", nargs="*", help="train only these model names")
     train.add_argument("--no-finetune", action="store_true", help="skip stage 2")
 
     build = commands.add_parser("build", help="rebuild ONNX models + manifest from committed weights")
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
-    build.add_argument("--data", type=Path, nargs="+", default=None,
-                       help="dataset roots for evaluation (optional; the same roots as `train`)")
-    build.add_argument("--calibrate", action="store_true",
-                       help="recompute int8 calibration ranges from the train split (needs --data)")
+    build.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="dataset roots for evaluation (optional; the same roots as `train`)",
+    )
+    build.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="recompute int8 calibration ranges from the train split (needs --data)",
+    )
     build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
 
     verify = commands.add_parser("verify", help="re-check hashes and parity of built models")
@@ -41,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="measure built models (and the cascade) on a dataset")
     evaluate.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
-    evaluate.add_argument("--data", type=Path, nargs="+", required=True, help="ImageFolder roots (cat/, dog/)")
-    evaluate.add_argument("--all-images", action="store_true",
-                          help="every photo under --data is the test set (an independent collection)")
+    evaluate.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="ImageFolder roots (cat/, dog/)"
+    )
+    evaluate.add_argument(
+        "--all-images",
+        action="store_true",
+        help="every photo under --data is the test set (an independent collection)",
+    )
     evaluate.add_argument("--write", action="store_true", help="store the figures in the manifest")
     evaluate.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
 
@@ -55,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     cache_dir = args.cache_dir or default_cache_dir()
     if args.command == "train":
         from model_export.specs import TRAINING_RECORD
@@ -90,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         from model_export.weights_io import read_record
         from service.manifest import write_manifest
 
-        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, read_record()["split"]["seed"])
+        manifest = remeasure(
+            args.out / "manifest.json", args.data, args.all_images, read_record()["split"]["seed"]
+        )
         print(table(manifest))
         if args.plot:
             plot_frontier(manifest, args.plot)

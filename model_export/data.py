@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from catdog_core.preprocessing import to_array
 from service.errors import ImageTooLarge, InvalidImage
-from service.imaging import decode, to_array
+from service.imaging import decode
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ class Split:
 
     def source_counts(self) -> dict[str, dict[str, int]]:
         """{split: {source: images}}."""
-        return {name: dict(sorted(Counter(s.source for s in items).items()))
-                for name, items in self.samples.items()}
+        return {
+            name: dict(sorted(Counter(s.source for s in items).items()))
+            for name, items in self.samples.items()
+        }
 
     @property
     def sources(self) -> list[str]:
@@ -106,7 +109,8 @@ def all_samples(roots: Sequence[Path]) -> tuple[list[str], list[Sample]]:
 
 
 def stratified_split(
-    roots: Path | Sequence[Path], seed: int = DEFAULT_SEED,
+    roots: Path | Sequence[Path],
+    seed: int = DEFAULT_SEED,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> Split:
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
@@ -123,8 +127,11 @@ def stratified_split(
         order = np.random.default_rng([seed, stratum_seed]).permutation(len(members))
         n_train = round(fractions[0] * len(members))
         n_val = round(fractions[1] * len(members))
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-                  "test": (n_train + n_val, len(members))}
+        bounds = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, len(members)),
+        }
         for name, (lo, hi) in bounds.items():
             split.samples[name].extend(members[i] for i in sorted(order[lo:hi]))
     split.sha256 = split_hash(roots, split)
@@ -167,7 +174,7 @@ def load_images(samples: list[Sample], size: int, desc: str) -> LoadedImages:
         if isinstance(image, str):
             skipped.append((sample.path, image))
             continue
-        arrays.append(to_array(image, (size, size)))  # type: ignore[arg-type]
+        arrays.append(to_array(image, (size, size)))
         labels.append(sample.label)
         paths.append(sample.path)
         sources.append(sample.source)

@@ -12,20 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
+from catdog_core.probabilities import softmax
+from catdog_core.sessions import cpu_session
 from model_export import onnx_tools
 from model_export.calibration import (
     choose_cascade_threshold,
     quality,
-    softmax,
 )
 from model_export.data import Sample, all_samples, load_images, stratified_split
 from service.manifest import (
     CascadeEntry,
     CascadeSourceFigures,
     Manifest,
-    Metrics,
     ModelEntry,
-    SourceMetrics,
+    QualityFigures,
+    SourceQuality,
     load_manifest,
 )
 
@@ -43,21 +44,30 @@ class Member:
 
 
 def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
-    return onnx_tools.run_batches(onnx_tools.session(path, 2), images)
+    return onnx_tools.run_batches(cpu_session(path, 2), images)
 
 
-def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, split: str,
-            sources: np.ndarray | None = None) -> Metrics:
+def metrics(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, split: str, sources: np.ndarray | None = None
+) -> QualityFigures:
     """Quality overall and, given each image's source, on each source's images."""
     q = quality(logits, labels, temperature)
     by_source = {}
     for source in np.unique(sources) if sources is not None else []:
         mine = sources == source
         s = quality(logits[mine], labels[mine], temperature)
-        by_source[str(source)] = SourceMetrics(n_images=s.n_images, accuracy=s.accuracy, log_loss=s.log_loss,
-                                               ece=s.ece)
-    return Metrics(split=split, n_images=q.n_images, accuracy=q.accuracy, log_loss=q.log_loss, ece=q.ece,
-                   ece_uncalibrated=q.ece_uncalibrated, by_source=by_source)  # type: ignore[arg-type]
+        by_source[str(source)] = SourceQuality(
+            n_images=s.n_images, accuracy=s.accuracy, log_loss=s.log_loss, ece=s.ece
+        )
+    return QualityFigures(
+        split=split,
+        n_images=q.n_images,
+        accuracy=q.accuracy,
+        log_loss=q.log_loss,
+        ece=q.ece,
+        ece_uncalibrated=q.ece_uncalibrated,
+        by_source=by_source,
+    )
 
 
 class Evaluation:
@@ -90,12 +100,13 @@ class Evaluation:
         logits, labels = self.logits(member, set_name)
         return softmax(logits, member.temperature), labels
 
-    def metrics(self, member: Member, set_name: str, split: str) -> Metrics:
+    def metrics(self, member: Member, set_name: str, split: str) -> QualityFigures:
         return metrics(*self.logits(member, set_name), member.temperature, split, self.sources(set_name))
 
 
-def cascade_test_metrics(evaluation: Evaluation, small: Member, large: Member, threshold: float,
-                         set_name: str) -> tuple[Metrics, float, dict[str, tuple[float, float, float, int]]]:
+def cascade_test_metrics(
+    evaluation: Evaluation, small: Member, large: Member, threshold: float, set_name: str
+) -> tuple[QualityFigures, float, dict[str, tuple[float, float, float, int]]]:
     """The cascade's own quality on a set, its escalation rate there, and per source
     (cascade accuracy, large model's accuracy, escalation rate, images)."""
     small_probs, labels = evaluation.probabilities(small, set_name)
@@ -107,19 +118,30 @@ def cascade_test_metrics(evaluation: Evaluation, small: Member, large: Member, t
     by_source = {}
     for source in np.unique(sources):
         mine = sources == source
-        by_source[str(source)] = (float((probs[mine].argmax(1) == labels[mine]).mean()),
-                                  float((large_probs[mine].argmax(1) == labels[mine]).mean()),
-                                  float(escalate[mine].mean()), int(mine.sum()))
+        by_source[str(source)] = (
+            float((probs[mine].argmax(1) == labels[mine]).mean()),
+            float((large_probs[mine].argmax(1) == labels[mine]).mean()),
+            float(escalate[mine].mean()),
+            int(mine.sum()),
+        )
     # The cascade's probabilities are already calibrated: temperature 1 on their logs.
     quality_ = metrics(np.log(np.clip(probs, 1e-300, 1.0)), labels, 1.0, "test", sources)
     return quality_, rate, by_source
 
 
-def _source_figures(small: ModelEntry, large: ModelEntry,
-                    by_source: dict[str, tuple[float, float, float, int]]) -> dict[str, CascadeSourceFigures]:
-    return {source: CascadeSourceFigures(n_images=n, accuracy=acc, large_accuracy=large_acc, escalation_rate=rate,
-                                         cost_ratio=cost_ratio(small, large, rate))
-            for source, (acc, large_acc, rate, n) in by_source.items()}
+def _source_figures(
+    small: ModelEntry, large: ModelEntry, by_source: dict[str, tuple[float, float, float, int]]
+) -> dict[str, CascadeSourceFigures]:
+    return {
+        source: CascadeSourceFigures(
+            n_images=n,
+            accuracy=acc,
+            large_accuracy=large_acc,
+            escalation_rate=rate,
+            cost_ratio=cost_ratio(small, large, rate),
+        )
+        for source, (acc, large_acc, rate, n) in by_source.items()
+    }
 
 
 def cost_ratio(small: ModelEntry, large: ModelEntry, escalation_rate: float) -> float:
@@ -130,21 +152,38 @@ def cost_ratio(small: ModelEntry, large: ModelEntry, escalation_rate: float) -> 
     return (small.flops + escalation_rate * large.flops) / large.flops
 
 
-def measure_cascade(evaluation: Evaluation, small: ModelEntry, large: ModelEntry, small_m: Member,
-                    large_m: Member) -> CascadeEntry:
+def measure_cascade(
+    evaluation: Evaluation, small: ModelEntry, large: ModelEntry, small_m: Member, large_m: Member
+) -> CascadeEntry:
     """Choose the threshold on val, then measure the cascade on the test set."""
     small_val, labels_val = evaluation.probabilities(small_m, "val")
     large_val, _ = evaluation.probabilities(large_m, "val")
     choice = choose_cascade_threshold(small_val, large_val, labels_val, evaluation.sources("val"))
     test, test_rate, by_source = cascade_test_metrics(evaluation, small_m, large_m, choice.threshold, "test")
-    log.info("cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
-             "compute %.1f %% of %s", small.name, large.name, choice.threshold, choice.escalation_rate,
-             test.accuracy, test_rate, 100 * cost_ratio(small, large, test_rate), large.name)
-    return CascadeEntry(small=small.name, large=large.name, threshold=choice.threshold,
-                        escalation_rate_val=choice.escalation_rate, accuracy_val=choice.accuracy,
-                        expected_cost_ratio=cost_ratio(small, large, choice.escalation_rate), test=test,
-                        test_escalation_rate=test_rate, test_cost_ratio=cost_ratio(small, large, test_rate),
-                        test_by_source=_source_figures(small, large, by_source))
+    log.info(
+        "cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
+        "compute %.1f %% of %s",
+        small.name,
+        large.name,
+        choice.threshold,
+        choice.escalation_rate,
+        test.accuracy,
+        test_rate,
+        100 * cost_ratio(small, large, test_rate),
+        large.name,
+    )
+    return CascadeEntry(
+        small=small.name,
+        large=large.name,
+        threshold=choice.threshold,
+        escalation_rate_val=choice.escalation_rate,
+        accuracy_val=choice.accuracy,
+        expected_cost_ratio=cost_ratio(small, large, choice.escalation_rate),
+        test=test,
+        test_escalation_rate=test_rate,
+        test_cost_ratio=cost_ratio(small, large, test_rate),
+        test_by_source=_source_figures(small, large, by_source),
+    )
 
 
 def remeasure(manifest_path: Path, data: list[Path], all_images: bool, seed: int) -> Manifest:
@@ -156,21 +195,33 @@ def remeasure(manifest_path: Path, data: list[Path], all_images: bool, seed: int
     manifest = load_manifest(manifest_path)
     sets = {"test": all_samples(data)[1]} if all_images else stratified_split(data, seed).samples
     evaluation = Evaluation(sets)
-    members = {n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
-               for n, e in manifest.models.items()}
+    members = {
+        n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
+        for n, e in manifest.models.items()
+    }
     models = {
-        name: entry.model_copy(update={
-            "test": evaluation.metrics(members[name], "test", "test"),
-            "val": entry.val if all_images else evaluation.metrics(members[name], "val", "val"),
-        })
+        name: entry.model_copy(
+            update={
+                "test": evaluation.metrics(members[name], "test", "test"),
+                "val": entry.val if all_images else evaluation.metrics(members[name], "val", "val"),
+            }
+        )
         for name, entry in manifest.models.items()
     }
     cascades = []
     for c in manifest.cascades:
-        test, rate, by_source = cascade_test_metrics(evaluation, members[c.small], members[c.large], c.threshold,
-                                                     "test")
+        test, rate, by_source = cascade_test_metrics(
+            evaluation, members[c.small], members[c.large], c.threshold, "test"
+        )
         cost = cost_ratio(models[c.small], models[c.large], rate)
-        cascades.append(c.model_copy(update={
-            "test": test, "test_escalation_rate": rate, "test_cost_ratio": cost,
-            "test_by_source": _source_figures(models[c.small], models[c.large], by_source)}))
+        cascades.append(
+            c.model_copy(
+                update={
+                    "test": test,
+                    "test_escalation_rate": rate,
+                    "test_cost_ratio": cost,
+                    "test_by_source": _source_figures(models[c.small], models[c.large], by_source),
+                }
+            )
+        )
     return manifest.model_copy(update={"models": models, "cascades": cascades})

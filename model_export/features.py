@@ -16,10 +16,11 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
+from catdog_core.preprocessing import to_array
+from catdog_core.sessions import cpu_session
 from model_export.backbones import Backbone
 from model_export.data import Sample, iter_decoded
-from model_export.onnx_tools import export_keras, session
-from service.imaging import to_array
+from model_export.onnx_tools import export_keras
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def trunk_onnx(backbone: Backbone, cache_dir: Path) -> Path:
     return path
 
 
-def _views(image: Image.Image, n_augmented: int, rng: np.random.Generator,
-           aug: Augmentation) -> list[Image.Image]:
+def _views(
+    image: Image.Image, n_augmented: int, rng: np.random.Generator, aug: Augmentation
+) -> list[Image.Image]:
     return [image] + [augment(image, rng, aug) for _ in range(n_augmented)]
 
 
@@ -138,15 +140,24 @@ def trunk_activations(
     aug: Augmentation = Augmentation(),
 ) -> Features:
     """Activations of each photo's original view, then its n_augmented random views (cached)."""
-    key = hashlib.sha256(repr((
-        backbone.family, backbone.input_size, backbone.cut_layer, [str(s.path) for s in samples],
-        n_augmented, seed, aug,
-    )).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr(
+            (
+                backbone.family,
+                backbone.input_size,
+                backbone.cut_layer,
+                [str(s.path) for s in samples],
+                n_augmented,
+                seed,
+                aug,
+            )
+        ).encode()
+    ).hexdigest()[:16]
     cached = cache_dir / "features" / f"{backbone.family}-{backbone.input_size}-{desc}-{key}.npz"
     if cached.exists():
         with np.load(cached) as saved:
             return Features(saved["activations"], saved["labels"], saved["sources"])
-    sess = session(trunk_onnx(backbone, cache_dir), threads)
+    sess = cpu_session(trunk_onnx(backbone, cache_dir), threads)
     input_name = sess.get_inputs()[0].name
     size = (backbone.input_size, backbone.input_size)
     rng = np.random.default_rng(seed)
@@ -160,11 +171,13 @@ def trunk_activations(
             activations.append(sess.run(None, {input_name: np.stack(pending)})[0].astype(np.float16))
             pending.clear()
 
-    for sample, image in tqdm(iter_decoded(samples, backbone.input_size), total=len(samples), desc=desc, unit="img"):
+    for sample, image in tqdm(
+        iter_decoded(samples, backbone.input_size), total=len(samples), desc=desc, unit="img"
+    ):
         if isinstance(image, str):
             log.warning("skipping %s: %s", sample.path, image)
             continue
-        for view in _views(image, n_augmented, rng, aug):  # type: ignore[arg-type]
+        for view in _views(image, n_augmented, rng, aug):
             pending.append(to_array(view, size))
             labels.append(sample.label)
             sources.append(sample.source)

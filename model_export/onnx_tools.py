@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,9 +24,9 @@ def export_keras(model: object, path: Path) -> str:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # One warm call in inference mode, as Keras requires before export.
-    shape = (1, *model.inputs[0].shape[1:])  # type: ignore[attr-defined]
-    model(np.zeros(shape, dtype=model.inputs[0].dtype), training=False)  # type: ignore[operator]
-    model.export(str(path), format="onnx", opset_version=OPSET, verbose=False)  # type: ignore[attr-defined]
+    shape = (1, *model.inputs[0].shape[1:])
+    model(np.zeros(shape, dtype=model.inputs[0].dtype), training=False)
+    model.export(str(path), format="onnx", opset_version=OPSET, verbose=False)
     exported = onnx.load(str(path))
     folded = fold_conv_scale_shift(exported)
     if folded:
@@ -36,7 +34,8 @@ def export_keras(model: object, path: Path) -> str:
     canonical_names(exported)
     onnx.save(exported, str(path))
     check(path)
-    return f"keras {keras.__version__} (tensorflow {tf.__version__}) + tf2onnx {tf2onnx.__version__}, opset {OPSET}"
+    versions = f"keras {keras.__version__} (tensorflow {tf.__version__}) + tf2onnx {tf2onnx.__version__}"
+    return f"{versions}, opset {OPSET}"
 
 
 def canonical_names(model: onnx.ModelProto) -> None:
@@ -109,12 +108,12 @@ def fold_conv_scale_shift(model: onnx.ModelProto, path: Path | None = None) -> i
             continue
         weight = const(conv.input[1])
         scale, shift = const(mul.input[1]), const(add.input[1])
-        channels = weight.shape[0]  # type: ignore[union-attr]
+        channels = weight.shape[0]
         if scale is None or shift is None or scale.size != channels or shift.size != channels:
             continue
-        bias = const(conv.input[2]) if len(conv.input) > 2 else np.zeros(channels, weight.dtype)  # type: ignore[union-attr]
-        new_weight = (weight * scale.reshape(channels, 1, 1, 1)).astype(weight.dtype)  # type: ignore[union-attr]
-        new_bias = (bias * scale.reshape(-1) + shift.reshape(-1)).astype(weight.dtype)  # type: ignore[union-attr]
+        bias = const(conv.input[2]) if len(conv.input) > 2 else np.zeros(channels, weight.dtype)
+        new_weight = (weight * scale.reshape(channels, 1, 1, 1)).astype(weight.dtype)
+        new_bias = (bias * scale.reshape(-1) + shift.reshape(-1)).astype(weight.dtype)
         inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_weight, conv.input[1]))
         bias_name = f"{conv.input[1]}__folded_bias"
         model.graph.initializer.append(numpy_helper.from_array(new_bias, bias_name))
@@ -134,8 +133,9 @@ def fold_conv_scale_shift(model: onnx.ModelProto, path: Path | None = None) -> i
     return folded
 
 
-def _single_consumer(consumers: dict[str, list[onnx.NodeProto]], tensor: str, op_type: str,
-                     outputs: set[str]) -> onnx.NodeProto | None:
+def _single_consumer(
+    consumers: dict[str, list[onnx.NodeProto]], tensor: str, op_type: str, outputs: set[str]
+) -> onnx.NodeProto | None:
     readers = consumers.get(tensor, [])
     if len(readers) == 1 and readers[0].op_type == op_type and tensor not in outputs:
         return readers[0]
@@ -183,35 +183,14 @@ def count_flops(path: Path) -> int:
     return 2 * macs
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def run_batches(sess: ort.InferenceSession, images: np.ndarray, batch: int = 16) -> np.ndarray:
     name = sess.get_inputs()[0].name
     outputs = [sess.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
-def latency_p50_ms(sess: ort.InferenceSession, size: int, batch: int, repeats: int = 20) -> float:
-    """Median wall time of one session.run on random uint8 input, after warm-up."""
-    name = sess.get_inputs()[0].name
-    data = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    for _ in range(3):
-        sess.run(None, {name: data})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, {name: data})
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 3)
-
-
 def machine_description() -> str:
     import os
 
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__}".replace("  ", " ")
+    cpu = " ".join(part for part in (platform.machine(), platform.processor()) if part)
+    return f"{cpu} {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__}"

@@ -7,25 +7,35 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export import onnx_tools
-from service.manifest import Manifest, Metrics, load_manifest
+from catdog_core.sessions import cpu_session, latency_p50_ms
+from service.manifest import Manifest, QualityFigures, load_manifest
 
 
 def _num(value: float | None, fmt: str) -> str:
     return format(value, fmt) if value is not None else "-"
 
 
-def _row(name: str, test: Metrics | None, gflops: float, escalation: float | None, ms_b1: float | None,
-         ms_b8: float | None) -> str:
-    return (f"{name:<26}{_num(test and 100 * test.accuracy, '.2f'):>9}"
-            f"{_num(test and 100 * test.hardest_source[1], '.2f'):>10}{_num(test and test.log_loss, '.4f'):>10}"
-            f"{_num(test and test.ece, '.4f'):>8}{_num(test and test.ece_uncalibrated, '.4f'):>9}{gflops:>9.2f}"
-            f"{_num(escalation and 100 * escalation, '.1f'):>8}{_num(ms_b1, '.1f'):>8}{_num(ms_b8, '.1f'):>8}")
+def _row(
+    name: str,
+    test: QualityFigures | None,
+    gflops: float,
+    escalation: float | None,
+    ms_b1: float | None,
+    ms_b8: float | None,
+) -> str:
+    return (
+        f"{name:<26}{_num(test and 100 * test.accuracy, '.2f'):>9}"
+        f"{_num(test and 100 * test.hardest_source[1], '.2f'):>10}{_num(test and test.log_loss, '.4f'):>10}"
+        f"{_num(test and test.ece, '.4f'):>8}{_num(test and test.ece_uncalibrated, '.4f'):>9}{gflops:>9.2f}"
+        f"{_num(escalation and 100 * escalation, '.1f'):>8}{_num(ms_b1, '.1f'):>8}{_num(ms_b8, '.1f'):>8}"
+    )
 
 
 def table(manifest: Manifest) -> str:
-    header = (f"{'model':<26}{'acc %':>9}{'worst %':>10}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}{'GFLOPs':>9}"
-              f"{'esc %':>8}{'ms b1':>8}{'ms b8':>8}")
+    header = (
+        f"{'model':<26}{'acc %':>9}{'worst %':>10}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}{'GFLOPs':>9}"
+        f"{'esc %':>8}{'ms b1':>8}{'ms b8':>8}"
+    )
     rows = [header, "-" * len(header)]
     for name, m in manifest.models.items():
         rows.append(_row(name, m.test, m.flops / 1e9, None, m.latency.p50_ms_batch1, m.latency.p50_ms_batch8))
@@ -37,14 +47,19 @@ def table(manifest: Manifest) -> str:
         rows.append(_row(f"cascade {c.small}->{c.large}", c.test, mean_flops / 1e9, rate, ms, None))
     some = next(iter(manifest.models.values()))
     rows.append("")
-    rows.append(f"figures on the test split ({some.test.n_images if some.test else 0} photos); 'worst': the "
-                f"lowest per-source accuracy, which model=auto's min_accuracy compares with; GFLOPs per image "
-                f"(cascade: mean); latency: bare onnxruntime p50 ms per call, {some.latency.intra_op_threads} "
-                f"threads, {some.latency.machine} (cascade: small + escalation x large)")
+    rows.append(
+        f"figures on the test split ({some.test.n_images if some.test else 0} photos); 'worst': the "
+        f"lowest per-source accuracy, which model=auto's min_accuracy compares with; GFLOPs per image "
+        f"(cascade: mean); latency: bare onnxruntime p50 ms per call, {some.latency.intra_op_threads} "
+        f"threads, {some.latency.machine} (cascade: small + escalation x large)"
+    )
     for c in manifest.cascades:
-        rows.append(f"cascade threshold {c.threshold:.4f} (chosen on val: escalation {100 * c.escalation_rate_val:.1f} %, "
-                    f"accuracy {100 * c.accuracy_val:.2f} %); mean compute on test "
-                    f"{100 * (c.test_cost_ratio or 0):.1f} % of {c.large}")
+        rows.append(
+            f"cascade threshold {c.threshold:.4f} "
+            f"(chosen on val: escalation {100 * c.escalation_rate_val:.1f} %, "
+            f"accuracy {100 * c.accuracy_val:.2f} %); mean compute on test "
+            f"{100 * (c.test_cost_ratio or 0):.1f} % of {c.large}"
+        )
     return "\n".join(rows)
 
 
@@ -58,14 +73,24 @@ def source_table(manifest: Manifest) -> str:
     rows = [header, "-" * len(header)]
     for name, m in manifest.models.items():
         if m.test is not None:
-            rows.append(f"{name:<26}" + "".join(
-                f"{100 * m.test.by_source[s].accuracy:>16.2f} / {100 * m.test.by_source[s].ece:<5.2f}" for s in sources))
+            rows.append(
+                f"{name:<26}"
+                + "".join(
+                    f"{100 * m.test.by_source[s].accuracy:>16.2f} / {100 * m.test.by_source[s].ece:<5.2f}"
+                    for s in sources
+                )
+            )
     for c in manifest.cascades:
         figures = c.test_by_source
         if figures:
-            rows.append(f"{'cascade (esc %, cost %)':<26}" + "".join(
-                f"{100 * figures[s].accuracy:>11.2f} ({100 * figures[s].escalation_rate:.1f}, "
-                f"{100 * figures[s].cost_ratio:.1f})" for s in sources))
+            rows.append(
+                f"{'cascade (esc %, cost %)':<26}"
+                + "".join(
+                    f"{100 * figures[s].accuracy:>11.2f} ({100 * figures[s].escalation_rate:.1f}, "
+                    f"{100 * figures[s].cost_ratio:.1f})"
+                    for s in sources
+                )
+            )
     counts = {s: some.by_source[s].n_images for s in sources}
     rows.append(f"test photos per source: {counts}")
     return "\n".join(rows)
@@ -79,13 +104,14 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, rounds: in
         if entry.derived_from is None:
             continue
         size = entry.input.width
-        fp = onnx_tools.session(folder / manifest.models[entry.derived_from].file, threads)
-        q = onnx_tools.session(folder / entry.file, threads)
-        pairs = [(onnx_tools.latency_p50_ms(fp, size, 1), onnx_tools.latency_p50_ms(q, size, 1))
-                 for _ in range(rounds)]
+        fp = cpu_session(folder / manifest.models[entry.derived_from].file, threads)
+        q = cpu_session(folder / entry.file, threads)
+        pairs = [(latency_p50_ms(fp, size, 1), latency_p50_ms(q, size, 1)) for _ in range(rounds)]
         fp_ms, q_ms = (float(np.median(column)) for column in zip(*pairs, strict=True))
-        rows.append(f"{name}: {q_ms:.2f} ms vs {entry.derived_from} {fp_ms:.2f} ms at batch 1 "
-                    f"-> {fp_ms / q_ms:.2f}x faster ({threads} threads, measured now)")
+        rows.append(
+            f"{name}: {q_ms:.2f} ms vs {entry.derived_from} {fp_ms:.2f} ms at batch 1 "
+            f"-> {fp_ms / q_ms:.2f}x faster ({threads} threads, measured now)"
+        )
     return "\n".join(rows) if rows else "no int8 variants in the manifest"
 
 
@@ -100,32 +126,60 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    source_markers = dict(zip(sorted({s for m in manifest.models.values() if m.test for s in m.test.by_source}),
-                              "v^<>dp", strict=False))
+    source_markers = dict(
+        zip(
+            sorted({s for m in manifest.models.values() if m.test for s in m.test.by_source}),
+            "v^<>dp",
+            strict=False,
+        )
+    )
 
-    def point(x: float, test: Metrics, by_source: dict[str, float], label: str, style: dict[str, object],
-              offset: tuple[int, int] = (6, 4)) -> None:
+    def point(
+        x: float,
+        test: QualityFigures,
+        by_source: dict[str, float],
+        label: str,
+        style: dict[str, object],
+        offset: tuple[int, int] = (6, 4),
+    ) -> None:
         ys = [100 * a for a in by_source.values()]
         if ys:
             ax.vlines(x, min(ys), max(ys), color="grey", lw=0.8, alpha=0.7)
             for source, accuracy in by_source.items():
                 ax.scatter(x, 100 * accuracy, s=16, marker=source_markers.get(source, "."), color="grey")
-        ax.scatter(x, 100 * test.accuracy, **style)  # type: ignore[arg-type]
-        ax.annotate(label, (x, 100 * test.accuracy), textcoords="offset points", xytext=offset, fontsize=8,
-                    ha="left" if offset[0] >= 0 else "right")
+        ax.scatter(x, 100 * test.accuracy, **style)
+        ax.annotate(
+            label,
+            (x, 100 * test.accuracy),
+            textcoords="offset points",
+            xytext=offset,
+            fontsize=8,
+            ha="left" if offset[0] >= 0 else "right",
+        )
 
     for name, m in manifest.models.items():
         if m.test is not None:
             int8 = m.precision == "int8"
-            point(m.latency.p50_ms_batch1, m.test, {s: v.accuracy for s, v in m.test.by_source.items()}, name,
-                  {"s": 45, "marker": "s" if int8 else "o", "color": "tab:orange" if int8 else "tab:blue"})
+            point(
+                m.latency.p50_ms_batch1,
+                m.test,
+                {s: v.accuracy for s, v in m.test.by_source.items()},
+                name,
+                {"s": 45, "marker": "s" if int8 else "o", "color": "tab:orange" if int8 else "tab:blue"},
+            )
     for c in manifest.cascades:
         if c.test is None or c.test_escalation_rate is None:
             continue
         small, large = manifest.models[c.small].latency, manifest.models[c.large].latency
         x = small.p50_ms_batch1 + c.test_escalation_rate * large.p50_ms_batch1
-        point(x, c.test, {s: f.accuracy for s, f in c.test_by_source.items()}, f"cascade {c.small}->{c.large}",
-              {"s": 110, "marker": "*", "color": "black"}, offset=(-8, -14))
+        point(
+            x,
+            c.test,
+            {s: f.accuracy for s, f in c.test_by_source.items()},
+            f"cascade {c.small}->{c.large}",
+            {"s": 110, "marker": "*", "color": "black"},
+            offset=(-8, -14),
+        )
     for source, marker in source_markers.items():
         ax.scatter([], [], marker=marker, color="grey", s=16, label=source)
     if source_markers:
@@ -136,8 +190,11 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
     ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200) if t <= ax.get_xlim()[1] * 1.5])
     ax.set_xlabel("bare onnxruntime latency, batch 1, p50 (ms, log scale; cascade: expected)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("catdog-serve: accuracy vs latency (circles fp32, squares int8, star cascade;\n"
-                 "grey: each photo source)", fontsize=10)
+    ax.set_title(
+        "catdog-serve: accuracy vs latency (circles fp32, squares int8, star cascade;\n"
+        "grey: each photo source)",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

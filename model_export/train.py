@@ -37,11 +37,13 @@ class TrainConfig:
     # Fine-tuning runs tried per model, as (peak learning rate, epochs), each from the stage-1 model;
     # validation picks among them (StageResult.improves_on) and training.json records every one.
     # Xception gets one run: each of its epochs costs about 5 minutes on 2 cores.
-    finetune_grid: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=lambda: {
-        "xception": ((3e-5, 2),),
-        "mobilenet": ((1e-4, 3), (3e-5, 4)),
-        "mobilenet-160": ((1e-4, 3), (3e-4, 4), (3e-5, 4)),
-    })
+    finetune_grid: dict[str, tuple[tuple[float, int], ...]] = field(
+        default_factory=lambda: {
+            "xception": ((3e-5, 2),),
+            "mobilenet": ((1e-4, 3), (3e-5, 4)),
+            "mobilenet-160": ((1e-4, 3), (3e-4, 4), (3e-5, 4)),
+        }
+    )
     weight_decay: float = 1e-4
     batch_size: int = 32
 
@@ -62,8 +64,11 @@ class StageResult:
         """Lower validation log loss, with accuracy no lower overall nor on the hardest source: the
         figure `auto` and the cascade rule read. (Asking every source to be no lower was tried: one
         photo of 376 decided it, and it refused a stage that helped the hardest source.)"""
-        return (self.val_log_loss < other.val_log_loss and self.val_accuracy >= other.val_accuracy
-                and self.worst_source_accuracy >= other.worst_source_accuracy)
+        return (
+            self.val_log_loss < other.val_log_loss
+            and self.val_accuracy >= other.val_accuracy
+            and self.worst_source_accuracy >= other.worst_source_accuracy
+        )
 
 
 class _Batches(keras.utils.PyDataset):
@@ -78,13 +83,15 @@ class _Batches(keras.utils.PyDataset):
         super().__init__()
         self.features, self.batch_size, self.shuffle = features, batch_size, shuffle
         self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(features.labels)) if shuffle else np.arange(len(features.labels))
+        self.order = (
+            self.rng.permutation(len(features.labels)) if shuffle else np.arange(len(features.labels))
+        )
 
     def __len__(self) -> int:
         return int(np.ceil(len(self.order) / self.batch_size))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray]:
-        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         x = self.features.activations[rows].astype(np.float32)
         return (x, self.features.labels[rows]) if self.shuffle else (x,)
 
@@ -106,30 +113,44 @@ class _Bar(keras.callbacks.Callback):
         self.bar.close()
 
 
-def _evaluate(model: keras.Model, x: np.ndarray, val: Features, stage: str,
-              details: dict[str, float] | None = None) -> StageResult:
+def _evaluate(
+    model: keras.Model, x: np.ndarray, val: Features, stage: str, details: dict[str, float] | None = None
+) -> StageResult:
     probs = softmax(model.predict(x, batch_size=128, verbose=0))
     correct = probs.argmax(1) == val.labels
     by_source = {str(s): float(correct[val.sources == s].mean()) for s in np.unique(val.sources)}
     return StageResult(stage, float(correct.mean()), log_loss(probs, val.labels), by_source, details or {})
 
 
-def _fit_head(pooled: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray], l2: float,
-              cfg: TrainConfig, n_labels: int) -> keras.Model:
+def _fit_head(
+    pooled: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    l2: float,
+    cfg: TrainConfig,
+    n_labels: int,
+) -> keras.Model:
     inputs = keras.Input((pooled.shape[1],))
     x = keras.layers.Dropout(0.2)(inputs)
     outputs = keras.layers.Dense(n_labels, kernel_regularizer=keras.regularizers.L2(l2), name="logits")(x)
     head = keras.Model(inputs, outputs)
-    head.compile(keras.optimizers.Adam(1e-3),
-                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    head.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stop = keras.callbacks.EarlyStopping(patience=8, restore_best_weights=True)
-    head.fit(pooled, y, validation_data=val, epochs=cfg.head_epochs, batch_size=cfg.batch_size,
-             verbose=0, callbacks=[stop, _Bar(cfg.head_epochs, f"head l2={l2:g}")])
+    head.fit(
+        pooled,
+        y,
+        validation_data=val,
+        epochs=cfg.head_epochs,
+        batch_size=cfg.batch_size,
+        verbose=0,
+        callbacks=[stop, _Bar(cfg.head_epochs, f"head l2={l2:g}")],
+    )
     return head
 
 
-def stage1(backbone: Backbone, train: Features, val: Features, cfg: TrainConfig,
-           n_labels: int) -> tuple[keras.Model, StageResult]:
+def stage1(
+    backbone: Backbone, train: Features, val: Features, cfg: TrainConfig, n_labels: int
+) -> tuple[keras.Model, StageResult]:
     """Fit the head on pooled frozen features; return the full top model carrying that head."""
     pool = pooled_features_model(backbone)
     pooled_train = pool.predict(_Batches(train, 64, shuffle=False), verbose=1)
@@ -139,8 +160,14 @@ def stage1(backbone: Backbone, train: Features, val: Features, cfg: TrainConfig,
         keras.utils.set_random_seed(cfg.seed)
         head = _fit_head(pooled_train, train.labels, (pooled_val, val.labels), l2, cfg, n_labels)
         result = _evaluate(head, pooled_val, val, "head")
-        log.info("%s stage 1 l2=%g: val accuracy %.4f %s, log loss %.4f", backbone.family, l2,
-                 result.val_accuracy, result.val_accuracy_by_source, result.val_log_loss)
+        log.info(
+            "%s stage 1 l2=%g: val accuracy %.4f %s, log loss %.4f",
+            backbone.family,
+            l2,
+            result.val_accuracy,
+            result.val_accuracy_by_source,
+            result.val_log_loss,
+        )
         if best is None or result.val_log_loss < best[1]:
             best = (l2, result.val_log_loss, head)
     assert best is not None
@@ -149,8 +176,15 @@ def stage1(backbone: Backbone, train: Features, val: Features, cfg: TrainConfig,
     return model, _evaluate(model, val.activations, val, "bottleneck", {"l2": best[0]})
 
 
-def stage2(model: keras.Model, backbone: Backbone, train: Features, val: Features,
-           cfg: TrainConfig, rate: float, epochs: int) -> StageResult:
+def stage2(
+    model: keras.Model,
+    backbone: Backbone,
+    train: Features,
+    val: Features,
+    cfg: TrainConfig,
+    rate: float,
+    epochs: int,
+) -> StageResult:
     """Fine-tune the top blocks and head in place; restores the best epoch by validation loss."""
     for layer in backbone.top_layers:
         # Frozen batch norm runs in inference mode, so its statistics stay the pretrained ones.
@@ -158,12 +192,24 @@ def stage2(model: keras.Model, backbone: Backbone, train: Features, val: Feature
     keras.utils.set_random_seed(cfg.seed)
     steps = epochs * int(np.ceil(len(train.labels) / cfg.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=steps)
-    model.compile(keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
-    model.fit(_Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed), validation_data=val.xy,
-              epochs=epochs, verbose=1, callbacks=[stop])
+    model.fit(
+        _Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
+        validation_data=val.xy,
+        epochs=epochs,
+        verbose=1,
+        callbacks=[stop],
+    )
     for layer in backbone.top_layers:
         layer.trainable = False
-    return _evaluate(model, val.activations, val, f"fine-tuned from {backbone.cut_layer}, lr {rate:g}, {epochs} epochs",
-                     {"epochs": epochs, "learning_rate": rate, "weight_decay": cfg.weight_decay})
+    return _evaluate(
+        model,
+        val.activations,
+        val,
+        f"fine-tuned from {backbone.cut_layer}, lr {rate:g}, {epochs} epochs",
+        {"epochs": epochs, "learning_rate": rate, "weight_decay": cfg.weight_decay},
+    )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from catdog_core.hashing import sha256_file
 from model_export import backbones, sources
 from model_export.calibration import quality
 from model_export.data import Split, stratified_split
@@ -19,7 +20,6 @@ from model_export.features import trunk_activations
 from model_export.specs import LABELS, MODEL_SPECS, ModelSpec
 from model_export.train import TrainConfig, stage1, stage2
 from model_export.weights_io import round_trip_fp16, save_weights, write_record
-from service.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,15 @@ def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone,
 
 def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
     backbone, artifact = load_backbone(spec, cache_dir)
-    train = trunk_activations(backbone, split.samples["train"], cfg.augmented_views[spec.family], cfg.seed,
-                              cache_dir, f"{spec.name} train", aug=cfg.augmentation)
+    train = trunk_activations(
+        backbone,
+        split.samples["train"],
+        cfg.augmented_views[spec.family],
+        cfg.seed,
+        cache_dir,
+        f"{spec.name} train",
+        aug=cfg.augmentation,
+    )
     val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
     model, first = stage1(backbone, train, val, cfg, len(LABELS))
     results, best = [first], first
@@ -43,8 +50,14 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
         backbones.apply_weights(model, bottleneck_weights)
         tuned = stage2(model, backbone, train, val, cfg, rate, epochs)
         results.append(tuned)
-        log.info("%s %s: val accuracy %.4f %s, log loss %.4f", spec.name, tuned.stage, tuned.val_accuracy,
-                 tuned.val_accuracy_by_source, tuned.val_log_loss)
+        log.info(
+            "%s %s: val accuracy %.4f %s, log loss %.4f",
+            spec.name,
+            tuned.stage,
+            tuned.val_accuracy,
+            tuned.val_accuracy_by_source,
+            tuned.val_log_loss,
+        )
         if tuned.improves_on(best):
             best, best_weights = tuned, backbones.top_weights(model, include_top_block=True)
     chosen_tuned = best is not first
@@ -77,8 +90,13 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     }
 
 
-def train_all(data: Sequence[Path], cfg: TrainConfig, cache_dir: Path, names: list[str] | None = None,
-              previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_all(
+    data: Sequence[Path],
+    cfg: TrainConfig,
+    cache_dir: Path,
+    names: list[str] | None = None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     split = stratified_split(data, cfg.seed)
     log.info("split %s: %s", split.sha256[:12], split.source_counts())
     models = dict((previous or {}).get("models", {}))
@@ -88,12 +106,16 @@ def train_all(data: Sequence[Path], cfg: TrainConfig, cache_dir: Path, names: li
         models[spec.name] = train_one(spec, split, cfg, cache_dir)
     record = {
         "labels": list(LABELS),
-        "split": {"seed": split.seed, "fractions": list(split.fractions), "sha256": split.sha256,
-                  "roots": [root.name for root in data], "counts": split.counts(),
-                  "source_counts": split.source_counts()},
+        "split": {
+            "seed": split.seed,
+            "fractions": list(split.fractions),
+            "sha256": split.sha256,
+            "roots": [root.name for root in data],
+            "counts": split.counts(),
+            "source_counts": split.source_counts(),
+        },
         "train_config": dataclasses.asdict(cfg),
         "models": models,
     }
     write_record(record)
     return record
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from catdog_core.hashing import sha256_file
 from model_export.build import (
     INT8_MIN_AGREEMENT,
     N_PARITY_IMAGES,
@@ -22,7 +23,7 @@ from model_export.data import load_images, stratified_split
 from model_export.evaluate import logits_on
 from model_export.specs import SPECS_BY_NAME
 from model_export.weights_io import read_record
-from service.manifest import load_manifest, sha256_file
+from service.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,36 @@ def verify_all(out: Path, cache_dir: Path, data: list[Path] | None = None) -> in
             continue
         base = entry.derived_from or name
         spec = SPECS_BY_NAME[base]
-        probe = (load_images(split.samples["val"][:N_PARITY_IMAGES], spec.input_size, "parity").arrays
-                 if split else synthetic_images(spec.input_size, N_PARITY_IMAGES, seed=1))
+        probe = (
+            load_images(split.samples["val"][:N_PARITY_IMAGES], spec.input_size, "parity").arrays
+            if split
+            else synthetic_images(spec.input_size, N_PARITY_IMAGES, seed=1)
+        )
         if entry.precision == "fp32":
             model, _ = keras_classifier(spec, cache_dir)
-            parity = compare(model.predict(probe, verbose=0), logits_on(path, probe), entry.temperature, "keras")
+            parity = compare(
+                model.predict(probe, verbose=0), logits_on(path, probe), entry.temperature, "keras"
+            )
             ok = parity.max_abs_diff_probability <= PARITY_TOLERANCE
         else:
-            parity = compare(logits_on(out / manifest.models[base].file, probe), logits_on(path, probe),
-                             entry.temperature, "fp32 onnx")
+            parity = compare(
+                logits_on(out / manifest.models[base].file, probe),
+                logits_on(path, probe),
+                entry.temperature,
+                "fp32 onnx",
+            )
             # Synthetic images sit far from any photo; agreement is only meaningful on real photos.
             ok = parity.prediction_agreement >= INT8_MIN_AGREEMENT or split is None
-        log.info("%s: sha256 ok, parity vs %s: max |dp| %.2e, agreement %.4f on %d %s images -> %s",
-                 name, parity.reference, parity.max_abs_diff_probability, parity.prediction_agreement,
-                 parity.n_images, "val" if split else "synthetic", "ok" if ok else "FAILED")
+        log.info(
+            "%s: sha256 ok, parity vs %s: max |dp| %.2e, agreement %.4f on %d %s images -> %s",
+            name,
+            parity.reference,
+            parity.max_abs_diff_probability,
+            parity.prediction_agreement,
+            parity.n_images,
+            "val" if split else "synthetic",
+            "ok" if ok else "FAILED",
+        )
         if not ok:
             failures.append(f"{name}: parity failed ({parity})")
     for failure in failures:

@@ -27,7 +27,9 @@ class DrainingServer(uvicorn.Server):
         self._on_signal = on_signal
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        log.info("signal %d: readiness off, draining for up to %ss", sig, self.config.timeout_graceful_shutdown)
+        log.info(
+            "signal %d: readiness off, draining for up to %ss", sig, self.config.timeout_graceful_shutdown
+        )
         self._on_signal()
         super().handle_exit(sig, frame)
 
@@ -38,9 +40,15 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
     # The drain timeout goes through as given: int() turned 0.5 s into 0 (no drain at all).
-    return uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
-                          timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works; uvicorn hints int
-                          access_log=False)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works; uvicorn hints int
+        access_log=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings, metrics_host=args.host)
-    server = DrainingServer(uvicorn_config(app, settings, args.host, args.port), app.state.catdog.begin_draining)
+    server = DrainingServer(
+        uvicorn_config(app, settings, args.host, args.port), app.state.catdog.begin_draining
+    )
     # uvicorn restores the previous handler after its graceful shutdown and re-raises the signal
     # through it. With this handler a completed drain ends in exit status 0, which is what process
     # supervisors expect; a SIGTERM before uvicorn starts also exits cleanly (nothing in flight).

@@ -31,9 +31,16 @@ class AdmissionMiddleware:
             # A small body is read and dropped so the connection can stay open: closing it costs the
             # client a new connection per refusal, and the server its accept and setup.
             keep = await _drained(scope, receive)
-            await reject(scope, send, Overloaded.status, Overloaded.code,
-                         f"{self.in_progress} classification requests are in progress, the most this server "
-                         "takes at once; retry later", {"Retry-After": "1"}, close=not keep)
+            await reject(
+                scope,
+                send,
+                Overloaded.status,
+                Overloaded.code,
+                f"{self.in_progress} classification requests are in progress, the most this server "
+                "takes at once; retry later",
+                {"Retry-After": "1"},
+                close=not keep,
+            )
             return
         self.in_progress += 1
         try:
@@ -56,6 +63,6 @@ async def _drained(scope: Scope, receive: Receive) -> bool:
             while True:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
-                    return message["type"] == "http.request"
+                    return bool(message["type"] == "http.request")
     except TimeoutError:
         return False

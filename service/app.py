@@ -18,7 +18,7 @@ from service.classifier import Classifier
 from service.http_errors import install_error_handlers
 from service.imaging import DecodeLimits
 from service.manifest import Manifest
-from service.metrics import Metrics
+from service.metrics import ServiceMetrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import check_models, load_registry
 from service.routes import install_routes
@@ -30,20 +30,28 @@ from service.uploads import BodyLimitMiddleware
 log = logging.getLogger(__name__)
 
 
-async def _load(state: AppState, manifest: Manifest, paths: dict[str, Path], providers: list[str],
-                threads: int, on_fatal: Callable[[], None]) -> None:
+async def _load(
+    state: AppState,
+    manifest: Manifest,
+    paths: dict[str, Path],
+    providers: list[str],
+    threads: int,
+    on_fatal: Callable[[], None],
+) -> None:
     """Create and warm the sessions off the event loop; only then does /readyz answer 200."""
     try:
-        registry = await asyncio.to_thread(load_registry, state.settings, manifest, paths, providers, threads,
-                                           state.inference, state.metrics)
+        registry = await asyncio.to_thread(
+            load_registry, state.settings, manifest, paths, providers, threads, state.inference, state.metrics
+        )
     except Exception:
         log.critical("loading the models failed; the process cannot serve", exc_info=True)
         on_fatal()
         return
     registry.start()
     limits = DecodeLimits(state.settings.max_pixels, state.settings.max_decode_bytes)
-    state.classifier = Classifier(registry, state.decode_pool, state.metrics, limits,
-                                  state.settings.decode_threads)
+    state.classifier = Classifier(
+        registry, state.decode_pool, state.metrics, limits, state.settings.decode_threads
+    )
     state.ready = not state.draining
     state.metrics.ready.set(1 if state.ready else 0)
     log.info("ready: %s", ", ".join(registry.names()))
@@ -53,15 +61,18 @@ def _exit_process() -> None:
     os._exit(3)  # same code uvicorn uses for a failed start-up
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = _exit_process,
-               metrics_host: str = "127.0.0.1") -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    on_fatal: Callable[[], None] = _exit_process,
+    metrics_host: str = "127.0.0.1",
+) -> FastAPI:
     """The app; on_fatal runs if the models fail to load after start-up checks passed.
 
     metrics_host: the address the extra metrics port (CATDOG_METRICS_PORT) binds, the main
     server's --host, so that port is never more exposed than the service itself.
     """
     settings = settings or Settings()
-    state = AppState(settings, Metrics())
+    state = AppState(settings, ServiceMetrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,19 +93,28 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] = 
                 await state.classifier.registry.close()
             state.decode_pool.shutdown(wait=True)
             state.inference.shutdown()
-            log.info("drained and stopped; classification responses: %s",
-                     json.dumps(state.metrics.responses_by_outcome(), sort_keys=True))
+            log.info(
+                "drained and stopped; classification responses: %s",
+                json.dumps(state.metrics.responses_by_outcome(), sort_keys=True),
+            )
 
-    app = FastAPI(title="catdog-serve", version="0.1.0", lifespan=lifespan,
-                  description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.")
+    app = FastAPI(
+        title="catdog-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.",
+    )
     app.state.catdog = state
     # Added innermost first. Requests pass: ids -> counting -> admission -> body limits -> routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       idle_timeout_s=settings.body_timeout_s, min_bytes_per_s=settings.min_upload_bytes_per_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        idle_timeout_s=settings.body_timeout_s,
+        min_bytes_per_s=settings.min_upload_bytes_per_s,
+    )
     app.add_middleware(AdmissionMiddleware, max_in_progress=settings.max_concurrent_requests)
     app.add_middleware(OutcomeMiddleware, requests=state.metrics.requests, label_of=state.model_label)
     app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too
     install_error_handlers(app)
     install_routes(app, settings.max_files)
     return app
-

@@ -93,13 +93,13 @@ class BatchStats:
 
     def seconds_for(self, batch: int, fallback: float) -> float:
         """Estimated session.run time for a batch: measured when seen, else scaled from nearest."""
-        if batch in self.batch_seconds and self.batch_seconds[batch].value is not None:
-            return self.batch_seconds[batch].value  # type: ignore[return-value]
-        seen = {b: e.value for b, e in self.batch_seconds.items() if e.value is not None}
+        seen = {b: value for b, e in self.batch_seconds.items() if (value := e.value) is not None}
+        if batch in seen:
+            return seen[batch]
         if not seen:
             return fallback * batch
         nearest = min(seen, key=lambda b: abs(b - batch))
-        return seen[nearest] * batch / nearest  # type: ignore[operator]
+        return seen[nearest] * batch / nearest
 
 
 @dataclass
@@ -111,9 +111,18 @@ class Reservation:
 
 
 class Batcher:
-    def __init__(self, name: str, session: ort.InferenceSession, *, max_batch: int, max_wait_s: float,
-                 capacity: int, lane: InferenceLane, fallback_seconds: float,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        session: ort.InferenceSession,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        capacity: int,
+        lane: InferenceLane,
+        fallback_seconds: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.name = name
         self._session = session
         self._input = session.get_inputs()[0].name
@@ -151,16 +160,22 @@ class Batcher:
             self.failure = RuntimeError("the batcher task returned unexpectedly")
         if self.failure is None:
             return
-        log.critical("batcher for %s crashed; its requests now fail with 503 until the process restarts",
-                     self.name, exc_info=self.failure)
+        log.critical(
+            "batcher for %s crashed; its requests now fail with 503 until the process restarts",
+            self.name,
+            exc_info=self.failure,
+        )
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
                 job.future.set_exception(self._unavailable())
 
     def _unavailable(self) -> ModelUnavailable:
-        return ModelUnavailable(f"model {self.name} is unavailable: its batcher crashed ({self.failure!r}); "
-                                "the server reports not live and should be restarted", headers={"Retry-After": "5"})
+        return ModelUnavailable(
+            f"model {self.name} is unavailable: its batcher crashed ({self.failure!r}); "
+            "the server reports not live and should be restarted",
+            headers={"Retry-After": "5"},
+        )
 
     def backlog_seconds(self) -> float:
         """Predicted time until a newly queued image would start running."""
@@ -193,7 +208,8 @@ class Batcher:
         if self.pending + self.reserved + n_images > self.capacity:
             raise Overloaded(
                 f"model {self.name} queue is full ({self.pending} queued and {self.reserved} decoding of "
-                f"{self.capacity} places)", headers={"Retry-After": str(self.retry_after_seconds())},
+                f"{self.capacity} places)",
+                headers={"Retry-After": str(self.retry_after_seconds())},
             )
 
     @contextlib.contextmanager
@@ -208,8 +224,9 @@ class Batcher:
         finally:
             self.reserved -= held.places
 
-    async def infer(self, arrays: list[np.ndarray], deadline: float | None,
-                    reservation: Reservation | None = None) -> list[Inferred]:
+    async def infer(
+        self, arrays: list[np.ndarray], deadline: float | None, reservation: Reservation | None = None
+    ) -> list[Inferred]:
         """Logits per image, with its queue wait, inference time and batch size."""
         if reservation is not None and reservation.places >= len(arrays):
             # The places were held since admission: they become queued jobs now, unless the worker
@@ -276,8 +293,12 @@ class Batcher:
         for job in jobs:
             if job.future.done():
                 continue  # the client went away
-            if job.deadline is not None and job.deadline <= now + self.stats.seconds_for(1, self.fallback_seconds):
-                job.future.set_exception(DeadlineExceeded("deadline passed while queued (or too near to run)"))
+            if job.deadline is not None and job.deadline <= now + self.stats.seconds_for(
+                1, self.fallback_seconds
+            ):
+                job.future.set_exception(
+                    DeadlineExceeded("deadline passed while queued (or too near to run)")
+                )
             else:
                 live.append(job)
         if not live:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from catdog_core.probabilities import softmax
 from service.batching import Window
 from service.errors import BadRequest, DeadlineExceeded, ModelUnavailable, Overloaded, Unsatisfiable
 from service.imaging import DecodeLimits, preprocess
-from service.metrics import Metrics
+from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.selection import Candidate, choose_auto, needs_escalation
 
@@ -72,17 +73,22 @@ class _Run:
 
 
 def calibrated(logits: np.ndarray, temperature: float, labels: list[str]) -> Prediction:
-    scaled = logits.astype(np.float64) / temperature
-    exp = np.exp(scaled - scaled.max())
-    probs = exp / exp.sum()
+    probs = softmax(logits, temperature)
     best = int(probs.argmax())
-    return Prediction(labels[best], {label: float(p) for label, p in zip(labels, probs, strict=True)},
-                      float(probs[best]))
+    return Prediction(
+        labels[best], {label: float(p) for label, p in zip(labels, probs, strict=True)}, float(probs[best])
+    )
 
 
 class Classifier:
-    def __init__(self, registry: ModelRegistry, decode_executor: Executor, metrics: Metrics, limits: DecodeLimits,
-                 decode_threads: int) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        decode_executor: Executor,
+        metrics: ServiceMetrics,
+        limits: DecodeLimits,
+        decode_threads: int,
+    ) -> None:
         self.registry = registry
         self._decode_executor = decode_executor
         self._metrics = metrics
@@ -94,7 +100,9 @@ class Classifier:
 
     def predicted_seconds(self, model: LoadedModel, n_images: int) -> float:
         """Decode + wait for the shared inference thread + this model's own inference."""
-        decode = (self._decode_seconds[model.entry.name].value or 0.0) * math.ceil(n_images / self._decode_threads)
+        decode = (self._decode_seconds[model.entry.name].value or 0.0) * math.ceil(
+            n_images / self._decode_threads
+        )
         batcher = model.batcher
         return decode + self.registry.backlog_seconds(model) + batcher.inference_seconds(n_images)
 
@@ -103,18 +111,28 @@ class Classifier:
     async def direct(self, name: str | None, blobs: list[bytes], deadline: float | None) -> Answer:
         model = self.registry.get(name)
         run = await self._run(model, blobs, deadline)
-        answers = [ImageAnswer(p, model.entry.name, {model.entry.name: p.confidence}) for p in run.predictions]
+        answers = [
+            ImageAnswer(p, model.entry.name, {model.entry.name: p.confidence}) for p in run.predictions
+        ]
         return Answer("model", model.entry.name, answers, [model.entry.name], run.timings, run.batch_sizes)
 
-    async def auto(self, blobs: list[bytes], deadline: float | None, max_latency_ms: float | None,
-                   min_accuracy: float | None) -> Answer:
+    async def auto(
+        self,
+        blobs: list[bytes],
+        deadline: float | None,
+        max_latency_ms: float | None,
+        min_accuracy: float | None,
+    ) -> Answer:
         budget_ms = max_latency_ms
         if deadline is not None:  # a deadline is a latency budget too
             remaining_ms = (deadline - time.monotonic()) * 1000
             budget_ms = remaining_ms if budget_ms is None else min(budget_ms, remaining_ms)
         candidates = [
-            Candidate(name, m.entry.test.hardest_source[1] if m.entry.test else None,
-                      self.predicted_seconds(m, len(blobs)) * 1000)
+            Candidate(
+                name,
+                m.entry.test.hardest_source[1] if m.entry.test else None,
+                self.predicted_seconds(m, len(blobs)) * 1000,
+            )
             for name, m in self.registry.models.items()
         ]
         try:
@@ -128,8 +146,10 @@ class Classifier:
                 choose_auto(candidates, max_latency_ms, min_accuracy)
             except Unsatisfiable:
                 raise unsatisfiable from None
-            raise DeadlineExceeded(f"no model that meets the request's constraints can answer within its "
-                                   f"deadline ({budget_ms:.0f} ms left); {unsatisfiable.message}") from None
+            raise DeadlineExceeded(
+                f"no model that meets the request's constraints can answer within its "
+                f"deadline ({budget_ms:.0f} ms left); {unsatisfiable.message}"
+            ) from None
         self._metrics.selections.labels("auto", choice.candidate.name, choice.reason).inc()
         start = time.monotonic()
         answer = await self.direct(choice.candidate.name, blobs, deadline)
@@ -137,8 +157,13 @@ class Classifier:
         if budget_ms is not None and actual_ms > budget_ms:
             self._metrics.budget_misses.labels(choice.candidate.name).inc()
         answer.mode = "auto"
-        answer.selection = {"reason": choice.reason, "predicted_ms": round(choice.candidate.predicted_ms, 3),
-                            "actual_ms": round(actual_ms, 3), "budget_ms": budget_ms, "min_accuracy": min_accuracy}
+        answer.selection = {
+            "reason": choice.reason,
+            "predicted_ms": round(choice.candidate.predicted_ms, 3),
+            "actual_ms": round(actual_ms, 3),
+            "budget_ms": budget_ms,
+            "min_accuracy": min_accuracy,
+        }
         return answer
 
     def resolve_cascade(self, pair: str | None, min_confidence: float | None) -> tuple[str, str, float]:
@@ -157,26 +182,35 @@ class Classifier:
             return small, large, min_confidence
         if (small, large) not in calibrated_pairs:
             known = ", ".join(",".join(p) for p in calibrated_pairs) or "none"
-            raise BadRequest(f"no calibrated threshold for cascade {small},{large}: pass min_confidence, "
-                             f"or use a calibrated pair ({known})")
+            raise BadRequest(
+                f"no calibrated threshold for cascade {small},{large}: pass min_confidence, "
+                f"or use a calibrated pair ({known})"
+            )
         return small, large, calibrated_pairs[(small, large)]
 
-    async def cascade(self, blobs: list[bytes], deadline: float | None, pair: str | None,
-                      min_confidence: float | None) -> Answer:
+    async def cascade(
+        self, blobs: list[bytes], deadline: float | None, pair: str | None, min_confidence: float | None
+    ) -> Answer:
         small_name, large_name, threshold = self.resolve_cascade(pair, min_confidence)
         small, large = self.registry.get(small_name), self.registry.get(large_name)
         first = await self._run(small, blobs, deadline)
-        answers = [ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}) for p in first.predictions]
+        answers = [
+            ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}) for p in first.predictions
+        ]
         unsure = [i for i, p in enumerate(first.predictions) if needs_escalation(p.confidence, threshold)]
         timings, batch_sizes, models_run = first.timings, list(first.batch_sizes), [small.entry.name]
         second: _Run | None = None
-        if unsure and (deadline is None or time.monotonic() + self.predicted_seconds(large, len(unsure)) <= deadline):
+        if unsure and (
+            deadline is None or time.monotonic() + self.predicted_seconds(large, len(unsure)) <= deadline
+        ):
             try:
                 second = await self._run(large, [blobs[i] for i in unsure], deadline)
             except (Overloaded, DeadlineExceeded, ModelUnavailable) as exc:
                 # The small model's answers are already paid for: return them marked degraded
                 # rather than throw them away with a 503/504.
-                log.info("cascade escalation to %s failed (%s); answering degraded", large.entry.name, exc.code)
+                log.info(
+                    "cascade escalation to %s failed (%s); answering degraded", large.entry.name, exc.code
+                )
         if unsure and second is None:
             for i in unsure:  # no time or no room for the large model: say so instead of failing
                 answers[i].degraded = True
@@ -187,13 +221,29 @@ class Classifier:
             models_run.append(large.entry.name)
             self._metrics.escalations.labels(small.entry.name, large.entry.name).inc(len(unsure))
             for i, prediction in zip(unsure, second.predictions, strict=True):
-                answers[i] = ImageAnswer(prediction, large.entry.name,
-                                         {**answers[i].confidences, large.entry.name: prediction.confidence},
-                                         escalated=True)
-        reason = "degraded" if any(a.degraded for a in answers) else "escalated" if len(models_run) > 1 else "confident"
+                answers[i] = ImageAnswer(
+                    prediction,
+                    large.entry.name,
+                    {**answers[i].confidences, large.entry.name: prediction.confidence},
+                    escalated=True,
+                )
+        reason = (
+            "degraded"
+            if any(a.degraded for a in answers)
+            else "escalated"
+            if len(models_run) > 1
+            else "confident"
+        )
         self._metrics.selections.labels("cascade", answers[0].model, reason).inc()
-        return Answer("cascade", "cascade", answers, models_run, timings, batch_sizes,
-                      {"reason": reason, "threshold": threshold, "small": small.entry.name, "large": large.entry.name})
+        return Answer(
+            "cascade",
+            "cascade",
+            answers,
+            models_run,
+            timings,
+            batch_sizes,
+            {"reason": reason, "threshold": threshold, "small": small.entry.name, "large": large.entry.name},
+        )
 
     # -- one model -----------------------------------------------------------------------------
 
@@ -205,15 +255,28 @@ class Classifier:
         # Admission before work: the queue places are held (or 503) and the deadline checked
         # against the prediction before any image is decoded.
         with model.batcher.reservation(len(blobs)) as held:
-            _check_deadline(name, start, self.predicted_seconds(model, len(blobs)), deadline,
-                            "decoding, queue and inference")
-            arrays = list(await asyncio.gather(*(
-                loop.run_in_executor(self._decode_executor, preprocess, blob, model.size, self._limits)
-                for blob in blobs
-            )))
+            _check_deadline(
+                name,
+                start,
+                self.predicted_seconds(model, len(blobs)),
+                deadline,
+                "decoding, queue and inference",
+            )
+            arrays = list(
+                await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            self._decode_executor, preprocess, blob, model.size, self._limits
+                        )
+                        for blob in blobs
+                    )
+                )
+            )
             decoded = time.monotonic()
             self._metrics.decode_seconds.labels(name).observe(decoded - start)
-            self._decode_seconds[name].update((decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads)))
+            self._decode_seconds[name].update(
+                (decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads))
+            )
             # The wait for the lane plus this request's own images, all of them, not just one.
             remaining_s = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
             _check_deadline(name, decoded, remaining_s, deadline, "queue and inference")
@@ -232,5 +295,7 @@ class Classifier:
 def _check_deadline(name: str, now: float, predicted_s: float, deadline: float | None, what: str) -> None:
     """504 now, rather than work that cannot finish in time."""
     if deadline is not None and now + predicted_s > deadline:
-        raise DeadlineExceeded(f"deadline cannot be met by {name}: about {predicted_s * 1000:.1f} ms of {what} "
-                               f"predicted, {max(0.0, (deadline - now) * 1000):.1f} ms left")
+        raise DeadlineExceeded(
+            f"deadline cannot be met by {name}: about {predicted_s * 1000:.1f} ms of {what} "
+            f"predicted, {max(0.0, (deadline - now) * 1000):.1f} ms left"
+        )

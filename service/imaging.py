@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from catdog_core.preprocessing import to_array
 from service.errors import ImageTooLarge, InvalidImage
 
 # Decoders we accept. Everything else (PSD, EPS, ICO, ...) is refused before any decoding.
@@ -36,8 +37,19 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # conversion of a transparent P image, numpy's copy of 16/32-bit data. libwebp decodes into a
 # buffer of its own before Pillow copies it, so WebP costs 16 whatever the mode; BMP and GIF
 # measured a few percent over their mode's figure and are rounded up.
-_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 9, "PA": 9, "LA": 8, "RGBA": 8, "I": 12,
-                         "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6}
+_PEAK_BYTES_PER_PIXEL = {
+    "1": 2,
+    "L": 1,
+    "P": 9,
+    "PA": 9,
+    "LA": 8,
+    "RGBA": 8,
+    "I": 12,
+    "I;16": 6,
+    "I;16L": 6,
+    "I;16B": 6,
+    "I;16N": 6,
+}
 _DEFAULT_PEAK_BYTES_PER_PIXEL = 4
 _PEAK_BYTES_PER_PIXEL_BY_FORMAT = {"WEBP": 16, "BMP": 5, "GIF": 10}
 _REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}
@@ -52,8 +64,9 @@ class DecodeLimits:
 
 
 def decode_cost_bytes(mode: str, size: tuple[int, int], image_format: str | None = None) -> int:
-    per_pixel = _PEAK_BYTES_PER_PIXEL_BY_FORMAT.get(image_format or "", 0) or \
-        _PEAK_BYTES_PER_PIXEL.get(mode, _DEFAULT_PEAK_BYTES_PER_PIXEL)
+    per_pixel = _PEAK_BYTES_PER_PIXEL_BY_FORMAT.get(image_format or "", 0) or _PEAK_BYTES_PER_PIXEL.get(
+        mode, _DEFAULT_PEAK_BYTES_PER_PIXEL
+    )
     return size[0] * size[1] * per_pixel
 
 
@@ -67,18 +80,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"image has too many pixels: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImage(
-            f"not a decodable image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
-        ) from exc
+        raise InvalidImage(f"not a decodable image; accepted formats: {', '.join(ALLOWED_FORMATS)}") from exc
     except Exception as exc:  # OSError, ValueError, SyntaxError, and whatever else a parser raises
         raise InvalidImage(f"corrupt image header: {type(exc).__name__}: {exc}") from exc
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImage("image has no pixels")
     if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     return image
 
 
@@ -136,8 +145,10 @@ def decode(data: bytes, target_size: tuple[int, int], limits: DecodeLimits = Dec
             image.draft(image.mode, target_size)
         cost = decode_cost_bytes(image.mode, image.size, image.format)
         if cost > limits.max_bytes:
-            raise ImageTooLarge(f"decoding this {image.size[0]}x{image.size[1]} {image.mode} image needs about "
-                                f"{cost} bytes; the limit is {limits.max_bytes}")
+            raise ImageTooLarge(
+                f"decoding this {image.size[0]}x{image.size[1]} {image.mode} image needs about "
+                f"{cost} bytes; the limit is {limits.max_bytes}"
+            )
         image.seek(0)  # first frame of animations and multi-page TIFFs
         image.load()
     except (ImageTooLarge, Image.DecompressionBombError) as exc:
@@ -164,17 +175,13 @@ def _upright(image: Image.Image) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
         return image
     except Exception as exc:  # struct.error, TypeError, AttributeError, ... from the EXIF parser
-        raise InvalidImage(f"malformed EXIF metadata ({type(exc).__name__}: {exc}); "
-                           "re-save the image without EXIF") from exc
+        raise InvalidImage(
+            f"malformed EXIF metadata ({type(exc).__name__}: {exc}); re-save the image without EXIF"
+        ) from exc
 
 
-def to_array(image: Image.Image, target_size: tuple[int, int]) -> np.ndarray:
-    """Resize (squash) an RGB image to target_size=(width, height) and return HxWx3 uint8."""
-    if image.size != target_size:
-        image = image.resize(target_size, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def preprocess(data: bytes, target_size: tuple[int, int], limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def preprocess(
+    data: bytes, target_size: tuple[int, int], limits: DecodeLimits = DecodeLimits()
+) -> np.ndarray:
     """Bytes in, model input row out: the one path both the build and the service use."""
     return to_array(decode(data, target_size, limits), target_size)

@@ -22,14 +22,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", as_json: bool = False) -> None:
-    formatter = {"()": JsonFormatter} if as_json else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    logging.config.dictConfig({
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"default": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
-        "loggers": {
-            name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
-            for name in ("service", "uvicorn", "uvicorn.error", "uvicorn.access")
-        },
-    })
+    formatter = (
+        {"()": JsonFormatter} if as_json else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"default": formatter},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
+            "loggers": {
+                name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+                for name in ("service", "uvicorn", "uvicorn.error", "uvicorn.access")
+            },
+        }
+    )

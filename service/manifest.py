@@ -6,17 +6,19 @@ temperature) travels here with the model, so the service never hard-codes a size
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# 2: per-source figures (Metrics.by_source, CascadeEntry.test_by_source), the dataset's sources
+# 2: per-source figures (QualityFigures.by_source, CascadeEntry.test_by_source), the dataset's sources
 #    (Manifest.dataset) and ModelEntry.derived_from. A version-1 manifest is refused with a message
 #    to rebuild (`make models`): the build is reproducible, so migrating in place buys nothing.
-SCHEMA_VERSION = 2
+# 3: Latency.session_profile: the onnxruntime options the latency was measured with, the server's
+#    own (catdog_core.sessions); v2 figures were taken with memory patterns on, unlike the server.
+#    Older manifests are refused the same way: `make models` writes a v3 one from the same weights.
+SCHEMA_VERSION: Literal[3] = 3
 
 
 class _Strict(BaseModel):
@@ -45,7 +47,7 @@ class OutputSpec(_Strict):
     kind: Literal["logits"] = "logits"
 
 
-class SourceMetrics(_Strict):
+class SourceQuality(_Strict):
     """Classification quality on the photos of one source within a split."""
 
     n_images: int = Field(ge=0)
@@ -54,7 +56,7 @@ class SourceMetrics(_Strict):
     ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
 
 
-class Metrics(_Strict):
+class QualityFigures(_Strict):
     """Classification quality measured on one split with onnxruntime, overall and per source."""
 
     split: Literal["val", "test"]
@@ -63,8 +65,9 @@ class Metrics(_Strict):
     log_loss: float = Field(ge=0)
     ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
     ece_uncalibrated: float = Field(ge=0, le=1)
-    by_source: dict[str, SourceMetrics] = Field(
-        default_factory=dict, description="The same figures on each source's photos in this split.")
+    by_source: dict[str, SourceQuality] = Field(
+        default_factory=dict, description="The same figures on each source's photos in this split."
+    )
 
     @property
     def hardest_source(self) -> tuple[str, float]:
@@ -86,6 +89,9 @@ class Latency(_Strict):
     p50_ms_batch8: float = Field(gt=0, description="Per call of 8 images, not per image.")
     intra_op_threads: int = Field(gt=0)
     machine: str
+    session_profile: str = Field(
+        description="The onnxruntime session options the figures were measured with."
+    )
 
 
 class Parity(_Strict):
@@ -112,15 +118,18 @@ class ModelEntry(_Strict):
     family: str = Field(description="Backbone family, e.g. xception or mobilenet_v1.")
     precision: Literal["fp32", "int8"]
     derived_from: str | None = Field(
-        None, description="For a quantized variant: the name of the fp32 model it was made from.")
+        None, description="For a quantized variant: the name of the fp32 model it was made from."
+    )
     file: str = Field(description="File name relative to the manifest's folder.")
     sha256: str
     labels: list[str] = Field(min_length=2)
     temperature: float = Field(gt=0, description="Logits are divided by this before softmax.")
     input: InputSpec
     output: OutputSpec
-    test: Metrics | None = Field(description="Test-split metrics; None when built without the dataset.")
-    val: Metrics | None = None
+    test: QualityFigures | None = Field(
+        description="Test-split metrics; None when built without the dataset."
+    )
+    val: QualityFigures | None = None
     latency: Latency
     parameters: int = Field(gt=0)
     flops: int = Field(gt=0, description="Multiply-adds x 2 for one image.")
@@ -158,9 +167,11 @@ class CascadeEntry(_Strict):
     expected_cost_ratio: float = Field(
         ge=0, description="Mean compute per image relative to always running the large model."
     )
-    test: Metrics | None = Field(None, description="The cascade's own quality on the test split.")
+    test: QualityFigures | None = Field(None, description="The cascade's own quality on the test split.")
     test_escalation_rate: float | None = Field(None, ge=0, le=1)
-    test_cost_ratio: float | None = Field(None, ge=0, description="Measured mean compute on test / large model's.")
+    test_cost_ratio: float | None = Field(
+        None, ge=0, description="Measured mean compute on test / large model's."
+    )
     test_by_source: dict[str, CascadeSourceFigures] = Field(default_factory=dict)
 
 
@@ -171,11 +182,12 @@ class DatasetInfo(_Strict):
     seed: int
     roots: list[str] = Field(description="Folder names of the data roots (each one or more sources).")
     images_by_source: dict[str, dict[str, int]] = Field(
-        description="{split: {source: photos}} for train, val and test.")
+        description="{split: {source: photos}} for train, val and test."
+    )
 
 
 class Manifest(_Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     created: str
     models: dict[str, ModelEntry]
     cascades: list[CascadeEntry] = []
@@ -207,8 +219,10 @@ def load_manifest(path: Path) -> Manifest:
     text = path.read_text()
     version = json.loads(text).get("schema_version") if text.lstrip().startswith("{") else None
     if isinstance(version, int) and version < SCHEMA_VERSION:
-        raise ValueError(f"{path} has manifest schema version {version}; this service reads version "
-                         f"{SCHEMA_VERSION}: rebuild the models (`make models`)")
+        raise ValueError(
+            f"{path} has manifest schema version {version}; this service reads version "
+            f"{SCHEMA_VERSION}: rebuild the models (`make models`)"
+        )
     return Manifest.model_validate_json(text)
 
 
@@ -218,11 +232,3 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
 
 def manifest_json_schema() -> dict[str, object]:
     return Manifest.model_json_schema()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -11,43 +11,91 @@ _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 
 UNKNOWN_MODEL = "_unknown"  # label for requests whose model name matched nothing
 
 
-class Metrics:
+class ServiceMetrics:
     """One instance per app, on its own registry, so tests and several apps never collide."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("catdog_requests_total", "Classification requests.",
-                                ["model", "outcome", "status_class"], registry=r)
+        self.requests = Counter(
+            "catdog_requests_total",
+            "Classification requests.",
+            ["model", "outcome", "status_class"],
+            registry=r,
+        )
         self.images = Counter("catdog_images_total", "Images classified.", ["model"], registry=r)
-        self.decode_seconds = Histogram("catdog_decode_seconds", "Image decode + preprocess time.",
-                                        ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_seconds = Histogram("catdog_queue_wait_seconds", "Time waiting for a batch slot.",
-                                       ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("catdog_inference_seconds", "session.run time per batch.",
-                                           ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.request_seconds = Histogram("catdog_request_seconds", "End-to-end request time.",
-                                         ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("catdog_batch_size", "Images per inference batch.", ["model"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.decode_seconds = Histogram(
+            "catdog_decode_seconds",
+            "Image decode + preprocess time.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "catdog_queue_wait_seconds",
+            "Time waiting for a batch slot.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "catdog_inference_seconds",
+            "session.run time per batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "catdog_request_seconds",
+            "End-to-end request time.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "catdog_batch_size", "Images per inference batch.", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("catdog_queue_depth", "Images waiting per model.", ["model"], registry=r)
         self.in_flight = Gauge("catdog_in_flight_requests", "Requests being handled.", registry=r)
-        self.model_info = Gauge("catdog_model_info", "Loaded models (value 1).",
-                                ["model", "version", "device", "precision"], registry=r)
+        self.model_info = Gauge(
+            "catdog_model_info",
+            "Loaded models (value 1).",
+            ["model", "version", "device", "precision"],
+            registry=r,
+        )
         self.ready = Gauge("catdog_ready", "1 when every model is loaded and warm.", registry=r)
-        self.selections = Counter("catdog_selection_total", "Models chosen by auto/cascade.",
-                                  ["mode", "model", "reason"], registry=r)
-        self.escalations = Counter("catdog_cascade_escalations_total", "Cascade escalations.",
-                                   ["small", "large"], registry=r)
-        self.degraded = Counter("catdog_degraded_total", "Answers given without escalation for lack of time.",
-                                ["mode"], registry=r)
-        self.confidence = Histogram("catdog_confidence", "Calibrated top probability.", ["model"],
-                                    buckets=_CONFIDENCE_BUCKETS, registry=r)
-        self.budget_misses = Counter("catdog_budget_misses_total", "Requests slower than their budget.",
-                                     ["model"], registry=r)
+        self.selections = Counter(
+            "catdog_selection_total",
+            "Models chosen by auto/cascade.",
+            ["mode", "model", "reason"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "catdog_cascade_escalations_total", "Cascade escalations.", ["small", "large"], registry=r
+        )
+        self.degraded = Counter(
+            "catdog_degraded_total",
+            "Answers given without escalation for lack of time.",
+            ["mode"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "catdog_confidence",
+            "Calibrated top probability.",
+            ["model"],
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.budget_misses = Counter(
+            "catdog_budget_misses_total", "Requests slower than their budget.", ["model"], registry=r
+        )
 
     def responses_by_outcome(self) -> dict[str, int]:
         """Classification responses counted so far, as {"<outcome> <status class>": count}: logged
         at shutdown, so a drain can be checked against what clients received."""
-        return {f"{s.labels['outcome']} {s.labels['status_class']}": int(s.value)
-                for family in self.requests.collect() for s in family.samples if s.name.endswith("_total")}
+        return {
+            f"{s.labels['outcome']} {s.labels['status_class']}": int(s.value)
+            for family in self.requests.collect()
+            for s in family.samples
+            if s.name.endswith("_total")
+        }

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import onnxruntime as ort
+from prometheus_client import Histogram
 
+from catdog_core.hashing import sha256_file
 from service.batching import Batcher, InferenceLane
 from service.errors import ModelNotFound
-from service.manifest import Manifest, ModelEntry, load_manifest, sha256_file
-from service.metrics import Metrics
+from service.manifest import Manifest, ModelEntry, load_manifest
+from service.metrics import ServiceMetrics
 from service.runtime import create_session, device_of, warm
 from service.settings import Settings
 
@@ -58,8 +61,10 @@ class ModelRegistry:
         batch in it at a time: new work waits for its own model's whole queue, but for at most
         one batch of every other busy model.
         """
-        return sum(model.batcher.backlog_seconds() if model is target else model.batcher.next_batch_seconds()
-                   for model in self.models.values())
+        return sum(
+            model.batcher.backlog_seconds() if model is target else model.batcher.next_batch_seconds()
+            for model in self.models.values()
+        )
 
     def start(self) -> None:
         for model in self.models.values():
@@ -86,8 +91,15 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
     return manifest, paths
 
 
-def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path], providers: list[str],
-                  threads: int, lane: InferenceLane, metrics: Metrics) -> ModelRegistry:
+def load_registry(
+    settings: Settings,
+    manifest: Manifest,
+    paths: dict[str, Path],
+    providers: list[str],
+    threads: int,
+    lane: InferenceLane,
+    metrics: ServiceMetrics,
+) -> ModelRegistry:
     """Create and warm one session per model (slow: runs while /readyz still says 503)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
@@ -96,18 +108,27 @@ def load_registry(settings: Settings, manifest: Manifest, paths: dict[str, Path]
         histogram = metrics.batch_size.labels(name)
         inference = metrics.inference_seconds.labels(name)
 
-        def on_batch(size: int, seconds: float, _h=histogram, _i=inference) -> None:  # type: ignore[no-untyped-def]
-            _h.observe(size)
-            _i.observe(seconds)
+        on_batch = partial(_observe_batch, histogram, inference)
 
-        batcher = Batcher(name, session, max_batch=settings.max_batch_size,
-                          max_wait_s=settings.max_wait_ms / 1000, capacity=settings.queue_size,
-                          lane=lane, fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
-                          on_batch=on_batch)
+        batcher = Batcher(
+            name,
+            session,
+            max_batch=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            capacity=settings.queue_size,
+            lane=lane,
+            fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
+            on_batch=on_batch,
+        )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.
-        metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.pending)
+        metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "pending"))
         device = device_of(session)
         models[name] = LoadedModel(entry, session, batcher, device)
         metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)
         log.info("loaded %s (%s, %s) on %s", name, entry.version, entry.precision, device)
     return ModelRegistry(manifest, models, settings.default_model or manifest.default_model)
+
+
+def _observe_batch(sizes: Histogram, seconds_per_batch: Histogram, size: int, seconds: float) -> None:
+    sizes.observe(size)
+    seconds_per_batch.observe(seconds)

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from catdog_core.media import RAW_BODY_MEDIA_TYPES
 from service.classifier import Answer
 from service.errors import BadRequest, CatdogError, ClientClosed, ModelUnavailable, NotReady
 from service.http_errors import ERRORS
@@ -34,8 +35,6 @@ from service.uploads import read_images
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
 
 def _deadline(request: Request, timeout_ms: float | None, start: float) -> float | None:
@@ -74,22 +73,36 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _shape(answer: Answer, device: str, version: str | None, request_id: str, top: int | None,
-           total_ms: float) -> ClassifyResponse:
+def _shape(
+    answer: Answer, device: str, version: str | None, request_id: str, top: int | None, total_ms: float
+) -> ClassifyResponse:
     results = []
     for a in answer.answers:
         p = a.prediction
         ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
-        results.append(ImageResult(
-            label=p.label, model=a.model, confidence=p.confidence, probabilities=p.probabilities,
-            top=[TopEntry(label=k, probability=v) for k, v in ranked[:top]] if top else None,
-            confidences=a.confidences, escalated=a.escalated, degraded=a.degraded,
-        ))
+        results.append(
+            ImageResult(
+                label=p.label,
+                model=a.model,
+                confidence=p.confidence,
+                probabilities=p.probabilities,
+                top=[TopEntry(label=k, probability=v) for k, v in ranked[:top]] if top else None,
+                confidences=a.confidences,
+                escalated=a.escalated,
+                degraded=a.degraded,
+            )
+        )
     t = answer.timings
     return ClassifyResponse(
-        request_id=request_id, mode=answer.mode, model=answer.name, version=version, device=device,
-        models_run=answer.models_run, selection=Selection(**answer.selection) if answer.selection else None,
-        results=results, batch_sizes=answer.batch_sizes,
+        request_id=request_id,
+        mode=answer.mode,
+        model=answer.name,
+        version=version,
+        device=device,
+        models_run=answer.models_run,
+        selection=Selection(**answer.selection) if answer.selection else None,
+        results=results,
+        batch_sizes=answer.batch_sizes,
         timings_ms=TimingsMs(decode=t.decode_ms, queue=t.queue_ms, inference=t.inference_ms, total=total_ms),
     )
 
@@ -100,29 +113,75 @@ def install_routes(app: FastAPI, max_files: int) -> None:
             "required": True,
             "description": "One image as the raw body, or one or more `file` fields as multipart/form-data.",
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                    "file": {"type": "array", "minItems": 1, "maxItems": max_files,
-                             "items": {"type": "string", "format": "binary"}}}}},
-                **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": max_files,
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    }
+                },
+                **{
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in RAW_BODY_MEDIA_TYPES
+                },
             },
         }
     }
 
-    @app.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=classify_body,
-              summary="Classify one or more images as cat or dog")
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=ERRORS,
+        openapi_extra=classify_body,
+        summary="Classify one or more images as cat or dog",
+    )
     async def classify(
         request: Request,
         state: State,
         classifier: Core,
-        model: Annotated[str | None, Query(max_length=64, description=(
-            "A model name from /models, `auto` (the server picks by max_latency_ms / min_accuracy) or "
-            "`cascade` (small model first, large one when unsure). Default from settings."))] = None,
-        top: Annotated[int | None, Query(ge=1, le=16, description="Also return the N most probable labels.")] = None,
-        timeout_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="Deadline in ms (504 if missed).")] = None,
-        max_latency_ms: Annotated[float | None, Query(gt=0, le=3_600_000, description="auto: latency budget.")] = None,
-        min_accuracy: Annotated[float | None, Query(ge=0, le=1, description="auto: accuracy floor, compared with each model's lowest per-source test accuracy.")] = None,
-        cascade: Annotated[str | None, Query(max_length=130, description="cascade: `small,large` model names.")] = None,
-        min_confidence: Annotated[float | None, Query(ge=0, le=1, description="cascade: escalation threshold.")] = None,
+        model: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                description=(
+                    "A model name from /models, `auto` (the server picks by max_latency_ms / min_accuracy) "
+                    "or "
+                    "`cascade` (small model first, large one when unsure). Default from settings."
+                ),
+            ),
+        ] = None,
+        top: Annotated[
+            int | None, Query(ge=1, le=16, description="Also return the N most probable labels.")
+        ] = None,
+        timeout_ms: Annotated[
+            float | None, Query(gt=0, le=3_600_000, description="Deadline in ms (504 if missed).")
+        ] = None,
+        max_latency_ms: Annotated[
+            float | None, Query(gt=0, le=3_600_000, description="auto: latency budget.")
+        ] = None,
+        min_accuracy: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=1,
+                description=(
+                    "auto: accuracy floor, compared with each model's lowest per-source test accuracy."
+                ),
+            ),
+        ] = None,
+        cascade: Annotated[
+            str | None, Query(max_length=130, description="cascade: `small,large` model names.")
+        ] = None,
+        min_confidence: Annotated[
+            float | None, Query(ge=0, le=1, description="cascade: escalation threshold.")
+        ] = None,
     ) -> ClassifyResponse:
         start = time.monotonic()
         deadline = _deadline(request, timeout_ms, start)
@@ -145,15 +204,22 @@ def install_routes(app: FastAPI, max_files: int) -> None:
 
     @app.get("/models", response_model=ModelList, responses={503: ERRORS[503]})
     async def list_models(registry: Registry) -> ModelList:
-        cascades = [CascadeInfo(small=c.small, large=c.large, threshold=c.threshold,
-                                test_accuracy=c.test.accuracy if c.test else None,
-                                test_escalation_rate=c.test_escalation_rate, test_cost_ratio=c.test_cost_ratio,
-                                test_accuracy_by_source={s: f.accuracy for s, f in c.test_by_source.items()},
-                                test_escalation_rate_by_source={s: f.escalation_rate
-                                                                for s, f in c.test_by_source.items()})
-                    for c in registry.manifest.cascades]
-        return ModelList(default=registry.default, models=[_info(registry, n) for n in registry.names()],
-                         cascades=cascades)
+        cascades = [
+            CascadeInfo(
+                small=c.small,
+                large=c.large,
+                threshold=c.threshold,
+                test_accuracy=c.test.accuracy if c.test else None,
+                test_escalation_rate=c.test_escalation_rate,
+                test_cost_ratio=c.test_cost_ratio,
+                test_accuracy_by_source={s: f.accuracy for s, f in c.test_by_source.items()},
+                test_escalation_rate_by_source={s: f.escalation_rate for s, f in c.test_by_source.items()},
+            )
+            for c in registry.manifest.cascades
+        ]
+        return ModelList(
+            default=registry.default, models=[_info(registry, n) for n in registry.names()], cascades=cascades
+        )
 
     @app.get("/models/{name}", response_model=ModelInfo, responses={404: ERRORS[404], 503: ERRORS[503]})
     async def get_model(name: str, registry: Registry) -> ModelInfo:
@@ -187,7 +253,9 @@ def install_routes(app: FastAPI, max_files: int) -> None:
 def _check_batchers(state: AppState) -> None:
     crashed = state.classifier.registry.crashed() if state.classifier is not None else []
     if crashed:
-        raise ModelUnavailable(f"the batcher of {', '.join(crashed)} crashed (see the log); restart the process")
+        raise ModelUnavailable(
+            f"the batcher of {', '.join(crashed)} crashed (see the log); restart the process"
+        )
 
 
 def _info(registry: ModelRegistry, name: str) -> ModelInfo:
@@ -196,14 +264,22 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
     test = entry.test
     hardest = test.hardest_source if test else (None, None)
     return ModelInfo(
-        name=name, version=entry.version, family=entry.family, precision=entry.precision, device=loaded.device,
-        labels=entry.labels, input_width=entry.input.width, input_height=entry.input.height,
+        name=name,
+        version=entry.version,
+        family=entry.family,
+        precision=entry.precision,
+        device=loaded.device,
+        labels=entry.labels,
+        input_width=entry.input.width,
+        input_height=entry.input.height,
         test_accuracy=test.accuracy if test else None,
-        test_log_loss=test.log_loss if test else None, test_ece=test.ece if test else None,
+        test_log_loss=test.log_loss if test else None,
+        test_ece=test.ece if test else None,
         test_accuracy_by_source={s: m.accuracy for s, m in test.by_source.items()} if test else {},
-        selection_accuracy=hardest[1], selection_accuracy_source=hardest[0], derived_from=entry.derived_from,
+        selection_accuracy=hardest[1],
+        selection_accuracy_source=hardest[0],
+        derived_from=entry.derived_from,
         build_latency_p50_ms_batch1=entry.latency.p50_ms_batch1,
         live_latency_p50_ms=live.value * 1000 if live and live.value is not None else None,
         queue_depth=loaded.batcher.pending,
     )
-

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from catdog_core.sessions import session_options
+
 log = logging.getLogger(__name__)
 
 
@@ -56,16 +58,7 @@ def resolve_providers(choice: str) -> list[str]:
 
 
 def create_session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Memory patterns pre-plan one block per input shape, and the arena keeps each of them: with
-    # batch sizes 1..8 on all four models the process reached 1.47 GiB, against 0.85 GiB without
-    # patterns, at the same or better speed (bench notes in the README). Batches vary in size
-    # here, which is the case patterns do not help.
-    options.enable_mem_pattern = False
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime silently falls back to CPU when CUDA libraries fail to load.
         raise ProviderUnavailable(f"CUDA provider failed to initialise for {path}; see onnxruntime's log")

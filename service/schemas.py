@@ -25,7 +25,9 @@ class ImageResult(BaseModel):
     confidence: float = Field(description="Calibrated probability of the label.")
     probabilities: dict[str, float] = Field(description="Calibrated probability per label.")
     top: list[TopEntry] | None = Field(None, description="The `top` most probable labels, when asked.")
-    confidences: dict[str, float] = Field(description="Calibrated top probability of every model that ran on it.")
+    confidences: dict[str, float] = Field(
+        description="Calibrated top probability of every model that ran on it."
+    )
     escalated: bool = Field(False, description="cascade: the small model was unsure, the large one answered.")
     degraded: bool = Field(False, description="cascade: unsure, but the deadline left no time to escalate.")
 
@@ -38,7 +40,9 @@ class TimingsMs(BaseModel):
 
 
 class Selection(BaseModel):
-    reason: str = Field(description="auto: most_accurate or latency_budget; cascade: confident, escalated, degraded.")
+    reason: str = Field(
+        description="auto: most_accurate or latency_budget; cascade: confident, escalated, degraded."
+    )
     predicted_ms: float | None = Field(None, description="auto: predicted latency of the chosen model.")
     actual_ms: float | None = Field(None, description="auto: measured latency of the chosen model.")
     budget_ms: float | None = Field(None, description="auto: the latency budget applied.")
@@ -74,20 +78,26 @@ class ModelInfo(BaseModel):
     test_log_loss: float | None
     test_ece: float | None
     test_accuracy_by_source: dict[str, float] = Field(
-        default_factory=dict, description="Test accuracy on each photo source the build saw.")
+        default_factory=dict, description="Test accuracy on each photo source the build saw."
+    )
     selection_accuracy: float | None = Field(
-        description="What model=auto's min_accuracy is compared with: the lowest per-source test accuracy.")
+        description="What model=auto's min_accuracy is compared with: the lowest per-source test accuracy."
+    )
     selection_accuracy_source: str | None = Field(description="The source that figure comes from.")
     derived_from: str | None = Field(None, description="The fp32 model a quantized variant was made from.")
     build_latency_p50_ms_batch1: float = Field(description="Bare onnxruntime, build machine.")
-    live_latency_p50_ms: float | None = Field(description="Median of recent batch-1 inference times on this server.")
+    live_latency_p50_ms: float | None = Field(
+        description="Median of recent batch-1 inference times on this server."
+    )
     queue_depth: int
 
 
 class CascadeInfo(BaseModel):
     small: str
     large: str
-    threshold: float = Field(description="Escalate when the small model's calibrated confidence is below this.")
+    threshold: float = Field(
+        description="Escalate when the small model's calibrated confidence is below this."
+    )
     test_accuracy: float | None
     test_escalation_rate: float | None
     test_cost_ratio: float | None = Field(description="Mean compute per image relative to the large model.")

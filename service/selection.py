@@ -20,7 +20,7 @@ from service.errors import Unsatisfiable
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    # The lowest per-source test accuracy from the manifest (Metrics.hardest_source); None when not
+    # The lowest per-source test accuracy from the manifest (QualityFigures.hardest_source); None when not
     # measured. A caller asking for 99 % should get it on the hardest kind of photo the build saw.
     accuracy: float | None
     predicted_ms: float
@@ -32,7 +32,9 @@ class Choice:
     reason: str  # a small fixed set: it is a metric label
 
 
-def choose_auto(candidates: list[Candidate], max_latency_ms: float | None, min_accuracy: float | None) -> Choice:
+def choose_auto(
+    candidates: list[Candidate], max_latency_ms: float | None, min_accuracy: float | None
+) -> Choice:
     """The most accurate candidate within both constraints (faster wins a tie)."""
     accurate = [c for c in candidates if min_accuracy is None or (c.accuracy or 0.0) >= min_accuracy]
     fitting = [c for c in accurate if max_latency_ms is None or c.predicted_ms <= max_latency_ms]
@@ -44,18 +46,27 @@ def choose_auto(candidates: list[Candidate], max_latency_ms: float | None, min_a
     raise Unsatisfiable(_explain(candidates, accurate, max_latency_ms, min_accuracy))
 
 
-def _explain(candidates: list[Candidate], accurate: list[Candidate], max_latency_ms: float | None,
-             min_accuracy: float | None) -> str:
+def _explain(
+    candidates: list[Candidate],
+    accurate: list[Candidate],
+    max_latency_ms: float | None,
+    min_accuracy: float | None,
+) -> str:
     fastest = min(candidates, key=lambda c: c.predicted_ms)
     best = max(candidates, key=lambda c: c.accuracy or 0.0)
-    figures = (f"most accurate: {best.name} {100 * (best.accuracy or 0):.2f} % at ~{best.predicted_ms:.0f} ms; "
-               f"fastest: {fastest.name} ~{fastest.predicted_ms:.0f} ms at {100 * (fastest.accuracy or 0):.2f} %")
+    figures = (
+        f"most accurate: {best.name} {100 * (best.accuracy or 0):.2f} % at ~{best.predicted_ms:.0f} ms; "
+        f"fastest: {fastest.name} ~{fastest.predicted_ms:.0f} ms at {100 * (fastest.accuracy or 0):.2f} %"
+    )
     if not accurate:
         return f"no model reaches min_accuracy={min_accuracy}; {figures}"
     quickest_accurate = min(accurate, key=lambda c: c.predicted_ms)
-    return (f"no model with accuracy >= {min_accuracy or 0} fits max_latency_ms={max_latency_ms} now "
-            f"(the quickest that does, {quickest_accurate.name}, needs ~{quickest_accurate.predicted_ms:.0f} ms); "
-            f"{figures}")
+    return (
+        f"no model with accuracy >= {min_accuracy or 0} fits max_latency_ms={max_latency_ms} now "
+        f"(the quickest that does, {quickest_accurate.name}, "
+        f"needs ~{quickest_accurate.predicted_ms:.0f} ms); "
+        f"{figures}"
+    )
 
 
 def needs_escalation(confidence: float, threshold: float) -> bool:

@@ -58,13 +58,18 @@ class Settings(BaseSettings):
         """The most memory requests can take on top of the loaded models (README, "Memory"):
         every admitted request's body, twice over while a raw body is joined from its chunks, and
         every decode thread's costliest image (max_decode_bytes bounds one decode's peak)."""
-        return 2 * self.max_concurrent_requests * self.max_body_bytes + self.decode_threads * self.max_decode_bytes
+        return (
+            2 * self.max_concurrent_requests * self.max_body_bytes
+            + self.decode_threads * self.max_decode_bytes
+        )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.queue_size < self.max_batch_size:
             raise ValueError("queue_size must be at least max_batch_size")
         if self.queue_size < self.max_files:
-            raise ValueError(f"queue_size ({self.queue_size}) must be at least max_files ({self.max_files}): "
-                             "a request with max_files images could never be admitted")
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must be at least max_files ({self.max_files}): "
+                "a request with max_files images could never be admitted"
+            )
         return self

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from service.batching import InferenceLane
 from service.classifier import Classifier
 from service.errors import NotReady
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
 
@@ -24,7 +24,7 @@ class AppState:
     """Everything the routes need, built by the lifespan and reachable from each request."""
 
     settings: Settings
-    metrics: Metrics
+    metrics: ServiceMetrics
     classifier: Classifier | None = None  # set once the models are loaded and warm
     ready: bool = False
     draining: bool = False
@@ -71,4 +71,3 @@ def get_classifier(request: Request) -> Classifier:
 State = Annotated[AppState, Depends(get_state)]
 Registry = Annotated[ModelRegistry, Depends(get_registry)]
 Core = Annotated[Classifier, Depends(get_classifier)]
-

@@ -11,11 +11,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from catdog_core.media import RAW_BODY_MEDIA_TYPES
 from service.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
-RAW_MEDIA_TYPES = frozenset(
-    {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream"}
-)
+RAW_MEDIA_TYPES = frozenset(RAW_BODY_MEDIA_TYPES)
 
 
 class BodyLimitMiddleware:
@@ -27,8 +26,9 @@ class BodyLimitMiddleware:
     its partial body already takes: without them 30 stalled 19 MB uploads held 573 MiB for ever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 10.0,
-                 min_bytes_per_s: int = 0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 10.0, min_bytes_per_s: int = 0
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -74,8 +74,11 @@ class BodyLimitMiddleware:
         if complete or not self.min_bytes_per_s or elapsed <= self.idle_timeout_s:
             return
         if received / elapsed < self.min_bytes_per_s:
-            raise RequestTimeout(f"upload too slow: {received / elapsed:.0f} bytes/s after {elapsed:.0f} s; "
-                                 f"at least {self.min_bytes_per_s} bytes/s is needed", headers=_CLOSE)
+            raise RequestTimeout(
+                f"upload too slow: {received / elapsed:.0f} bytes/s after {elapsed:.0f} s; "
+                f"at least {self.min_bytes_per_s} bytes/s is needed",
+                headers=_CLOSE,
+            )
 
     def _message(self, size: int, at_least: bool = False) -> str:
         return f"body is {'over ' if at_least else ''}{size} bytes; the limit is {self.max_bytes}"
@@ -86,15 +89,25 @@ class BodyLimitMiddleware:
 _CLOSE = {"Connection": "close"}
 
 
-async def reject(scope: Scope, send: Send, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None, close: bool = True) -> None:
+async def reject(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    close: bool = True,
+) -> None:
     """Answer from ASGI middleware, before the app; close unless the body has been read. The code
     is recorded for OutcomeMiddleware, like the app's error handlers do."""
     scope.setdefault("state", {})["outcome"] = code
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers_: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           *([(b"connection", b"close")] if close else []),
-                           *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())]
+    headers_: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *([(b"connection", b"close")] if close else []),
+        *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers_})
     await send({"type": "http.response.body", "body": body})
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.settings import Settings
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_readme_lists_every_setting() -> None:

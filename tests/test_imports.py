@@ -16,9 +16,14 @@ MODULES = sorted(
     for package in (service, model_export, bench)
     for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
     if not info.name.startswith("bench.baselines.")  # baselines start servers or need litserve
-    and info.name not in ("service.__main__", "model_export.__main__", "bench.__main__",
-                          # a locustfile: Locust (the bench extra) runs it with its settings in the environment
-                          "bench.open_loop_locustfile")
+    and info.name
+    not in (
+        "service.__main__",
+        "model_export.__main__",
+        "bench.__main__",
+        # a locustfile: Locust (the bench extra) runs it with its settings in the environment
+        "bench.open_loop_locustfile",
+    )
 )
 
 

@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.calibration import softmax
+from catdog_core.probabilities import softmax
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import logits_on, metrics
 from model_export.weights_io import read_record
 from service.manifest import Manifest, load_manifest
-from tests.conftest import BUILT_MODELS, ROOT, SHARED_DATA_ROOTS, Server, run_server
+from tests.support import BUILT_MODELS, ROOT, SHARED_DATA_ROOTS, Server, run_server
 
 pytestmark = [
     pytest.mark.models,
     pytest.mark.skipif(not (BUILT_MODELS / "manifest.json").exists(), reason="run `make models` first"),
-    pytest.mark.skipif(not all(root.is_dir() for root in SHARED_DATA_ROOTS),
-                       reason="the development dataset is not beside the checkout"),
+    pytest.mark.skipif(
+        not all(root.is_dir() for root in SHARED_DATA_ROOTS),
+        reason="the development dataset is not beside the checkout",
+    ),
 ]
 N_PER_STRATUM = 4  # photos per (class, source) from the test split
 
@@ -42,8 +44,11 @@ def split() -> Split:
 def test_samples(split: Split) -> list[Sample]:
     """A few photos of each class and source from the documented test split (never tuned on)."""
     strata = sorted({(s.label, s.source) for s in split.samples["test"]})
-    return [s for stratum in strata
-            for s in [t for t in split.samples["test"] if (t.label, t.source) == stratum][:N_PER_STRATUM]]
+    return [
+        s
+        for stratum in strata
+        for s in [t for t in split.samples["test"] if (t.label, t.source) == stratum][:N_PER_STRATUM]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +61,12 @@ def classify(server: Server, blobs: list[bytes], model: str) -> list[dict[str, o
     files = [("file", (f"{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
     response = httpx.post(f"{server.url}/classify", params={"model": model}, files=files, timeout=120)
     assert response.status_code == 200, response.text
-    return response.json()["results"]  # type: ignore[no-any-return]
+    return response.json()["results"]
 
 
-def test_manifest_carries_per_source_figures_for_the_documented_split(manifest: Manifest, split: Split) -> None:
+def test_manifest_carries_per_source_figures_for_the_documented_split(
+    manifest: Manifest, split: Split
+) -> None:
     assert manifest.dataset is not None and manifest.dataset.split_sha256 == split.sha256
     assert manifest.dataset.images_by_source == split.source_counts()
     for name, entry in manifest.models.items():
@@ -79,8 +86,13 @@ def test_recorded_figures_are_what_the_built_model_measures(manifest: Manifest, 
     entry = manifest.models["mobilenet-160"]
     assert entry.test is not None
     loaded = load_images(split.samples["test"], entry.input.width, "test photos")
-    measured = metrics(logits_on(BUILT_MODELS / entry.file, loaded.arrays), loaded.labels, entry.temperature, "test",
-                       np.asarray(loaded.sources))
+    measured = metrics(
+        logits_on(BUILT_MODELS / entry.file, loaded.arrays),
+        loaded.labels,
+        entry.temperature,
+        "test",
+        np.asarray(loaded.sources),
+    )
     assert measured.n_images == entry.test.n_images
     assert measured.accuracy == pytest.approx(entry.test.accuracy, abs=1e-9)
     for source, figures in entry.test.by_source.items():
@@ -94,8 +106,8 @@ def test_every_model_answers_correctly_on_real_photos_and_matches_the_build(
     blobs = [s.path.read_bytes() for s in test_samples]
     labels = np.array([s.label for s in test_samples])
     for name, entry in manifest.models.items():
-        results = [r for i in range(0, len(blobs), 8) for r in classify(real_server, blobs[i:i + 8], name)]
-        served = np.array([[r["probabilities"][label] for label in entry.labels] for r in results])  # type: ignore[index]
+        results = [r for i in range(0, len(blobs), 8) for r in classify(real_server, blobs[i : i + 8], name)]
+        served = np.array([[r["probabilities"][label] for label in entry.labels] for r in results])
         accuracy = float((served.argmax(1) == labels).mean())
         assert accuracy >= 0.9, f"{name}: {accuracy:.3f} on {len(labels)} test photos"
         # Golden parity: the service reproduces the build's own probabilities on the same files.
@@ -118,14 +130,27 @@ def test_exif_rotated_photo_keeps_its_label(real_server: Server, test_samples: l
     for model in ("xception", "mobilenet"):
         original, rotated = classify(real_server, [upright.getvalue(), buffer.getvalue()], model)
         assert original["label"] == rotated["label"] == ("cat", "dog")[test_samples[0].label]
-        assert abs(original["confidence"] - rotated["confidence"]) < 0.05  # type: ignore[operator]
+        assert abs(original["confidence"] - rotated["confidence"]) < 0.05
 
 
 @pytest.mark.slow
 def test_verify_command_passes_on_the_built_models() -> None:
-    result = subprocess.run([sys.executable, "-m", "model_export", "verify", "--out", str(BUILT_MODELS),
-                             "--data", *map(str, SHARED_DATA_ROOTS)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_export",
+            "verify",
+            "--out",
+            str(BUILT_MODELS),
+            "--data",
+            *map(str, SHARED_DATA_ROOTS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "FAILED" not in result.stderr
 
@@ -136,4 +161,3 @@ def test_models_endpoint_reports_live_latency(real_server: Server, test_samples:
     assert info["live_latency_p50_ms"] is not None and info["live_latency_p50_ms"] > 0
     assert info["test_accuracy"] >= 0.97
     assert info["selection_accuracy"] == min(info["test_accuracy_by_source"].values())
-

@@ -27,11 +27,13 @@ class CatDogAPI(ls.LitAPI):
         self.entry = load_manifest(models / "manifest.json").models[os.environ["CATDOG_BENCH_MODEL"]]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(os.environ.get("CATDOG_INTRA_OP_THREADS", "2"))
-        self.session = ort.InferenceSession(str(models / self.entry.file), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(models / self.entry.file), options, providers=["CPUExecutionProvider"]
+        )
 
     # No annotation on `request`: LitServe would take one as a request model to validate against
     # (every request then got 422); unannotated, it passes the parsed JSON body.
-    def decode_request(self, request):  # type: ignore[no-untyped-def]
+    def decode_request(self, request):
         image = Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
         size = (self.entry.input.width, self.entry.input.height)
         return np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.uint8)
@@ -53,4 +55,6 @@ class CatDogAPI(ls.LitAPI):
 
 if __name__ == "__main__":
     api = CatDogAPI(max_batch_size=8, batch_timeout=0.002)
-    ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(port=int(sys.argv[1]), generate_client_file=False)
+    ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(
+        port=int(sys.argv[1]), generate_client_file=False
+    )

@@ -13,7 +13,7 @@ import yaml
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 OVERLAYS = ("cpu", "gpu")
 OLDEST_KUBERNETES = "1.29.0"  # preStop sleep needs >= 1.29 (beta, on by default from 1.30)
@@ -33,8 +33,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {}
     for overlay in (*OVERLAYS, "monitoring"):
         source = ROOT / "k8s" / ("monitoring" if overlay == "monitoring" else f"overlays/{overlay}")
-        text = subprocess.run([tool("kubectl"), "kustomize", str(source)], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [tool("kubectl"), "kustomize", str(source)], capture_output=True, text=True, check=True
+        ).stdout
         paths[overlay] = out / f"{overlay}.yaml"
         paths[overlay].write_text(text)
     return paths
@@ -45,14 +46,21 @@ def documents(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def test_yaml_is_lint_clean() -> None:
-    result = subprocess.run([tool("yamllint"), "-s", "k8s", ".yamllint.yaml"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("yamllint"), "-s", "k8s", ".yamllint.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_validates_strictly_against_the_oldest_supported_kubernetes(rendered: dict[str, Path], overlay: str) -> None:
-    result = subprocess.run([tool("kubernetes-validate"), "--strict", "-k", OLDEST_KUBERNETES, "--quiet",
-                             str(rendered[overlay])], capture_output=True, text=True)
+def test_overlay_validates_strictly_against_the_oldest_supported_kubernetes(
+    rendered: dict[str, Path], overlay: str
+) -> None:
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", OLDEST_KUBERNETES, "--quiet", str(rendered[overlay])],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -67,15 +75,18 @@ def test_selectors_probes_and_ports_fit_together(rendered: dict[str, Path], over
     deployment, service = docs["Deployment"], docs["Service"]
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
-    for selector in (deployment["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
-                     docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
-                     docs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"],
+        docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        docs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"],
+    ):
         assert selector.items() <= labels.items(), selector
     container = pod["spec"]["containers"][0]
     port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert service["spec"]["ports"][0]["targetPort"] in port_names
     assert str(port_names["http"]) in container["args"]
-    routes = {route.path for route in create_app(Settings()).routes}  # type: ignore[attr-defined]
+    routes = {route.path for route in create_app(Settings()).routes}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] in port_names
         assert container[probe]["httpGet"]["path"] in routes, probe
@@ -112,8 +123,14 @@ def test_scaling_and_disruption_rules(rendered: dict[str, Path], overlay: str) -
 def test_pods_are_restricted_and_cpu_is_guaranteed(rendered: dict[str, Path], overlay: str) -> None:
     docs = documents(rendered[overlay])
     pod = docs["Deployment"]["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    assert pod["automountServiceAccountToken"] is False and docs["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert (
+        pod["securityContext"]["runAsNonRoot"]
+        and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert (
+        pod["automountServiceAccountToken"] is False
+        and docs["ServiceAccount"]["automountServiceAccountToken"] is False
+    )
     container = pod["containers"][0]
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
@@ -140,12 +157,17 @@ def test_gpu_overlay_asks_for_a_gpu_and_refuses_cpu_fallback(rendered: dict[str,
 
 
 def test_monitoring_rules_and_dashboard_use_metrics_the_service_exports(rendered: dict[str, Path]) -> None:
-    from service.metrics import Metrics
+    from service.metrics import ServiceMetrics
 
     exported = set()
-    for family in Metrics().registry.collect():
-        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum",
-                     f"{family.name}_count"}
+    for family in ServiceMetrics().registry.collect():
+        exported |= {
+            family.name,
+            f"{family.name}_total",
+            f"{family.name}_bucket",
+            f"{family.name}_sum",
+            f"{family.name}_count",
+        }
     text = rendered["monitoring"].read_text() + (ROOT / "k8s/base/hpa.yaml").read_text()
     import re
 
@@ -175,4 +197,6 @@ def test_memory_limit_follows_from_the_worst_case_formula(rendered: dict[str, Pa
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     limit = _mebibytes(container["resources"]["limits"]["memory"])
     worst = IDLE_RSS_MIB + settings.worst_case_request_memory_bytes() / 2**20
-    assert limit >= worst / 0.8, f"limit {limit:.0f} MiB < {worst / 0.8:.0f} MiB (worst case {worst:.0f} MiB / 0.8)"
+    assert limit >= worst / 0.8, (
+        f"limit {limit:.0f} MiB < {worst / 0.8:.0f} MiB (worst case {worst:.0f} MiB / 0.8)"
+    )

@@ -23,8 +23,9 @@ def test_temperature_recovers_a_known_overconfidence() -> None:
     temperature = fit_temperature(overconfident, labels)
     assert 2.5 < temperature < 3.5
     assert log_loss(softmax(overconfident, temperature), labels) < log_loss(softmax(overconfident), labels)
-    assert expected_calibration_error(softmax(overconfident, temperature), labels) < \
-        expected_calibration_error(softmax(overconfident), labels)
+    assert expected_calibration_error(
+        softmax(overconfident, temperature), labels
+    ) < expected_calibration_error(softmax(overconfident), labels)
 
 
 def test_separable_validation_does_not_drive_the_temperature_to_zero() -> None:

@@ -25,10 +25,14 @@ def test_split_is_deterministic_stratified_and_disjoint(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "data", {"cat": 40, "dog": 60})
     first, again = stratified_split(root, seed=7), stratified_split(root, seed=7)
     assert first.sha256 == again.sha256
-    assert {k: [s.path for s in v] for k, v in first.samples.items()} == \
-        {k: [s.path for s in v] for k, v in again.samples.items()}
-    assert first.counts() == {"train": {"cat": 28, "dog": 42}, "val": {"cat": 6, "dog": 9},
-                              "test": {"cat": 6, "dog": 9}}
+    assert {k: [s.path for s in v] for k, v in first.samples.items()} == {
+        k: [s.path for s in v] for k, v in again.samples.items()
+    }
+    assert first.counts() == {
+        "train": {"cat": 28, "dog": 42},
+        "val": {"cat": 6, "dog": 9},
+        "test": {"cat": 6, "dog": 9},
+    }
     all_paths = [s.path for v in first.samples.values() for s in v]
     assert len(all_paths) == len(set(all_paths)) == 100
 
@@ -66,8 +70,12 @@ def test_bad_fractions_are_refused(tmp_path: Path) -> None:
 def test_split_is_stratified_by_class_and_source_across_roots(tmp_path: Path) -> None:
     web = image_folder(tmp_path / "web", {"cat": 20, "dog": 40})
     more = tmp_path / "more"
-    for label, prefix, count in (("cat", "kaggle", 20), ("cat", "breed", 40), ("dog", "kaggle", 20),
-                                 ("dog", "breed", 20)):
+    for label, prefix, count in (
+        ("cat", "kaggle", 20),
+        ("cat", "breed", 40),
+        ("dog", "kaggle", 20),
+        ("dog", "breed", 20),
+    ):
         (more / label).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             Image.new("RGB", (4, 4), (i, 0, 0)).save(more / label / f"{prefix}_{i:03d}.png")
@@ -77,8 +85,11 @@ def test_split_is_stratified_by_class_and_source_across_roots(tmp_path: Path) ->
     for name, share in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
         strata = {(s.label, s.source) for s in split.samples[name]}
         assert len(strata) == 6
-        assert split.source_counts()[name] == {"more/breed": 60 * share, "more/kaggle": 40 * share,
-                                               "web": 60 * share}
+        assert split.source_counts()[name] == {
+            "more/breed": 60 * share,
+            "more/kaggle": 40 * share,
+            "web": 60 * share,
+        }
     # A prefix that is the class name ("cat_001.png") is no source of its own.
     assert all(s.source == "web" for v in split.samples.values() for s in v if s.path.is_relative_to(web))
 
@@ -88,7 +99,9 @@ def test_adding_a_root_leaves_the_other_sources_split_unchanged(tmp_path: Path) 
     other = image_folder(tmp_path / "other", {"cat": 10, "dog": 10})
     alone, together = stratified_split([web], seed=5), stratified_split([web, other], seed=5)
     for name in ("train", "val", "test"):
-        assert [s.path for s in alone.samples[name]] == [s.path for s in together.samples[name] if s.source == "web"]
+        assert [s.path for s in alone.samples[name]] == [
+            s.path for s in together.samples[name] if s.source == "web"
+        ]
 
 
 def test_roots_must_share_their_classes(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+from catdog_core.sessions import cpu_session
 from model_export import onnx_tools
 from model_export.build import PARITY_TOLERANCE, compare, synthetic_images
 from model_export.quantize import quantize
@@ -31,7 +32,9 @@ def tiny_keras_classifier(size: int = 32) -> keras.Model:
     # Non-trivial batch-norm statistics, as a trained network would have.
     rng = np.random.default_rng(1)
     for bn in (layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)):
-        bn.set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.1, 8), rng.normal(0, 0.1, 8), rng.uniform(0.5, 2, 8)])
+        bn.set_weights(
+            [rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.1, 8), rng.normal(0, 0.1, 8), rng.uniform(0.5, 2, 8)]
+        )
     return model
 
 
@@ -46,8 +49,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[keras.Model, Pat
 def test_onnx_matches_keras_within_tolerance(exported: tuple[keras.Model, Path]) -> None:
     model, path = exported
     images = synthetic_images(32, 24)
-    parity = compare(model.predict(images, verbose=0), onnx_tools.run_batches(onnx_tools.session(path, 1), images),
-                     1.0, "keras")
+    parity = compare(
+        model.predict(images, verbose=0),
+        onnx_tools.run_batches(cpu_session(path, 1), images),
+        1.0,
+        "keras",
+    )
     assert parity.max_abs_diff_probability <= PARITY_TOLERANCE
     assert parity.prediction_agreement == 1.0
 
@@ -60,7 +67,7 @@ def test_export_has_dynamic_batch_and_counts_flops(exported: tuple[keras.Model, 
     model = onnx.load(str(path))
     used = {name for node in model.graph.node for name in node.input}
     assert all(init.name in used for init in model.graph.initializer)  # folded constants are gone
-    sess = onnx_tools.session(path, 1)
+    sess = cpu_session(path, 1)
     for batch in (1, 5):
         assert sess.run(None, {"image": synthetic_images(32, batch)})[0].shape == (batch, 2)
     # Conv 3x3x3->8 on 16x16, two depthwise 3x3 on 16x16x8, pointwise 8->16, dense 16->2.
@@ -72,12 +79,16 @@ def test_export_is_byte_identical_whatever_ran_before(tmp_path: Path) -> None:
     first, second = tmp_path / "first.onnx", tmp_path / "second.onnx"
     model = tiny_keras_classifier()
     onnx_tools.export_keras(model, first)
-    onnx_tools.export_keras(tiny_keras_classifier(size=24), tmp_path / "other.onnx")  # advances tf2onnx's counters
+    onnx_tools.export_keras(
+        tiny_keras_classifier(size=24), tmp_path / "other.onnx"
+    )  # advances tf2onnx's counters
     onnx_tools.export_keras(model, second)
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_int8_rebuilds_identically_from_the_calibration_cache(exported: tuple[keras.Model, Path], tmp_path: Path) -> None:
+def test_int8_rebuilds_identically_from_the_calibration_cache(
+    exported: tuple[keras.Model, Path], tmp_path: Path
+) -> None:
     _, fp32 = exported
     cache = tmp_path / "ranges.json"
     quantize(fp32, tmp_path / "first.onnx", cache, "image", synthetic_images(32, 16, seed=3))
@@ -85,12 +96,18 @@ def test_int8_rebuilds_identically_from_the_calibration_cache(exported: tuple[ke
     quantize(fp32, tmp_path / "again.onnx", cache, "image", None)  # no images: ranges from the cache
     assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
     images = synthetic_images(32, 16, seed=4)
-    parity = compare(onnx_tools.run_batches(onnx_tools.session(fp32, 1), images),
-                     onnx_tools.run_batches(onnx_tools.session(tmp_path / "again.onnx", 1), images), 1.0, "fp32")
+    parity = compare(
+        onnx_tools.run_batches(cpu_session(fp32, 1), images),
+        onnx_tools.run_batches(cpu_session(tmp_path / "again.onnx", 1), images),
+        1.0,
+        "fp32",
+    )
     assert parity.max_abs_diff_probability < 0.1
 
 
-def test_quantize_without_images_or_cache_is_an_error(exported: tuple[keras.Model, Path], tmp_path: Path) -> None:
+def test_quantize_without_images_or_cache_is_an_error(
+    exported: tuple[keras.Model, Path], tmp_path: Path
+) -> None:
     _, fp32 = exported
     with pytest.raises(FileNotFoundError, match="calibration cache"):
         quantize(fp32, tmp_path / "q.onnx", tmp_path / "absent.json", "image", None)

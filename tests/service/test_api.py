@@ -14,16 +14,17 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, run_server
 from tests.service import images
+from tests.support import Server, run_server
 
 MAX_BODY = 2_000_000
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(tiny_models_dir, tmp_path_factory.mktemp("api"), max_body_bytes=str(MAX_BODY),
-                    max_files="4") as live:
+    with run_server(
+        tiny_models_dir, tmp_path_factory.mktemp("api"), max_body_bytes=str(MAX_BODY), max_files="4"
+    ) as live:
         yield live
 
 
@@ -56,7 +57,9 @@ def test_multipart_single_image(server: Server) -> None:
 def test_batch_results_keep_upload_order(server: Server) -> None:
     colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (128, 128, 128)]
     blobs = [images.encode(Image.new("RGB", (40, 40), c), "PNG") for c in colours]
-    alone = [post_files(server, [b], model="fast").json()["results"][0]["probabilities"]["cat"] for b in blobs]
+    alone = [
+        post_files(server, [b], model="fast").json()["results"][0]["probabilities"]["cat"] for b in blobs
+    ]
     together = [r["probabilities"]["cat"] for r in post_files(server, blobs, model="fast").json()["results"]]
     assert len(set(np.round(alone, 3))) == len(colours)  # the images really are told apart
     assert together == pytest.approx(alone, abs=1e-6)
@@ -65,8 +68,12 @@ def test_batch_results_keep_upload_order(server: Server) -> None:
 @pytest.mark.parametrize("media_type", ["image/jpeg", "image/png", "application/octet-stream"])
 def test_raw_body(server: Server, media_type: str) -> None:
     blob = images.valid_corpus()["png" if media_type == "image/png" else "jpeg"]
-    response = httpx.post(f"{server.url}/classify?model=slow&top=1", content=blob,
-                          headers={"Content-Type": media_type}, timeout=30)
+    response = httpx.post(
+        f"{server.url}/classify?model=slow&top=1",
+        content=blob,
+        headers={"Content-Type": media_type},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
     assert result["top"] == [{"label": result["label"], "probability": result["confidence"]}]
@@ -79,14 +86,29 @@ def test_every_valid_format_is_classified(server: Server) -> None:
 
 
 def test_incoming_request_id_is_echoed(server: Server) -> None:
-    response = httpx.post(f"{server.url}/classify", content=images.jpeg(),
-                          headers={"Content-Type": "image/jpeg", "X-Request-ID": "trace-42"})
+    response = httpx.post(
+        f"{server.url}/classify",
+        content=images.jpeg(),
+        headers={"Content-Type": "image/jpeg", "X-Request-ID": "trace-42"},
+    )
     assert response.headers["X-Request-ID"] == "trace-42"
     assert response.json()["request_id"] == "trace-42"
 
 
-@pytest.mark.parametrize("name", ["nope", "../../etc/passwd", "/etc/passwd", "fast/../slow", "..%2F..",
-                                  "C:\\models\\fast", "fast\x00", "FAST", "x" * 64])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nope",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "fast/../slow",
+        "..%2F..",
+        "C:\\models\\fast",
+        "fast\x00",
+        "FAST",
+        "x" * 64,
+    ],
+)
 def test_unknown_model_is_404_listing_valid_names(server: Server, name: str) -> None:
     response = post_files(server, [images.jpeg()], model=name)
     assert_error(response, 404, "model_not_found")
@@ -126,27 +148,57 @@ def hostile_requests(server: Server) -> dict[str, tuple[int | tuple[int, ...], h
         "no content type": (415, r("POST", url, content=jpeg)),
         "text content type": (415, r("POST", url, content=jpeg, headers={"Content-Type": "text/plain"})),
         "multipart without file field": (400, r("POST", url, files={"other": ("a.jpg", jpeg)})),
-        "multipart with a plain field named file": (400, r("POST", url, data={"file": "not a file"},
-                                                          files={"other": ("a.jpg", jpeg)})),
+        "multipart with a plain field named file": (
+            400,
+            r("POST", url, data={"file": "not a file"}, files={"other": ("a.jpg", jpeg)}),
+        ),
         "urlencoded form": (415, r("POST", url, data={"file": "not a file"})),
         "multipart, too many files": (400, r("POST", url, files=[("file", ("a.jpg", jpeg))] * 5)),
-        "broken multipart boundary": (400, r("POST", url, content=b"--x\r\nbroken",
-                                             headers={"Content-Type": "multipart/form-data; boundary=y"})),
-        "multipart without boundary": (400, r("POST", url, content=b"abc",
-                                              headers={"Content-Type": "multipart/form-data"})),
-        "declared body over the cap": (413, r("POST", url, content=b"\xff" * (MAX_BODY + 1),
-                                              headers={"Content-Type": "image/jpeg"})),
-        "chunked body over the cap": (413, r("POST", url, content=chunks(MAX_BODY * 3),
-                                             headers={"Content-Type": "image/jpeg"})),
-        "negative top": (422, r("POST", url + "?top=-1", content=jpeg, headers={"Content-Type": "image/jpeg"})),
-        "top not a number": (422, r("POST", url + "?top=abc", content=jpeg, headers={"Content-Type": "image/jpeg"})),
-        "model name too long": (422, r("POST", url + "?model=" + "m" * 500, content=jpeg,
-                                       headers={"Content-Type": "image/jpeg"})),
-        "deadline header not a number": (400, r("POST", url, content=jpeg,
-                                                headers={"Content-Type": "image/jpeg", "X-Deadline-Ms": "soon"})),
-        "negative deadline": (400, r("POST", url, content=jpeg,
-                                     headers={"Content-Type": "image/jpeg", "X-Deadline-Ms": "-5"})),
-        "timeout_ms zero": (422, r("POST", url + "?timeout_ms=0", content=jpeg, headers={"Content-Type": "image/jpeg"})),
+        "broken multipart boundary": (
+            400,
+            r(
+                "POST",
+                url,
+                content=b"--x\r\nbroken",
+                headers={"Content-Type": "multipart/form-data; boundary=y"},
+            ),
+        ),
+        "multipart without boundary": (
+            400,
+            r("POST", url, content=b"abc", headers={"Content-Type": "multipart/form-data"}),
+        ),
+        "declared body over the cap": (
+            413,
+            r("POST", url, content=b"\xff" * (MAX_BODY + 1), headers={"Content-Type": "image/jpeg"}),
+        ),
+        "chunked body over the cap": (
+            413,
+            r("POST", url, content=chunks(MAX_BODY * 3), headers={"Content-Type": "image/jpeg"}),
+        ),
+        "negative top": (
+            422,
+            r("POST", url + "?top=-1", content=jpeg, headers={"Content-Type": "image/jpeg"}),
+        ),
+        "top not a number": (
+            422,
+            r("POST", url + "?top=abc", content=jpeg, headers={"Content-Type": "image/jpeg"}),
+        ),
+        "model name too long": (
+            422,
+            r("POST", url + "?model=" + "m" * 500, content=jpeg, headers={"Content-Type": "image/jpeg"}),
+        ),
+        "deadline header not a number": (
+            400,
+            r("POST", url, content=jpeg, headers={"Content-Type": "image/jpeg", "X-Deadline-Ms": "soon"}),
+        ),
+        "negative deadline": (
+            400,
+            r("POST", url, content=jpeg, headers={"Content-Type": "image/jpeg", "X-Deadline-Ms": "-5"}),
+        ),
+        "timeout_ms zero": (
+            422,
+            r("POST", url + "?timeout_ms=0", content=jpeg, headers={"Content-Type": "image/jpeg"}),
+        ),
         "GET on classify": (405, r("GET", url)),
         "unknown route": (404, r("GET", f"{server.url}/admin")),
     }
@@ -158,8 +210,9 @@ def test_hostile_corpus_gets_clear_4xx_and_server_stays_healthy(server: Server) 
         for name, make in images.HOSTILE.items():
             for style in ("raw", "multipart"):
                 if style == "raw":
-                    response = client.post(f"{server.url}/classify", content=make(),
-                                           headers={"Content-Type": "image/png"})
+                    response = client.post(
+                        f"{server.url}/classify", content=make(), headers={"Content-Type": "image/png"}
+                    )
                 else:
                     response = client.post(f"{server.url}/classify", files={"file": ("x", make())})
                 outcomes[f"{name} ({style})"] = response.status_code
@@ -188,11 +241,24 @@ def test_metrics_after_traffic(server: Server) -> None:
         post_files(server, [images.jpeg()], model="slow")
     post_files(server, [b"garbage"], model="slow")
     text = httpx.get(f"{server.url}/metrics").text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("catdog_requests_total", (("model", "slow"), ("outcome", "ok"), ("status_class", "2xx")))] >= 3
-    assert samples[("catdog_requests_total",
-                    (("model", "slow"), ("outcome", "invalid_image"), ("status_class", "4xx")))] >= 1
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert (
+        samples[("catdog_requests_total", (("model", "slow"), ("outcome", "ok"), ("status_class", "2xx")))]
+        >= 3
+    )
+    assert (
+        samples[
+            (
+                "catdog_requests_total",
+                (("model", "slow"), ("outcome", "invalid_image"), ("status_class", "4xx")),
+            )
+        ]
+        >= 1
+    )
     assert samples[("catdog_inference_seconds_count", (("model", "slow"),))] >= 3
     assert samples[("catdog_batch_size_count", (("model", "slow"),))] >= 3
     assert samples[("catdog_ready", ())] == 1
@@ -212,10 +278,14 @@ def test_openapi_documents_raw_and_multipart_bodies(server: Server) -> None:
 async def _burst(url: str, n: int, **params: str) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60) as client:
         blob = images.jpeg()
-        return await asyncio.gather(*(
-            client.post(f"{url}/classify", params=params, content=blob, headers={"Content-Type": "image/jpeg"})
-            for _ in range(n)
-        ))
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"{url}/classify", params=params, content=blob, headers={"Content-Type": "image/jpeg"}
+                )
+                for _ in range(n)
+            )
+        )
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_models_dir: Path, tmp_path: Path) -> None:
@@ -242,8 +312,10 @@ def test_oversized_chunked_upload_is_answered_and_the_connection_closed(server: 
     the server reads and discards (it read 4.3 GiB in 8 s before this was fixed)."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"\xff" * 65536
         for _ in range(MAX_BODY // len(chunk) + 2):
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))

@@ -34,9 +34,18 @@ class RecordingSession:
         return [np.stack([batch[:, 0], np.zeros(len(batch))], axis=1)]
 
 
-def make_batcher(session: RecordingSession, lane: InferenceLane, max_wait_s: float, capacity: int = 64) -> Batcher:
-    return Batcher("m", session, max_batch=8, max_wait_s=max_wait_s, capacity=capacity, lane=lane,  # type: ignore[arg-type]
-                   fallback_seconds=0.001)
+def make_batcher(
+    session: RecordingSession, lane: InferenceLane, max_wait_s: float, capacity: int = 64
+) -> Batcher:
+    return Batcher(
+        "m",
+        session,
+        max_batch=8,
+        max_wait_s=max_wait_s,
+        capacity=capacity,
+        lane=lane,
+        fallback_seconds=0.001,
+    )
 
 
 def images(*values: int) -> list[np.ndarray]:

@@ -20,22 +20,27 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.open_loop import start_open_loop
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import ROOT, in_process_client, run_server, wait_until
 from tests.service import images
+from tests.support import ROOT, in_process_client, run_server, wait_until
 
 
 def wait_for_in_flight(url: str, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = httpx.get(f"{url}/metrics").text
-        gauge = next(s for f in text_string_to_metric_families(text) for s in f.samples
-                     if s.name == "catdog_in_flight_requests")
+        gauge = next(
+            s
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "catdog_in_flight_requests"
+        )
         if gauge.value >= count + 1:  # the /metrics request itself is in flight too
             return
         time.sleep(0.01)
     raise TimeoutError(f"{count} requests were not in flight within {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: Path, tmp_path: Path) -> None:
     with run_server(slower_models_dir, tmp_path, max_batch_size="1") as live:
         results: list[int] = []
@@ -90,13 +95,18 @@ def test_sigterm_under_open_loop_load_loses_nothing_admitted(tiny_models_dir: Pa
     assert "Traceback" not in log and " ERROR " not in log
 
 
+@pytest.mark.slow
 def test_readiness_is_false_until_every_model_is_warm(tiny_models_dir: Path, tmp_path: Path) -> None:
     # Warming the slow model at batch 64 takes seconds: long enough to observe "live, not ready".
-    with run_server(tiny_models_dir, tmp_path, wait_ready=False, max_batch_size="64", queue_size="64") as live:
+    with run_server(
+        tiny_models_dir, tmp_path, wait_ready=False, max_batch_size="64", queue_size="64"
+    ) as live:
         first = httpx.get(f"{live.url}/readyz")
         assert first.status_code == 503, first.text
         assert first.json()["error"]["code"] == "not_ready"
-        not_ready = httpx.post(f"{live.url}/classify", content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
+        not_ready = httpx.post(
+            f"{live.url}/classify", content=images.jpeg(), headers={"Content-Type": "image/jpeg"}
+        )
         assert not_ready.status_code == 503 and "Retry-After" in not_ready.headers
         wait_until(live, "/readyz")
         assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
@@ -116,19 +126,23 @@ def test_readiness_turns_false_when_draining_begins(tiny_models_dir: Path) -> No
     assert asyncio.run(scenario()) == (200, 503)
 
 
+def start_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Start the service with env; it should stop at start-up, so this returns (60 s at most)."""
+    command = [sys.executable, "-m", "service", "--port", "0"]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_a_startup_failure(tiny_models_dir: Path, tmp_path: Path) -> None:
     env = {"CATDOG_MODELS_DIR": str(tiny_models_dir), "CATDOG_PROVIDERS": "cuda", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = start_expecting_failure(env)
     assert result.returncode != 0
     assert "providers=cuda" in result.stderr and "onnxruntime-gpu" in result.stderr
 
 
 def test_missing_manifest_is_a_startup_failure(tmp_path: Path) -> None:
     env = {"CATDOG_MODELS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = start_expecting_failure(env)
     assert result.returncode != 0
     assert "make models" in result.stderr
 
@@ -143,8 +157,9 @@ def test_a_crashed_batcher_turns_liveness_and_readiness_false(tiny_models_dir: P
             batcher._task.cancel()  # stands in for any crash of the worker task
             await asyncio.sleep(0.05)
             live, ready = (await client.get("/livez")).status_code, (await client.get("/readyz")).status_code
-            answer = await client.post("/classify?model=fast", content=images.jpeg(),
-                                       headers={"Content-Type": "image/jpeg"})
+            answer = await client.post(
+                "/classify?model=fast", content=images.jpeg(), headers={"Content-Type": "image/jpeg"}
+            )
             return before, live, ready, answer.status_code, answer.json()["error"]["code"]
 
     assert asyncio.run(scenario()) == (200, 503, 503, 503, "model_unavailable")

@@ -13,22 +13,31 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, run_server
 from tests.service import images
+from tests.support import Server, run_server
 
 
 @pytest.fixture(scope="module")
 def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(slower_models_dir, tmp_path_factory.mktemp("overload"), max_concurrent_requests="2",
-                    body_timeout_s="1.0", max_batch_size="1") as live:
+    with run_server(
+        slower_models_dir,
+        tmp_path_factory.mktemp("overload"),
+        max_concurrent_requests="2",
+        body_timeout_s="1.0",
+        max_batch_size="1",
+    ) as live:
         yield live
 
 
 def requests_total(server: Server) -> dict[tuple[str, str, str], float]:
     text = httpx.get(f"{server.url}/metrics").text
-    return {(s.labels["model"], s.labels["outcome"], s.labels["status_class"]): s.value
-            for family in text_string_to_metric_families(text) if family.name == "catdog_requests"
-            for s in family.samples if s.name == "catdog_requests_total"}
+    return {
+        (s.labels["model"], s.labels["outcome"], s.labels["status_class"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "catdog_requests"
+        for s in family.samples
+        if s.name == "catdog_requests_total"
+    }
 
 
 def connect(server: Server) -> socket.socket:
@@ -49,8 +58,14 @@ def read_response(sock: socket.socket) -> tuple[str, bytes]:
             return received.decode(errors="replace").lower(), b""
         received += chunk
     head, body = received.split(b"\r\n\r\n", 1)
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -66,6 +81,7 @@ def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
     results.append(response.status_code)
 
 
+@pytest.mark.slow
 def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -> None:
     results: list[int] = []
     busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
@@ -74,8 +90,10 @@ def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -
     time.sleep(0.2)  # both admitted and working
     with connect(server) as sock:
         # Announce a body and send none of it: only a refusal that does not read it can answer.
-        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 1000000\r\n\r\n")
+        sock.sendall(
+            b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000000\r\n\r\n"
+        )
         head = read_head(sock)
     # 503, not the 408 that waiting for the body would end in: the refusal did not read it.
     assert head.startswith("http/1.1 503"), head
@@ -91,8 +109,10 @@ def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -
 def test_a_stalled_upload_is_timed_out_with_408(server: Server) -> None:
     before = requests_total(server).get(("slow", "request_timeout", "4xx"), 0)
     with connect(server) as sock:
-        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b"\xff" * 100)
+        sock.sendall(
+            b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"\xff" * 100
+        )
         started = time.monotonic()
         head = read_head(sock)
         waited = time.monotonic() - started
@@ -104,15 +124,39 @@ def test_a_stalled_upload_is_timed_out_with_408(server: Server) -> None:
 
 def test_rejections_are_counted_by_their_real_status(server: Server) -> None:
     before = requests_total(server)
-    assert httpx.post(f"{server.url}/classify", params={"model": "slow", "top": 0}, content=images.jpeg(),
-                      headers={"Content-Type": "image/jpeg"}).status_code == 422
-    assert httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=b"x" * 21_000_000,
-                      headers={"Content-Type": "image/jpeg"}).status_code == 413
-    assert httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=b"not an image",
-                      headers={"Content-Type": "image/jpeg"}).status_code == 415
+    assert (
+        httpx.post(
+            f"{server.url}/classify",
+            params={"model": "slow", "top": 0},
+            content=images.jpeg(),
+            headers={"Content-Type": "image/jpeg"},
+        ).status_code
+        == 422
+    )
+    assert (
+        httpx.post(
+            f"{server.url}/classify",
+            params={"model": "slow"},
+            content=b"x" * 21_000_000,
+            headers={"Content-Type": "image/jpeg"},
+        ).status_code
+        == 413
+    )
+    assert (
+        httpx.post(
+            f"{server.url}/classify",
+            params={"model": "slow"},
+            content=b"not an image",
+            headers={"Content-Type": "image/jpeg"},
+        ).status_code
+        == 415
+    )
     after = requests_total(server)
-    for key in [("slow", "invalid_parameter", "4xx"), ("slow", "payload_too_large", "4xx"),
-                ("slow", "invalid_image", "4xx")]:
+    for key in [
+        ("slow", "invalid_parameter", "4xx"),
+        ("slow", "payload_too_large", "4xx"),
+        ("slow", "invalid_image", "4xx"),
+    ]:
         assert after.get(key, 0) == before.get(key, 0) + 1, key
 
 
@@ -125,8 +169,10 @@ def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> N
     images_before = _counter(server, "catdog_images_total", "slow")
     blob = images.jpeg()
     with connect(server) as sock:
-        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob))
+        sock.sendall(
+            b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob)
+        )
         time.sleep(0.1)  # admitted and queued behind the busy request
     busy.join()
     time.sleep(1.0)
@@ -140,8 +186,10 @@ def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> N
 def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -> None:
     before = requests_total(server)
     with connect(server) as sock:
-        sock.sendall(b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000)
+        sock.sendall(
+            b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000
+        )
         time.sleep(0.1)
     time.sleep(0.3)
     after = requests_total(server)
@@ -152,21 +200,35 @@ def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -
 
 def _counter(server: Server, name: str, model: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and s.labels.get("model") == model)
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and s.labels.get("model") == model
+    )
 
 
 def test_a_deadline_covers_all_of_the_requests_images(server: Server) -> None:
     # One image on the slow model (batch size 1 here) takes about `single` seconds; eight take
     # about eight times that. A deadline of three singles fits one image but never eight: the
     # request must be refused at once with 504, not answered 200 long after its deadline.
-    one = httpx.post(f"{server.url}/classify", params={"model": "slow"}, content=images.jpeg(),
-                     headers={"Content-Type": "image/jpeg"}, timeout=60)
+    one = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "slow"},
+        content=images.jpeg(),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
     single_ms = one.json()["timings_ms"]["inference"]
     deadline_ms = max(30.0, 3 * single_ms)
     files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(8)]
-    late = httpx.post(f"{server.url}/classify", params={"model": "slow"}, files=files, timeout=60,
-                      headers={"X-Deadline-Ms": str(deadline_ms)})
+    late = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "slow"},
+        files=files,
+        timeout=60,
+        headers={"X-Deadline-Ms": str(deadline_ms)},
+    )
     assert late.status_code == 504, (late.status_code, late.text[:300], single_ms)
     assert late.json()["error"]["code"] == "deadline_exceeded"
     # Refused on the prediction for its own eight images, before queueing any of them (not
@@ -174,6 +236,7 @@ def test_a_deadline_covers_all_of_the_requests_images(server: Server) -> None:
     assert "cannot be met" in late.json()["error"]["message"], late.text
 
 
+@pytest.mark.slow
 def test_a_refused_small_upload_keeps_its_connection(server: Server) -> None:
     """Refusing by closing costs every refused client a new connection (and the server its setup):
     a small body is read and dropped instead, and the connection serves the next request."""
@@ -183,8 +246,10 @@ def test_a_refused_small_upload_keeps_its_connection(server: Server) -> None:
         thread.start()
     time.sleep(0.2)
     blob = images.jpeg()
-    request = (b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob))
+    request = (
+        b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob)
+    )
     with connect(server) as sock:
         sock.sendall(request)
         head = read_head(sock)

@@ -14,8 +14,8 @@ from service.app import create_app
 from service.errors import Unsatisfiable
 from service.selection import Candidate, choose_auto, needs_escalation
 from service.settings import Settings
-from tests.conftest import Server, in_process_client, run_server
 from tests.service import images
+from tests.support import Server, in_process_client, run_server
 
 FAST = Candidate("fast", 0.90, 5.0)
 SLOW = Candidate("slow", 0.95, 50.0)
@@ -30,11 +30,14 @@ def test_auto_picks_the_most_accurate_model_that_fits() -> None:
     assert choose_auto([FAST, SLOW], None, None).candidate is SLOW
 
 
-@pytest.mark.parametrize(("budget", "floor", "says"), [
-    (10, 0.93, "fits max_latency_ms=10"),
-    (None, 0.99, "no model reaches min_accuracy=0.99"),
-    (1, None, "fits max_latency_ms=1"),
-])
+@pytest.mark.parametrize(
+    ("budget", "floor", "says"),
+    [
+        (10, 0.93, "fits max_latency_ms=10"),
+        (None, 0.99, "no model reaches min_accuracy=0.99"),
+        (1, None, "fits max_latency_ms=1"),
+    ],
+)
 def test_auto_explains_an_impossible_request(budget: float | None, floor: float | None, says: str) -> None:
     with pytest.raises(Unsatisfiable) as error:
         choose_auto([FAST, SLOW], budget, floor)
@@ -48,14 +51,20 @@ def test_escalation_is_strictly_below_the_threshold() -> None:
 
 @pytest.fixture(scope="module")
 def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(slower_models_dir, tmp_path_factory.mktemp("selection"), max_batch_size="2",
-                    queue_size="64") as live:
+    with run_server(
+        slower_models_dir, tmp_path_factory.mktemp("selection"), max_batch_size="2", queue_size="64"
+    ) as live:
         yield live
 
 
 def post(server: Server, blob: bytes, **params: str | float) -> httpx.Response:
-    return httpx.post(f"{server.url}/classify", params=params, content=blob, headers={"Content-Type": "image/png"},
-                      timeout=120)
+    return httpx.post(
+        f"{server.url}/classify",
+        params=params,
+        content=blob,
+        headers={"Content-Type": "image/png"},
+        timeout=120,
+    )
 
 
 def slow_latency_ms(server: Server) -> float:
@@ -92,23 +101,27 @@ def test_auto_compares_min_accuracy_with_the_hardest_source(server: Server) -> N
 async def _auto_under_queue(server: Server, budget_ms: float) -> tuple[dict[str, object], list[int]]:
     blob = images.jpeg()
     async with httpx.AsyncClient(timeout=120) as client:
+
         def send(**params: str | float) -> object:
-            return client.post(f"{server.url}/classify", params=params, content=blob,
-                               headers={"Content-Type": "image/jpeg"})
-        load = [asyncio.create_task(send(model="slow")) for _ in range(16)]  # type: ignore[arg-type]
+            return client.post(
+                f"{server.url}/classify", params=params, content=blob, headers={"Content-Type": "image/jpeg"}
+            )
+
+        load = [asyncio.create_task(send(model="slow")) for _ in range(16)]
         await asyncio.sleep(0.5)  # the burst is queued behind the slow model
-        chosen = (await send(model="auto", max_latency_ms=budget_ms)).json()  # type: ignore[attr-defined]
+        chosen = (await send(model="auto", max_latency_ms=budget_ms)).json()
         statuses = [r.status_code for r in await asyncio.gather(*load)]
         return chosen, statuses
 
 
+@pytest.mark.slow
 def test_auto_moves_to_the_cheaper_model_when_a_queue_builds(server: Server) -> None:
     slow_ms = slow_latency_ms(server)
     budget = slow_ms * 4
     assert post(server, images.jpeg(), model="auto", max_latency_ms=budget).json()["model"] == "slow"
     chosen, statuses = asyncio.run(_auto_under_queue(server, budget))
     assert chosen.get("model") == "fast", chosen
-    assert chosen["selection"]["reason"] == "latency_budget"  # type: ignore[index]
+    assert chosen["selection"]["reason"] == "latency_budget"
     assert statuses == [200] * 16
 
 
@@ -144,24 +157,33 @@ def test_cascade_uses_the_manifest_threshold_and_escalates_per_image(server: Ser
 
 def test_cascade_degrades_instead_of_failing_when_the_deadline_is_short(server: Server) -> None:
     slow_ms = slow_latency_ms(server)
-    response = httpx.post(f"{server.url}/classify", params={"model": "cascade", "min_confidence": 1.0},
-                          content=gray(140), timeout=60,
-                          headers={"Content-Type": "image/png", "X-Deadline-Ms": str(slow_ms / 2)})
+    response = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "cascade", "min_confidence": 1.0},
+        content=gray(140),
+        timeout=60,
+        headers={"Content-Type": "image/png", "X-Deadline-Ms": str(slow_ms / 2)},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["results"][0]["degraded"] and not body["results"][0]["escalated"]
     assert body["models_run"] == ["fast"] and body["selection"]["reason"] == "degraded"
 
 
-@pytest.mark.parametrize(("params", "status"), [
-    ({"model": "cascade", "cascade": "fast"}, 400),
-    ({"model": "cascade", "cascade": "fast,nope"}, 404),
-    ({"model": "cascade", "cascade": "slow,fast"}, 400),  # not calibrated, no min_confidence
-    ({"model": "cascade", "min_confidence": 2}, 422),
-    ({"model": "auto", "min_accuracy": -1}, 422),
-    ({"model": "auto", "max_latency_ms": 0}, 422),
-])
-def test_selection_parameters_are_validated(server: Server, params: dict[str, str | float], status: int) -> None:
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"model": "cascade", "cascade": "fast"}, 400),
+        ({"model": "cascade", "cascade": "fast,nope"}, 404),
+        ({"model": "cascade", "cascade": "slow,fast"}, 400),  # not calibrated, no min_confidence
+        ({"model": "cascade", "min_confidence": 2}, 422),
+        ({"model": "auto", "min_accuracy": -1}, 422),
+        ({"model": "auto", "max_latency_ms": 0}, 422),
+    ],
+)
+def test_selection_parameters_are_validated(
+    server: Server, params: dict[str, str | float], status: int
+) -> None:
     response = post(server, images.jpeg(), **params)
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error"}
@@ -179,9 +201,13 @@ def test_auto_that_only_the_deadline_rules_out_is_a_504_not_a_422(server: Server
     slow_ms = slow_latency_ms(server)
     # Only slow (92 % on its hardest source) meets min_accuracy=0.9, and it needs more than the
     # deadline leaves: the request was fine, time ran out, so 504 like any missed deadline.
-    late = httpx.post(f"{server.url}/classify", params={"model": "auto", "min_accuracy": 0.9},
-                      content=images.jpeg(), timeout=60,
-                      headers={"Content-Type": "image/png", "X-Deadline-Ms": str(max(1, round(slow_ms / 4)))})
+    late = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "auto", "min_accuracy": 0.9},
+        content=images.jpeg(),
+        timeout=60,
+        headers={"Content-Type": "image/png", "X-Deadline-Ms": str(max(1, round(slow_ms / 4)))},
+    )
     assert late.status_code == 504, late.text
     assert late.json()["error"]["code"] == "deadline_exceeded"
     # Constraints that no deadline could help stay a 422.
@@ -194,12 +220,16 @@ def test_a_failed_escalation_returns_the_small_models_answers_degraded(tiny_mode
     async def scenario() -> tuple[int, dict[str, object]]:
         async with in_process_client(app) as client:
             app.state.catdog.classifier.registry.get("slow").batcher.capacity = 0  # its queue is full
-            response = await client.post("/classify", params={"model": "cascade", "min_confidence": 1.0},
-                                         content=images.jpeg(), headers={"Content-Type": "image/jpeg"})
+            response = await client.post(
+                "/classify",
+                params={"model": "cascade", "min_confidence": 1.0},
+                content=images.jpeg(),
+                headers={"Content-Type": "image/jpeg"},
+            )
             return response.status_code, response.json()
 
     status, body = asyncio.run(scenario())
     assert status == 200, body
-    (result,) = body["results"]  # type: ignore[misc]
+    (result,) = body["results"]
     assert result["model"] == "fast" and result["degraded"] is True and result["escalated"] is False
-    assert body["selection"]["reason"] == "degraded"  # type: ignore[index]
+    assert body["selection"]["reason"] == "degraded"

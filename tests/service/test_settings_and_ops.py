@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from service.__main__ import uvicorn_config
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import free_port, run_server
 from tests.service import images
+from tests.support import free_port, run_server
 
 
 def test_a_queue_smaller_than_one_full_request_is_refused_at_start() -> None:
@@ -37,11 +37,14 @@ def _queue_depth(text: str, model: str) -> float:
     raise AssertionError("no catdog_queue_depth")
 
 
+@pytest.mark.slow
 def test_metrics_port_binds_the_main_host_and_shows_live_queue_depth(
-        slower_models_dir: Path, tmp_path: Path) -> None:
+    slower_models_dir: Path, tmp_path: Path
+) -> None:
     metrics_port = free_port()
-    with run_server(slower_models_dir, tmp_path, metrics_port=str(metrics_port), max_batch_size="1",
-                    queue_size="64") as server:
+    with run_server(
+        slower_models_dir, tmp_path, metrics_port=str(metrics_port), max_batch_size="1", queue_size="64"
+    ) as server:
         listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
         local = {line.split()[1] for line in listening if line.split()[3] == "0A"}  # 0A: LISTEN
         assert f"0100007F:{metrics_port:04X}" in local  # 127.0.0.1, like --host
@@ -49,9 +52,17 @@ def test_metrics_port_binds_the_main_host_and_shows_live_queue_depth(
 
         async def burst_and_scrape() -> float:
             async with httpx.AsyncClient(timeout=120) as client:
-                posts = [asyncio.create_task(client.post(
-                    f"{server.url}/classify", params={"model": "slow"}, content=images.jpeg(),
-                    headers={"Content-Type": "image/jpeg"})) for _ in range(8)]
+                posts = [
+                    asyncio.create_task(
+                        client.post(
+                            f"{server.url}/classify",
+                            params={"model": "slow"},
+                            content=images.jpeg(),
+                            headers={"Content-Type": "image/jpeg"},
+                        )
+                    )
+                    for _ in range(8)
+                ]
                 await asyncio.sleep(0.3)
                 # Only the extra port is scraped: no request to the main /metrics refreshes anything.
                 scraped = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")

@@ -1,0 +1,57 @@
+"""onnxruntime sessions configured one way: the build measures the manifest's latency with the
+options the server runs with, so `auto` and the deadline predictions compare like with like."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+SESSION_PROFILE = "graph optimisation all, inter-op 1, memory patterns off, CPU spinning on"
+"""What session_options sets, as recorded in the manifest beside the latency it measured."""
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Memory patterns pre-plan one block per input shape, and the arena keeps each of them: with
+    # batch sizes 1..8 on all four models the process reached 1.47 GiB, against 0.85 GiB without
+    # patterns, at the same or better speed (bench notes in the README). Batches vary in size
+    # here, which is the case patterns do not help.
+    options.enable_mem_pattern = False
+    return options
+
+
+def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def random_batch(batch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+def run_times_ms(
+    run: Callable[[], object], repeats: int = 20, min_seconds: float = 0.0, warmup: int = 3
+) -> list[float]:
+    """Wall times of `run` after `warmup` calls: at least `repeats` of them and `min_seconds` long."""
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    end = time.perf_counter() + min_seconds
+    while len(times) < repeats or time.perf_counter() < end:
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def latency_p50_ms(session: ort.InferenceSession, size: int, batch: int, repeats: int = 20) -> float:
+    """Median wall time of one session.run on random uint8 input, after warm-up."""
+    feed = {session.get_inputs()[0].name: random_batch(batch, size)}
+    return round(statistics.median(run_times_ms(lambda: session.run(None, feed), repeats)), 3)
