@@ -94,11 +94,11 @@ hostile-memory: models
 soak: models
 	$(PY) -m bench.soak --models-dir $(MODELS_DIR)
 
-# Developers only: retrain on the dataset, then recalibrate int8 and record the evaluation.
+# Developers only: retrain on the dataset, then fit temperatures, recompute int8 ranges and record the evaluation.
 train: $(VENV)/.installed
 	$(if $(DATA),,$(error no dataset: set DATA to one or more ImageFolder roots))
 	$(PY) -m model_export train --data $(DATA)
-	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --calibrate
+	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --fit-temperatures --int8-ranges
 
 clean:
 	rm -rf $(MODELS_DIR) build .pytest_cache .ruff_cache

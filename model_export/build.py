@@ -1,7 +1,7 @@
 """`model_export build`: pinned sources + committed weights -> verified ONNX files + manifest.
 
 Runs without the dataset (users, containers). Given the dataset it also measures accuracy,
-calibration and the cascade on the documented split; without it, those figures come from the
+calibration error and the cascade on the documented split; without it, those figures come from the
 evaluation recorded by the last build that had the dataset, and only if it was made from the very
 same committed weights.
 """
@@ -23,12 +23,12 @@ from catdog_core.hashing import sha256_file
 from catdog_core.probabilities import softmax
 from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms
 from model_export import backbones, onnx_tools, sources
-from model_export.calibration import fit_temperature
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import Evaluation, Member, measure_cascade
+from model_export.quality import fit_temperature
 from model_export.quantize import quantize
 from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
-from model_export.weights_io import load_weights, read_record, write_record
+from model_export.weights_io import load_weights, read_record
 from service.manifest import (
     CascadeEntry,
     DatasetInfo,
@@ -53,7 +53,7 @@ INT8_MAX_ACCURACY_DROP = 0.003
 # 99.45 %, 7 photos of 1,265, within 0.27 points of fp32 on every source.)
 INT8_MIN_AGREEMENT = 0.99
 N_PARITY_IMAGES = 32
-N_CALIBRATION_IMAGES = 64
+N_INT8_RANGE_IMAGES = 64
 
 
 class ParityError(RuntimeError):
@@ -142,12 +142,12 @@ def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, 
     return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()), temperature)
 
 
-def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, temperature: float) -> Built:
+def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray, temperature: float) -> Built:
     path = fp32.path.with_name(f"{int8_name(fp32.name)}.onnx")
     input_name, _ = onnx_tools.io_names(fp32.path)
-    quantize(fp32.path, path, fp32.spec.calibration_cache, input_name, calibration)
-    if calibration is not None:
-        _slim_calibration_cache(fp32.spec.calibration_cache)
+    quantize(fp32.path, path, fp32.spec.int8_ranges_file, input_name, range_images)
+    if range_images is not None:
+        _slim_int8_ranges(fp32.spec.int8_ranges_file)
     onnx_tools.check(path)
     reference = onnx_tools.run_batches(cpu_session(fp32.path, 2), probe)
     actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
@@ -158,7 +158,7 @@ def export_int8(fp32: Built, calibration: np.ndarray | None, probe: np.ndarray, 
     )
 
 
-def _slim_calibration_cache(path: Path) -> None:
+def _slim_int8_ranges(path: Path) -> None:
     """Keep only each tensor's range: the histograms are large and quantization never reads them."""
     payload = json.loads(path.read_text())
     for entry in payload.get("data", {}).values():
@@ -228,7 +228,7 @@ def int8_is_kept(
     return decision.kept
 
 
-def calibration_samples(train: list[Sample], n: int = N_CALIBRATION_IMAGES) -> list[Sample]:
+def int8_range_samples(train: list[Sample], n: int = N_INT8_RANGE_IMAGES) -> list[Sample]:
     """n photos spread evenly over the train split, which is ordered by class and source: every
     stratum contributes, so the activation ranges cover every kind of photo."""
     step = max(1, len(train) // n)
@@ -257,8 +257,16 @@ def _dataset_info(
 
 
 def build_all(
-    out: Path, data: list[Path] | None, cache_dir: Path, threads: int, recalibrate: bool = False
+    out: Path,
+    data: list[Path] | None,
+    cache_dir: Path,
+    threads: int,
+    fit_temperatures: bool = False,
+    int8_ranges: bool = False,
 ) -> Manifest:
+    """fit_temperatures: fit each model's temperature on val (recorded in evaluation.json, never in
+    the training record); int8_ranges: recompute the int8 activation ranges from train photos
+    (written to weights/*-int8.ranges.json). Both need the dataset."""
     record = read_record()
     out.mkdir(parents=True, exist_ok=True)
     split = (
@@ -270,12 +278,13 @@ def build_all(
             split.sha256[:12],
             record["split"]["sha256"][:12],
         )
-    if recalibrate and split is None:
-        raise ValueError("--calibrate needs --data")
+    if (fit_temperatures or int8_ranges) and split is None:
+        raise ValueError("--fit-temperatures and --int8-ranges need --data")
     evaluation = Evaluation(split.samples) if split is not None else None
     previous = _previous_evaluation(record)
     entries: dict[str, ModelEntry] = {}
     int8_kept: dict[str, bool] = {}
+    temperatures: dict[str, float] = {}
     built_models: dict[str, Built] = {}
     for spec in MODEL_SPECS:
         trained = record["models"][spec.name]
@@ -284,20 +293,24 @@ def build_all(
             if evaluation
             else synthetic_images(spec.input_size, N_PARITY_IMAGES)
         )
-        fp32 = export_fp32(spec, out, cache_dir, probe, trained["temperature"] or 1.0)
-        if recalibrate and evaluation is not None:
-            fp32.temperature = trained["temperature"] = fit_temperature(
-                *evaluation.logits(fp32.member, "val")
-            )
+        # The temperature fitted on the exported model (recorded with the evaluation) wins over the
+        # one training fitted on Keras logits.
+        known = previous.get("temperatures", {}).get(spec.name) or trained["temperature"]
+        fp32 = export_fp32(spec, out, cache_dir, probe, known or 1.0)
+        if fit_temperatures and evaluation is not None:
+            fp32.temperature = fit_temperature(*evaluation.logits(fp32.member, "val"))
             log.info("%s: temperature %.4f fitted on val", spec.name, fp32.temperature)
-        elif trained["temperature"] is None:
-            raise ValueError(f"{spec.name} has no fitted temperature: run `build --calibrate --data DIR`")
-        calibration = None
-        if recalibrate and evaluation is not None:
-            calibration = load_images(
-                calibration_samples(evaluation.sets["train"]), spec.input_size, "calibration images"
+        elif known is None:
+            raise ValueError(
+                f"{spec.name} has no fitted temperature: run `build --fit-temperatures --data DIR`"
+            )
+        temperatures[spec.name] = fp32.temperature
+        range_images = None
+        if int8_ranges and evaluation is not None:
+            range_images = load_images(
+                int8_range_samples(evaluation.sets["train"]), spec.input_size, "int8 range images"
             ).arrays
-        int8 = export_int8(fp32, calibration, probe, fp32.temperature)
+        int8 = export_int8(fp32, range_images, probe, fp32.temperature)
         fp_entry = _entry(fp32, record, evaluation, previous, threads)
         q_entry = _entry(int8, record, evaluation, previous, threads)
         int8_kept[int8.name] = int8_is_kept(fp32, int8, fp_entry, q_entry, evaluation, previous)
@@ -315,9 +328,8 @@ def build_all(
         dataset=_dataset_info(split, data, record),
     )
     write_manifest(manifest, out / "manifest.json")
-    if evaluation is not None and recalibrate:
-        write_record(record)  # the fitted temperatures
-        _record_evaluation(manifest, int8_kept, record)
+    if evaluation is not None and (fit_temperatures or int8_ranges):
+        _record_evaluation(manifest, int8_kept, temperatures, record)
     log.info("wrote %s with %d models", out / "manifest.json", len(entries))
     return manifest
 
@@ -334,8 +346,11 @@ def _previous_evaluation(record: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def _record_evaluation(manifest: Manifest, int8_kept: dict[str, bool], record: dict[str, Any]) -> None:
+def _record_evaluation(
+    manifest: Manifest, int8_kept: dict[str, bool], temperatures: dict[str, float], record: dict[str, Any]
+) -> None:
     payload = {
+        "temperatures": temperatures,
         "weights_sha256": {name: m["weights_sha256"] for name, m in record["models"].items()},
         "split_sha256": record["split"]["sha256"],
         "int8_kept": int8_kept,

@@ -38,9 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         help="dataset roots for evaluation (optional; the same roots as `train`)",
     )
     build.add_argument(
+        "--fit-temperatures",
+        action="store_true",
+        help="fit each model's temperature on the val split, recorded in evaluation.json (needs --data)",
+    )
+    build.add_argument(
+        "--int8-ranges",
+        action="store_true",
+        help="recompute the int8 activation ranges from train photos (needs --data)",
+    )
+    build.add_argument(
         "--calibrate",
         action="store_true",
-        help="recompute int8 calibration ranges from the train split (needs --data)",
+        help="deprecated: both --fit-temperatures and --int8-ranges",
     )
     build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
 
@@ -98,7 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         from model_export.build import build_all
 
-        build_all(args.out, args.data, cache_dir, args.threads, recalibrate=args.calibrate)
+        if args.calibrate:
+            logging.getLogger("model_export").warning(
+                "--calibrate is deprecated and goes in the next release: it means "
+                "--fit-temperatures --int8-ranges, say which you want"
+            )
+        build_all(
+            args.out,
+            args.data,
+            cache_dir,
+            args.threads,
+            fit_temperatures=args.fit_temperatures or args.calibrate,
+            int8_ranges=args.int8_ranges or args.calibrate,
+        )
         return 0
     if args.command == "verify":
         from model_export.verify import verify_all

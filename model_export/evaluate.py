@@ -15,11 +15,11 @@ import numpy as np
 from catdog_core.probabilities import softmax
 from catdog_core.sessions import cpu_session
 from model_export import onnx_tools
-from model_export.calibration import (
+from model_export.data import Sample, all_samples, load_images, stratified_split
+from model_export.quality import (
     choose_cascade_threshold,
     quality,
 )
-from model_export.data import Sample, all_samples, load_images, stratified_split
 from service.manifest import (
     CascadeEntry,
     CascadeSourceFigures,

@@ -42,7 +42,7 @@ def canonical_names(model: onnx.ModelProto) -> None:
     """Rename nodes, activations and initializers by their position in the graph.
 
     tf2onnx numbers what it creates with a process-wide counter, so the same model exported after
-    another one gets other names. The committed int8 calibration ranges are keyed by activation
+    another one gets other names. The committed int8 activation ranges are keyed by activation
     names, and the manifest pins each file's sha256: both need names that depend on the graph only.
     """
     graph = model.graph

@@ -1,7 +1,7 @@
 """Static int8 quantization (QDQ, per-channel) with onnxruntime.quantization.
 
-Activation ranges come from a calibration cache: computed once from training images by a
-developer (`build --calibrate`) and committed, so every later build reproduces the same int8
+Activation ranges come from a committed ranges file: computed once from training images by a
+developer (`build --int8-ranges`) and committed, so every later build reproduces the same int8
 model without the dataset. Percentile calibration is used because MinMax ranges, stretched by a
 few extreme activations, destroyed Xception's accuracy (see the README, "Building the models").
 """
@@ -52,7 +52,7 @@ def classifier_head(model_path: Path) -> list[str]:
 def quantize(fp32: Path, int8: Path, cache: Path, input_name: str, images: np.ndarray | None) -> None:
     """Write int8 from fp32. With images, (re)compute the cache from them; else the cache must exist."""
     if images is None and not cache.exists():
-        raise FileNotFoundError(f"no calibration cache at {cache}; run `build --calibrate --data DIR`")
+        raise FileNotFoundError(f"no int8 activation ranges at {cache}; run `build --int8-ranges --data DIR`")
     if images is not None and cache.exists():
         cache.unlink()
     prepared = int8.with_suffix(".prep.onnx")

@@ -21,9 +21,9 @@ class ModelSpec:
         return WEIGHTS_DIR / f"{self.name}.npz"
 
     @property
-    def calibration_cache(self) -> Path:
+    def int8_ranges_file(self) -> Path:
         """Committed int8 activation ranges, so int8 rebuilds without the dataset."""
-        return WEIGHTS_DIR / f"{self.name}-int8.calibration.json"
+        return WEIGHTS_DIR / f"{self.name}-int8.ranges.json"
 
 
 # The MobileNet paper's resolution multiplier gives a second point on the latency/accuracy frontier.

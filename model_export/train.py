@@ -17,9 +17,10 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
+from catdog_core.probabilities import softmax
 from model_export.backbones import Backbone, pooled_features_model, top_model
-from model_export.calibration import log_loss, softmax
 from model_export.features import Augmentation, Features
+from model_export.quality import log_loss
 
 log = logging.getLogger(__name__)
 

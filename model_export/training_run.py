@@ -14,9 +14,9 @@ from typing import Any
 
 from catdog_core.hashing import sha256_file
 from model_export import backbones, sources
-from model_export.calibration import quality
 from model_export.data import Split, stratified_split
 from model_export.features import trunk_activations
+from model_export.quality import quality
 from model_export.specs import LABELS, MODEL_SPECS, ModelSpec
 from model_export.train import TrainConfig, stage1, stage2
 from model_export.weights_io import round_trip_fp16, save_weights, write_record
@@ -67,7 +67,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     backbones.apply_weights(model, committed)
     save_weights(spec.weights_file, committed)
     # Temperature, int8 ranges and the cascade threshold are fitted later, together, by
-    # `build --calibrate` on the exported ONNX model's validation logits.
+    # `build --fit-temperatures` on the exported ONNX model's validation logits.
     logits = model.predict(val.activations, batch_size=128, verbose=0)
     raw = quality(logits, val.labels, 1.0)
     log.info("%s: chose %s, val %s", spec.name, best.stage, raw)

@@ -116,6 +116,8 @@ class Batcher:
         name: str,
         session: ort.InferenceSession,
         *,
+        input_name: str,
+        output_name: str,
         max_batch: int,
         max_wait_s: float,
         capacity: int,
@@ -125,7 +127,8 @@ class Batcher:
     ) -> None:
         self.name = name
         self._session = session
-        self._input = session.get_inputs()[0].name
+        self._input = input_name
+        self._outputs = [output_name]
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.capacity = capacity
@@ -310,7 +313,7 @@ class Batcher:
             # Timed here, in the inference thread: time spent waiting for the lane (another
             # model's batch) is queue time, not this model's inference time.
             began = time.monotonic()
-            out = self._session.run(None, {self._input: batch})[0]
+            out = self._session.run(self._outputs, {self._input: batch})[0]
             return out, began, time.monotonic() - began
 
         try:

@@ -15,7 +15,7 @@ from service.batching import Batcher, InferenceLane
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
-from service.runtime import create_session, device_of, warm
+from service.runtime import check_tensor_names, create_session, device_of, warm
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,14 @@ def load_registry(
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
         session = create_session(paths[name], providers, threads)
-        warm(session, entry.input.height, entry.input.width, sorted({1, settings.max_batch_size}))
+        check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
+        warm(
+            session,
+            entry.input.name,
+            entry.input.height,
+            entry.input.width,
+            sorted({1, settings.max_batch_size}),
+        )
         histogram = metrics.batch_size.labels(name)
         inference = metrics.inference_seconds.labels(name)
 
@@ -113,6 +120,8 @@ def load_registry(
         batcher = Batcher(
             name,
             session,
+            input_name=entry.input.name,
+            output_name=entry.output.name,
             max_batch=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             capacity=settings.queue_size,

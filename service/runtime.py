@@ -69,8 +69,20 @@ def device_of(session: ort.InferenceSession) -> str:
     return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
-def warm(session: ort.InferenceSession, height: int, width: int, batch_sizes: list[int]) -> None:
+def check_tensor_names(session: ort.InferenceSession, path: Path, input_name: str, output_name: str) -> None:
+    """The file must have the tensors the manifest names: they are the ones fed and read."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if input_name not in inputs or output_name not in outputs:
+        raise ValueError(
+            f"{path.name}: the manifest names input {input_name!r} and output {output_name!r}, "
+            f"the file has inputs {inputs} and outputs {outputs}; rebuild the models (make models)"
+        )
+
+
+def warm(
+    session: ort.InferenceSession, input_name: str, height: int, width: int, batch_sizes: list[int]
+) -> None:
     """Run each batch size once so the first real request does not pay for allocation/tuning."""
-    name = session.get_inputs()[0].name
     for batch in batch_sizes:
-        session.run(None, {name: np.zeros((batch, height, width, 3), dtype=np.uint8)})
+        session.run(None, {input_name: np.zeros((batch, height, width, 3), dtype=np.uint8)})

@@ -86,7 +86,7 @@ def test_export_is_byte_identical_whatever_ran_before(tmp_path: Path) -> None:
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_int8_rebuilds_identically_from_the_calibration_cache(
+def test_int8_rebuilds_identically_from_the_committed_ranges(
     exported: tuple[keras.Model, Path], tmp_path: Path
 ) -> None:
     _, fp32 = exported

@@ -40,6 +40,8 @@ def make_batcher(
     return Batcher(
         "m",
         session,
+        input_name="image",
+        output_name="logits",
         max_batch=8,
         max_wait_s=max_wait_s,
         capacity=capacity,

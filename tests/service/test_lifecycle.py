@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.open_loop import start_open_loop
 from service.app import create_app
+from service.manifest import write_manifest
 from service.settings import Settings
 from tests.service import images
-from tests.support import ROOT, in_process_client, run_server, wait_until
+from tests.support import ROOT, in_process_client, run_server, wait_until, write_tiny_models
 
 
 def wait_for_in_flight(url: str, count: int, timeout: float = 30) -> None:
@@ -163,3 +164,17 @@ def test_a_crashed_batcher_turns_liveness_and_readiness_false(tiny_models_dir: P
             return before, live, ready, answer.status_code, answer.json()["error"]["code"]
 
     assert asyncio.run(scenario()) == (200, 503, 503, 503, "model_unavailable")
+
+
+def test_the_manifest_tensor_names_are_the_ones_served(tmp_path: Path) -> None:
+    # The service feeds and reads the tensors the manifest names, and refuses a file without them.
+    folder = tmp_path / "models"
+    manifest = write_tiny_models(folder)
+    fast = manifest.models["fast"]
+    renamed = fast.model_copy(update={"input": fast.input.model_copy(update={"name": "pixels"})})
+    write_manifest(
+        manifest.model_copy(update={"models": {**manifest.models, "fast": renamed}}), folder / "manifest.json"
+    )
+    result = start_expecting_failure({"CATDOG_MODELS_DIR": str(folder), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "input 'pixels'" in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""Probabilities, calibration (temperature scaling), quality metrics and cascade thresholds."""
+"""Quality figures (accuracy, log loss, ECE), temperature scaling and cascade thresholds."""
 
 from __future__ import annotations
 

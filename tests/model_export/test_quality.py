@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_export.calibration import (
+from model_export.quality import (
     cascade_outcome,
     choose_cascade_threshold,
     expected_calibration_error,
