@@ -15,20 +15,42 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from catdog_core.hashing import sha256_file
-from catdog_core.probabilities import softmax
 from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms
 from model_export import backbones, onnx_tools, sources
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import Evaluation, Member, measure_cascade
+from model_export.keras_models import keras_classifier
+from model_export.parity import (
+    INT8_MIN_AGREEMENT,
+    N_PARITY_IMAGES,
+    PARITY_TOLERANCE,
+    ParityError,
+    compare,
+    synthetic_images,
+)
 from model_export.quality import fit_temperature
 from model_export.quantize import quantize
-from model_export.specs import CASCADE, DEFAULT_MODEL, LABELS, MODEL_SPECS, WEIGHTS_DIR, ModelSpec, int8_name
-from model_export.weights_io import load_weights, read_record
+from model_export.records import (
+    EvaluationRecord,
+    ModelFigures,
+    TrainingRecord,
+    read_evaluation_record,
+    read_training_record,
+)
+from model_export.specs import (
+    CASCADE,
+    DEFAULT_MODEL,
+    LABELS,
+    MODEL_SPECS,
+    TRAINING_RECORD,
+    WEIGHTS_DIR,
+    ModelSpec,
+    int8_name,
+)
 from service.manifest import (
     CascadeEntry,
     DatasetInfo,
@@ -46,18 +68,8 @@ from service.manifest import (
 log = logging.getLogger(__name__)
 
 EVALUATION_RECORD = WEIGHTS_DIR / "evaluation.json"
-PARITY_TOLERANCE = 1e-4
 INT8_MAX_ACCURACY_DROP = 0.003
-# Int8 must also give fp32's answer on 99 % of validation photos, so that wins and losses cannot
-# cancel out in the accuracy rule. (It was 99.5 %: MobileNet-224 with its head in fp32 agrees on
-# 99.45 %, 7 photos of 1,265, within 0.27 points of fp32 on every source.)
-INT8_MIN_AGREEMENT = 0.99
-N_PARITY_IMAGES = 32
 N_INT8_RANGE_IMAGES = 64
-
-
-class ParityError(RuntimeError):
-    """An exported file does not reproduce its reference closely enough."""
 
 
 @dataclass
@@ -93,39 +105,6 @@ def git_commit() -> str:
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def synthetic_images(size: int, n: int, seed: int = 0) -> np.ndarray:
-    """Smooth random colour fields: stand-ins for photos when the dataset is absent."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float32)
-    from PIL import Image
-
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(c.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC))
-            for c in coarse
-        ]
-    )
-
-
-def keras_classifier(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
-    artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
-    base = backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size)
-    backbone = backbones.split_backbone(spec.family, base, spec.input_size)
-    head = backbones.top_model(backbone, len(LABELS))
-    backbones.apply_weights(head, load_weights(spec.weights_file))
-    return backbones.classifier(backbone, head, spec.name), artifact
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray, temperature: float, what: str) -> Parity:
-    ref, cand = softmax(reference, temperature), softmax(candidate, temperature)
-    return Parity(
-        reference=what,
-        n_images=len(ref),
-        max_abs_diff_probability=float(np.abs(ref - cand).max()),
-        prediction_agreement=float((ref.argmax(1) == cand.argmax(1)).mean()),
-    )
 
 
 def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, temperature: float) -> Built:
@@ -209,11 +188,11 @@ def int8_is_kept(
     fp_entry: ModelEntry,
     q_entry: ModelEntry,
     evaluation: Evaluation | None,
-    previous: dict[str, Any],
+    previous: EvaluationRecord | None,
 ) -> bool:
     """Measured on val when the dataset is here; otherwise the recorded decision for these weights."""
     if evaluation is None:
-        return bool(previous.get("int8_kept", {}).get(int8.name, False))
+        return previous is not None and previous.int8_kept.get(int8.name, False)
     fp_logits, labels = evaluation.logits(fp32.member, "val")
     q_logits, _ = evaluation.logits(int8.member, "val")
     decision = int8_decision(
@@ -235,18 +214,14 @@ def int8_range_samples(train: list[Sample], n: int = N_INT8_RANGE_IMAGES) -> lis
     return train[::step][:n]
 
 
-def _dataset_info(
-    split: Split | None, roots: list[Path] | None, record: dict[str, Any]
-) -> DatasetInfo | None:
-    saved = record["split"]
-    if split is None and "source_counts" not in saved:
-        return None
+def _dataset_info(split: Split | None, roots: list[Path] | None, record: TrainingRecord) -> DatasetInfo:
     if split is None:  # the figures are the recorded ones: so is the split they were measured on
+        saved = record.split
         return DatasetInfo(
-            split_sha256=saved["sha256"],
-            seed=saved["seed"],
-            roots=saved.get("roots", []),
-            images_by_source=saved["source_counts"],
+            split_sha256=saved.sha256,
+            seed=saved.seed,
+            roots=saved.roots,
+            images_by_source=saved.source_counts,
         )
     return DatasetInfo(
         split_sha256=split.sha256,
@@ -267,16 +242,14 @@ def build_all(
     """fit_temperatures: fit each model's temperature on val (recorded in evaluation.json, never in
     the training record); int8_ranges: recompute the int8 activation ranges from train photos
     (written to weights/*-int8.ranges.json). Both need the dataset."""
-    record = read_record()
+    record = read_training_record(TRAINING_RECORD)
     out.mkdir(parents=True, exist_ok=True)
-    split = (
-        stratified_split(data, record["split"]["seed"], tuple(record["split"]["fractions"])) if data else None
-    )
-    if split is not None and split.sha256 != record["split"]["sha256"]:
+    split = stratified_split(data, record.split.seed, record.split.fractions) if data else None
+    if split is not None and split.sha256 != record.split.sha256:
         log.warning(
             "dataset split %s differs from the one trained on (%s): figures are not comparable",
             split.sha256[:12],
-            record["split"]["sha256"][:12],
+            record.split.sha256[:12],
         )
     if (fit_temperatures or int8_ranges) and split is None:
         raise ValueError("--fit-temperatures and --int8-ranges need --data")
@@ -287,7 +260,7 @@ def build_all(
     temperatures: dict[str, float] = {}
     built_models: dict[str, Built] = {}
     for spec in MODEL_SPECS:
-        trained = record["models"][spec.name]
+        trained = record.models[spec.name]
         probe = (
             evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES]
             if evaluation
@@ -295,7 +268,7 @@ def build_all(
         )
         # The temperature fitted on the exported model (recorded with the evaluation) wins over the
         # one training fitted on Keras logits.
-        known = previous.get("temperatures", {}).get(spec.name) or trained["temperature"]
+        known = (previous.temperatures.get(spec.name) if previous else None) or trained.temperature
         fp32 = export_fp32(spec, out, cache_dir, probe, known or 1.0)
         if fit_temperatures and evaluation is not None:
             fp32.temperature = fit_temperature(*evaluation.logits(fp32.member, "val"))
@@ -334,55 +307,45 @@ def build_all(
     return manifest
 
 
-def _previous_evaluation(record: dict[str, Any]) -> dict[str, Any]:
+def _previous_evaluation(record: TrainingRecord) -> EvaluationRecord | None:
     """The recorded evaluation, if it was measured on exactly the committed weights."""
-    if not EVALUATION_RECORD.exists():
-        return {}
-    saved: dict[str, Any] = json.loads(EVALUATION_RECORD.read_text())
-    weights = {name: m["weights_sha256"] for name, m in record["models"].items()}
-    if saved.get("weights_sha256") != weights:
+    saved = read_evaluation_record(EVALUATION_RECORD)
+    if saved is not None and saved.weights_sha256 != record.weights_sha256():
         log.warning("recorded evaluation is for other weights; manifest will carry no accuracy figures")
-        return {}
+        return None
     return saved
 
 
 def _record_evaluation(
-    manifest: Manifest, int8_kept: dict[str, bool], temperatures: dict[str, float], record: dict[str, Any]
+    manifest: Manifest, int8_kept: dict[str, bool], temperatures: dict[str, float], record: TrainingRecord
 ) -> None:
-    payload = {
-        "temperatures": temperatures,
-        "weights_sha256": {name: m["weights_sha256"] for name, m in record["models"].items()},
-        "split_sha256": record["split"]["sha256"],
-        "int8_kept": int8_kept,
-        "models": {
-            name: {
-                "val": e.val.model_dump() if e.val else None,
-                "test": e.test.model_dump() if e.test else None,
-            }
-            for name, e in manifest.models.items()
-        },
-        "cascades": [c.model_dump() for c in manifest.cascades],
-    }
-    EVALUATION_RECORD.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    EvaluationRecord(
+        weights_sha256=record.weights_sha256(),
+        split_sha256=record.split.sha256,
+        temperatures=temperatures,
+        int8_kept=int8_kept,
+        models={name: ModelFigures(val=e.val, test=e.test) for name, e in manifest.models.items()},
+        cascades=manifest.cascades,
+    ).write(EVALUATION_RECORD)
     log.info("int8 decisions and figures recorded in %s", EVALUATION_RECORD)
 
 
 def _entry(
     built: Built,
-    record: dict[str, Any],
+    record: TrainingRecord,
     evaluation: Evaluation | None,
-    previous: dict[str, Any],
+    previous: EvaluationRecord | None,
     threads: int,
 ) -> ModelEntry:
-    spec, trained = built.spec, record["models"][built.spec.name]
-    artifact = sources.ARTIFACTS[trained["source"]]
+    spec, trained = built.spec, record.models[built.spec.name]
+    artifact = sources.ARTIFACTS[trained.source]
+    val: QualityFigures | None = None
+    test: QualityFigures | None = None
     if evaluation is not None:
         val = evaluation.metrics(built.member, "val", "val")
         test = evaluation.metrics(built.member, "test", "test")
-    else:
-        saved = previous.get("models", {}).get(built.name, {})
-        val = QualityFigures(**saved["val"]) if saved.get("val") else None
-        test = QualityFigures(**saved["test"]) if saved.get("test") else None
+    elif previous is not None and built.name in previous.models:
+        val, test = previous.models[built.name].val, previous.models[built.name].test
     sess = cpu_session(built.path, threads)
     input_name, output_name = onnx_tools.io_names(built.path)
     digest = sha256_file(built.path)
@@ -418,8 +381,8 @@ def _entry(
         provenance=Provenance(
             source_artifact=artifact.pinned_as,
             source_sha256=artifact.digest or "",
-            trained_weights_sha256=trained["weights_sha256"],
-            dataset_split_sha256=record["split"]["sha256"],
+            trained_weights_sha256=trained.weights_sha256,
+            dataset_split_sha256=record.split.sha256,
             git_commit=git_commit(),
             exporter=built.exporter,
         ),
@@ -430,16 +393,16 @@ def _cascade(
     entries: dict[str, ModelEntry],
     built: dict[str, Built],
     evaluation: Evaluation | None,
-    previous: dict[str, Any],
+    previous: EvaluationRecord | None,
 ) -> CascadeEntry:
     small, large = CASCADE
     if evaluation is not None:
         return measure_cascade(
             evaluation, entries[small], entries[large], built[small].member, built[large].member
         )
-    saved = next((c for c in previous.get("cascades", []) if (c["small"], c["large"]) == CASCADE), None)
+    saved = next((c for c in (previous.cascades if previous else []) if (c.small, c.large) == CASCADE), None)
     if saved is None:
         raise ValueError(
             "no dataset and no recorded cascade threshold for these weights: build once with --data"
         )
-    return CascadeEntry(**saved)
+    return saved

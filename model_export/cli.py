@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from model_export.sources import default_cache_dir
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command imports Keras: the backend it binds to, and TensorFlow's C++ chatter.
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -89,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache_dir = args.cache_dir or default_cache_dir()
     if args.command == "train":
+        from model_export.records import read_training_record
         from model_export.specs import TRAINING_RECORD
         from model_export.train import TrainConfig
         from model_export.training_run import train_all
-        from model_export.weights_io import read_record
 
         cfg = TrainConfig(finetune=not args.no_finetune)
-        previous = read_record() if TRAINING_RECORD.exists() else None
+        previous = read_training_record(TRAINING_RECORD) if TRAINING_RECORD.exists() else None
         train_all(args.data, cfg, cache_dir, args.only, previous)
         return 0
     if args.command == "fetch":
@@ -128,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         return verify_all(args.out, cache_dir, args.data)
     if args.command == "evaluate":
         from model_export.evaluate import remeasure
+        from model_export.records import read_training_record
         from model_export.report import plot_frontier, table
-        from model_export.weights_io import read_record
+        from model_export.specs import TRAINING_RECORD
         from service.manifest import write_manifest
 
-        manifest = remeasure(
-            args.out / "manifest.json", args.data, args.all_images, read_record()["split"]["seed"]
-        )
+        seed = read_training_record(TRAINING_RECORD).split.seed
+        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed)
         print(table(manifest))
         if args.plot:
             plot_frontier(manifest, args.plot)

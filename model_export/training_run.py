@@ -10,28 +10,22 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from catdog_core.hashing import sha256_file
-from model_export import backbones, sources
+from model_export import backbones
 from model_export.data import Split, stratified_split
 from model_export.features import trunk_activations
+from model_export.keras_models import load_backbone
 from model_export.quality import quality
-from model_export.specs import LABELS, MODEL_SPECS, ModelSpec
+from model_export.records import SplitRecord, StageRun, TrainedModel, TrainingRecord
+from model_export.specs import LABELS, MODEL_SPECS, TRAINING_RECORD, ModelSpec
 from model_export.train import TrainConfig, stage1, stage2
-from model_export.weights_io import round_trip_fp16, save_weights, write_record
+from model_export.weights_io import round_trip_fp16, save_weights
 
 log = logging.getLogger(__name__)
 
 
-def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone, sources.Artifact]:
-    artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
-    weights = sources.fetch(artifact, cache_dir)
-    base = backbones.pretrained_base(artifact, weights, spec.input_size)
-    return backbones.split_backbone(spec.family, base, spec.input_size), artifact
-
-
-def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
+def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> TrainedModel:
     backbone, artifact = load_backbone(spec, cache_dir)
     train = trunk_activations(
         backbone,
@@ -71,23 +65,23 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
     logits = model.predict(val.activations, batch_size=128, verbose=0)
     raw = quality(logits, val.labels, 1.0)
     log.info("%s: chose %s, val %s", spec.name, best.stage, raw)
-    return {
-        "family": spec.family,
-        "input_size": spec.input_size,
-        "fine_tuned_from": backbone.cut_layer,
-        "augmented_views": cfg.augmented_views[spec.family],
-        "source": artifact.key,
-        "source_digest": artifact.digest,
-        "stages": [r.__dict__ for r in results],
-        "chosen_stage": best.stage,
-        "fine_tuned": chosen_tuned,
-        "temperature": None,
-        "val_accuracy": raw.accuracy,
-        "val_log_loss": raw.log_loss,
-        "weights_file": spec.weights_file.name,
-        "weights_sha256": sha256_file(spec.weights_file),
-        "weights_bytes": spec.weights_file.stat().st_size,
-    }
+    return TrainedModel(
+        family=spec.family,
+        input_size=spec.input_size,
+        fine_tuned_from=backbone.cut_layer,
+        augmented_views=cfg.augmented_views[spec.family],
+        source=artifact.key,
+        source_digest=artifact.digest or "",
+        stages=[StageRun(**r.__dict__) for r in results],
+        chosen_stage=best.stage,
+        fine_tuned=chosen_tuned,
+        temperature=None,
+        val_accuracy=raw.accuracy,
+        val_log_loss=raw.log_loss,
+        weights_file=spec.weights_file.name,
+        weights_sha256=sha256_file(spec.weights_file),
+        weights_bytes=spec.weights_file.stat().st_size,
+    )
 
 
 def train_all(
@@ -95,27 +89,27 @@ def train_all(
     cfg: TrainConfig,
     cache_dir: Path,
     names: list[str] | None = None,
-    previous: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    previous: TrainingRecord | None = None,
+) -> TrainingRecord:
     split = stratified_split(data, cfg.seed)
     log.info("split %s: %s", split.sha256[:12], split.source_counts())
-    models = dict((previous or {}).get("models", {}))
+    models = dict(previous.models) if previous else {}
     for spec in MODEL_SPECS:
         if names and spec.name not in names:
             continue
         models[spec.name] = train_one(spec, split, cfg, cache_dir)
-    record = {
-        "labels": list(LABELS),
-        "split": {
-            "seed": split.seed,
-            "fractions": list(split.fractions),
-            "sha256": split.sha256,
-            "roots": [root.name for root in data],
-            "counts": split.counts(),
-            "source_counts": split.source_counts(),
-        },
-        "train_config": dataclasses.asdict(cfg),
-        "models": models,
-    }
-    write_record(record)
+    record = TrainingRecord(
+        labels=list(LABELS),
+        split=SplitRecord(
+            seed=split.seed,
+            fractions=split.fractions,
+            sha256=split.sha256,
+            roots=[root.name for root in data],
+            counts=split.counts(),
+            source_counts=split.source_counts(),
+        ),
+        train_config=dataclasses.asdict(cfg),
+        models=models,
+    )
+    record.write(TRAINING_RECORD)
     return record

@@ -11,18 +11,18 @@ import logging
 from pathlib import Path
 
 from catdog_core.hashing import sha256_file
-from model_export.build import (
+from model_export.data import load_images, stratified_split
+from model_export.evaluate import logits_on
+from model_export.keras_models import keras_classifier
+from model_export.parity import (
     INT8_MIN_AGREEMENT,
     N_PARITY_IMAGES,
     PARITY_TOLERANCE,
     compare,
-    keras_classifier,
     synthetic_images,
 )
-from model_export.data import load_images, stratified_split
-from model_export.evaluate import logits_on
-from model_export.specs import SPECS_BY_NAME
-from model_export.weights_io import read_record
+from model_export.records import read_training_record
+from model_export.specs import SPECS_BY_NAME, TRAINING_RECORD
 from service.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def verify_all(out: Path, cache_dir: Path, data: list[Path] | None = None) -> int:
     manifest = load_manifest(out / "manifest.json")
     failures: list[str] = []
-    split = stratified_split(data, read_record()["split"]["seed"]) if data else None
+    split = stratified_split(data, read_training_record(TRAINING_RECORD).split.seed) if data else None
     for name, entry in manifest.models.items():
         path = out / entry.file
         actual = sha256_file(path) if path.exists() else "missing"

@@ -1,14 +1,10 @@
-"""The committed trained weights (fp16 .npz) and the training record (JSON) beside them."""
+"""The committed trained weights (fp16 .npz); their records are in model_export.records."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from model_export.specs import TRAINING_RECORD
 
 
 def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
@@ -26,17 +22,3 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 
 def round_trip_fp16(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value.astype(np.float16).astype(np.float32) for key, value in weights.items()}
-
-
-def read_record(path: Path = TRAINING_RECORD) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: the trained weights are committed with the source; "
-            "run `python -m model_export train --data DIR` to create them"
-        )
-    record: dict[str, Any] = json.loads(path.read_text())
-    return record
-
-
-def write_record(record: dict[str, Any], path: Path = TRAINING_RECORD) -> None:
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,8 @@ from PIL import Image
 from catdog_core.probabilities import softmax
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import logits_on, metrics
-from model_export.weights_io import read_record
+from model_export.records import read_training_record
+from model_export.specs import TRAINING_RECORD
 from service.manifest import Manifest, load_manifest
 from tests.support import BUILT_MODELS, ROOT, SHARED_DATA_ROOTS, Server, run_server
 
@@ -37,7 +38,7 @@ def manifest() -> Manifest:
 
 @pytest.fixture(scope="module")
 def split() -> Split:
-    return stratified_split(SHARED_DATA_ROOTS, read_record()["split"]["seed"])
+    return stratified_split(SHARED_DATA_ROOTS, read_training_record(TRAINING_RECORD).split.seed)
 
 
 @pytest.fixture(scope="module")

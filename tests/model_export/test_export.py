@@ -10,7 +10,7 @@ import pytest
 
 from catdog_core.sessions import cpu_session
 from model_export import onnx_tools
-from model_export.build import PARITY_TOLERANCE, compare, synthetic_images
+from model_export.parity import PARITY_TOLERANCE, compare, synthetic_images
 from model_export.quantize import quantize
 
 keras = pytest.importorskip("keras")
@@ -109,5 +109,5 @@ def test_quantize_without_images_or_cache_is_an_error(
     exported: tuple[keras.Model, Path], tmp_path: Path
 ) -> None:
     _, fp32 = exported
-    with pytest.raises(FileNotFoundError, match="calibration cache"):
+    with pytest.raises(FileNotFoundError, match="int8 activation ranges"):
         quantize(fp32, tmp_path / "q.onnx", tmp_path / "absent.json", "image", None)

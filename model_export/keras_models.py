@@ -1,0 +1,24 @@
+"""The Keras models the build starts from: a pretrained backbone from its pinned source, and the
+classifier with the committed trained weights on top (the reference for fp32 parity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model_export import backbones, sources
+from model_export.specs import LABELS, ModelSpec
+from model_export.weights_io import load_weights
+
+
+def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone, sources.Artifact]:
+    artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
+    base = backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size)
+    return backbones.split_backbone(spec.family, base, spec.input_size), artifact
+
+
+def keras_classifier(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
+    backbone, artifact = load_backbone(spec, cache_dir)
+    head = backbones.top_model(backbone, len(LABELS))
+    backbones.apply_weights(head, load_weights(spec.weights_file))
+    return backbones.classifier(backbone, head, spec.name), artifact
