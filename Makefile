@@ -13,7 +13,7 @@ PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
 
-.PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench soak overload hostile-memory train clean
+.PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,12 @@ pod-smoke-test: $(VENV)/.installed
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)
+
+# The project, a plain FastAPI handler and LitServe under contention: quiet, one core taken, CPU
+# quotas of 1.5 and 1 (cgroups: needs root). Table and docs/contention.png.
+bench-contention: models
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.contention --models-dir $(MODELS_DIR)
 
 # Open-loop overload (Locust in its own process) at 1x/2x/3x the capacity measured in the same run.
 overload: models

@@ -19,18 +19,45 @@ class ProviderUnavailable(RuntimeError):
     """The configured execution provider cannot run here: a start-up failure, never a fallback."""
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by the container's quota (cgroup v2 cpu.max or v1 cfs files), if any."""
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> float | None:
+    """CPUs allowed by the tightest CFS quota on this process's cgroup and its parents (cgroup v2
+    cpu.max or v1 cpu.cfs_quota_us), if any. Inside a container the process's cgroup is the
+    root; a process placed in a nested group (a systemd slice, a bench's cgroup) is not."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    limits = [
+        q for directory in _own_cgroup_dirs(root, membership) if (q := _quota_at(directory)) is not None
+    ]
+    return min(limits, default=None)
+
+
+def _own_cgroup_dirs(root: Path, membership: str) -> list[Path]:
+    """The process's cpu cgroup directory and each parent up to the root (which is always tried)."""
+    relative = ""
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" or "cpu" in controllers.split(","):
+            relative = path.strip("/")
+            base = root if controllers == "" else root / "cpu"
+            break
+    else:
+        return [root, root / "cpu"]
+    parts = [p for p in relative.split("/") if p]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _quota_at(directory: Path) -> float | None:
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
-        return None
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+        period_us = int((directory / "cpu.cfs_period_us").read_text())
         return quota_us / period_us if quota_us > 0 else None
     except (OSError, ValueError):
         return None

@@ -1,0 +1,268 @@
+"""`make bench-contention`: catdog-serve, a hand-written FastAPI handler and LitServe, on the same
+ONNX files, in one sitting, under the conditions production nodes give a pod:
+
+- quiet: nothing else running;
+- busy-core: one core taken by a busy process (a spinning Python loop, not pinned);
+- quota-1.5 and quota-1: the server process (and any it forks) in a cgroup of its own with a CFS
+  quota of 1.5 and 1 CPU (cgroup v1 cpu.cfs_quota_us or v2 cpu.max), the load generator outside.
+
+wrk (closed loop, one thread) at concurrency 1, 8 and 32 on `mobilenet` and `xception` with the
+500x375 JPEG. catdog-serve runs with its default settings except the admission cap, raised to 64
+so that concurrency 32 measures admitted work (the other two servers admit everything).
+Reported per point: answered req/s (non-error), p50 and p99; a table per condition and a plot.
+Needs root for the cgroups (skipped otherwise, and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.images import write_bench_images
+from bench.load import ROOT, server, wrk
+
+PORT = 18760
+URL = f"http://127.0.0.1:{PORT}"
+CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
+MODELS = ("mobilenet", "xception")
+
+
+class CpuQuota:
+    """A cgroup with a CFS quota; `wrap(command)` starts a command inside it (children included)."""
+
+    def __init__(self, cpus: float) -> None:
+        self.name = f"catdog-bench-{os.getpid()}-{str(cpus).replace('.', '_')}"
+        v1 = Path("/sys/fs/cgroup/cpu")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.path = v1 / self.name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text("100000")
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+        else:
+            self.path = Path("/sys/fs/cgroup") / self.name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+
+    def wrap(self, command: list[str]) -> list[str]:
+        # The shell joins the cgroup, then becomes the server: nothing runs outside the quota.
+        return ["sh", "-c", f'echo $$ > {self.path / "cgroup.procs"} && exec "$@"', "sh", *command]
+
+    def throttled(self) -> dict[str, int]:
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        return {k: int(v) for k, v in stat.items()}
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+@contextlib.contextmanager
+def condition(name: str) -> Iterator[CpuQuota | None]:
+    if name == "busy-core":
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            yield None
+        finally:
+            busy.kill()
+            busy.wait()
+    elif name.startswith("quota-"):
+        quota = CpuQuota(float(name.removeprefix("quota-")))
+        try:
+            yield quota
+        finally:
+            time.sleep(0.5)  # the server's processes have left the group
+            quota.remove()
+    else:
+        yield None
+
+
+def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """How to start each server and what each request carries (LitServe takes base64 JSON)."""
+    body = out / "small.json"
+    body.write_text(json.dumps({"image": base64.b64encode(image.read_bytes()).decode()}))
+    env = {"CATDOG_MODELS_DIR": str(models_dir), "CATDOG_LOG_LEVEL": "warning"}
+    python = sys.executable
+    chosen: dict[str, dict[str, Any]] = {
+        "catdog-serve": {
+            "command": lambda model: [python, "-m", "service", "--port", str(PORT)],
+            "env": {**env, "CATDOG_MAX_CONCURRENT_REQUESTS": "64"},
+            "ready": "/readyz",
+            "path": "/classify?model={model}",
+            "body": image,
+            "content_type": "image/jpeg",
+        },
+        "plain FastAPI": {
+            "command": lambda model: [
+                python,
+                "-m",
+                "uvicorn",
+                "bench.baselines.plain_fastapi:app",
+                "--port",
+                str(PORT),
+                "--log-level",
+                "warning",
+            ],
+            "env": {**env, "CATDOG_INTRA_OP_THREADS": "2"},
+            "ready": "/docs",
+            "path": "/classify?model={model}",
+            "body": image,
+            "content_type": "image/jpeg",
+        },
+    }
+    if importlib.util.find_spec("litserve") is not None:
+        chosen["LitServe"] = {
+            "command": lambda model: [python, "-m", "bench.baselines.litserve_app", str(PORT)],
+            "env": {**env, "CATDOG_INTRA_OP_THREADS": "2"},
+            "per_model_env": "CATDOG_BENCH_MODEL",
+            "ready": "/health",
+            "path": "/predict",
+            "body": body,
+            "content_type": "application/json",
+        }
+    return chosen
+
+
+def run_server_points(
+    spec: dict[str, Any], models: list[str], where: str, concurrencies: list[int], seconds: int, out: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Start the server under `where`, then wrk each model at each concurrency."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    groups = [[m] for m in models] if "per_model_env" in spec else [models]
+    for group in groups:
+        env = dict(spec["env"])
+        if "per_model_env" in spec:
+            env[spec["per_model_env"]] = group[0]
+        with condition(where) as quota:
+            command = spec["command"](group[0])
+            command = quota.wrap(command) if quota else command
+            with server(command, env, URL + spec["ready"], out / "server.log"):
+                for model in group:
+                    url = URL + spec["path"].format(model=model)
+                    wrk(url, spec["body"], 2, 2, spec["content_type"])  # warm the path
+                    results[model] = [
+                        answered(wrk(url, spec["body"], c, seconds, spec["content_type"]), seconds)
+                        for c in concurrencies
+                    ]
+                    if quota:
+                        for point in results[model]:
+                            point["cgroup"] = str(quota.path)
+    return results
+
+
+def answered(point: dict[str, Any], seconds: int) -> dict[str, Any]:
+    """wrk counts error statuses as requests: report answered (non-error) requests per second."""
+    ok = point["requests"] - point["errors"]
+    return {**point, "answered_per_s": round(ok / seconds, 1)}
+
+
+def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], concurrencies: list[int]) -> str:
+    lines = []
+    for where, by_server in results.items():
+        lines += [
+            f"**{where}**",
+            "",
+            "| model | server | " + " | ".join(f"c={c} req/s, p50 / p99 ms" for c in concurrencies) + " |",
+            "|---|---|" + "---|" * len(concurrencies),
+        ]
+        for model in MODELS:
+            for name, by_model in by_server.items():
+                if model not in by_model:
+                    continue
+                cells = [
+                    f"{p['answered_per_s']:.1f}, {p['p50_ms']:.0f} / {p['p99_ms']:.0f}"
+                    for p in by_model[model]
+                ]
+                lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(results)
+    fig, axes = plt.subplots(
+        2 * len(MODELS), len(conditions), figsize=(4 * len(conditions), 11), squeeze=False
+    )
+    for col, where in enumerate(conditions):
+        for row, model in enumerate(MODELS):
+            for name, by_model in results[where].items():
+                points = by_model.get(model)
+                if not points:
+                    continue
+                c = [p["concurrency"] for p in points]
+                axes[row][col].plot(c, [p["answered_per_s"] for p in points], "o-", label=name)
+                axes[row + len(MODELS)][col].plot(c, [p["p99_ms"] for p in points], "o-", label=name)
+            axes[row][col].set(
+                title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
+            )
+            axes[row + len(MODELS)][col].set(
+                title=f"{where}: {model}", xscale="log", yscale="log", ylabel="p99 ms", xlabel="concurrency"
+            )
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--servers", nargs="+", default=None, help="default: all three")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "contention.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "contention.png")
+    args = parser.parse_args(argv)
+    conditions = [c for c in args.conditions if not c.startswith("quota-") or os.geteuid() == 0]
+    if conditions != args.conditions:
+        print("not root: the CPU-quota conditions are skipped", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image = write_bench_images(args.out.parent)["small"]
+    specs = servers(args.models_dir, image, args.out.parent)
+    names = args.servers or list(specs)
+    results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for where in conditions:
+        results[where] = {}
+        for name in names:
+            print(f"{where}: {name}", flush=True)
+            results[where][name] = run_server_points(
+                specs[name], args.models, where, args.concurrency, args.seconds, args.out.parent
+            )
+            for model, points in results[where][name].items():
+                print(
+                    "  "
+                    + model
+                    + ": "
+                    + ", ".join(
+                        f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms"
+                        for p in points
+                    ),
+                    flush=True,
+                )
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results, args.concurrency)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    plot(results, args.plot)
+    print(f"written to {args.out}, {args.out.with_suffix('.md')} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
