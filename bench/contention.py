@@ -226,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also run catdog-serve with these settings, under this name (to compare configurations)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "contention.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "contention.png")
     args = parser.parse_args(argv)
@@ -235,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image = write_bench_images(args.out.parent)["small"]
     specs = servers(args.models_dir, image, args.out.parent)
+    for variant in args.variant:
+        label, _, assignments = variant.partition(":")
+        extra = dict(item.split("=", 1) for item in assignments.split(",") if item)
+        specs[label] = {**specs["catdog-serve"], "env": {**specs["catdog-serve"]["env"], **extra}}
     names = args.servers or list(specs)
     results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for where in conditions:

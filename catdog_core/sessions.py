@@ -7,15 +7,19 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-SESSION_PROFILE = "graph optimisation all, inter-op 1, memory patterns off, CPU spinning on"
-"""What session_options sets, as recorded in the manifest beside the latency it measured."""
+SESSION_PROFILE = "graph optimisation all, inter-op 1, memory patterns off, CPU spinning off"
+"""What session_options sets by default, as recorded in the manifest beside the latency it measured."""
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+Spinning = Literal["on", "off", "within-runs"]
+
+
+def session_options(threads: int, spinning: Spinning = "off") -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -25,6 +29,12 @@ def session_options(threads: int) -> ort.SessionOptions:
     # patterns, at the same or better speed (bench notes in the README). Batches vary in size
     # here, which is the case patterns do not help.
     options.enable_mem_pattern = False
+    # Spinning keeps idle intra-op threads busy-waiting for the next parallel section: lower
+    # latency on cores of one's own, CPU taken from everything else (and CFS quota burnt) when
+    # not. within-runs spins inside a session.run and stops when it returns (force_spinning_stop).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+    if spinning == "within-runs":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

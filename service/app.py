@@ -80,7 +80,13 @@ def create_app(
         providers = resolve_providers(settings.providers)
         threads = settings.intra_op_threads or default_threads()
         manifest, paths = check_models(settings)
-        log.info("providers %s, %d intra-op threads, %d models", providers, threads, len(paths))
+        log.info(
+            "providers %s, %d intra-op threads (spinning %s), %d models",
+            providers,
+            threads,
+            settings.intra_op_spinning,
+            len(paths),
+        )
         if settings.metrics_port:
             start_http_server(settings.metrics_port, addr=metrics_host, registry=state.metrics.registry)
         loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, on_fatal))

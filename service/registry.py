@@ -103,7 +103,7 @@ def load_registry(
     """Create and warm one session per model (slow: runs while /readyz still says 503)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
-        session = create_session(paths[name], providers, threads)
+        session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
         warm(
             session,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catdog_core.sessions import session_options
+from catdog_core.sessions import Spinning, session_options
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,10 @@ def resolve_providers(choice: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
-    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+def create_session(
+    path: Path, providers: list[str], threads: int, spinning: Spinning = "off"
+) -> ort.InferenceSession:
+    session = ort.InferenceSession(str(path), session_options(threads, spinning), providers=providers)
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime silently falls back to CPU when CUDA libraries fail to load.
         raise ProviderUnavailable(f"CUDA provider failed to initialise for {path}; see onnxruntime's log")

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     """onnxruntime execution provider: auto uses CUDA when present; cuda without a GPU fails at start."""
     intra_op_threads: int | None = Field(None, ge=1)
     """Threads per inference; None follows the container's CPU quota (cgroup), not the host's cores."""
+    intra_op_spinning: Literal["on", "off", "within-runs"] = "off"
+    """Whether idle inference threads busy-wait for work (onnxruntime's allow_spinning; within-runs
+    stops between runs). Off: as fast on a quiet machine, faster when the CPU is shared or under a
+    quota (README, "Performance under contention")."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
