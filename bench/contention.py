@@ -40,8 +40,11 @@ MODELS = ("mobilenet", "xception")
 class CpuQuota:
     """A cgroup with a CFS quota; `wrap(command)` starts a command inside it (children included)."""
 
+    created = 0
+
     def __init__(self, cpus: float) -> None:
-        self.name = f"catdog-bench-{os.getpid()}-{str(cpus).replace('.', '_')}"
+        CpuQuota.created += 1
+        self.name = f"catdog-bench-{os.getpid()}-{CpuQuota.created}"
         v1 = Path("/sys/fs/cgroup/cpu")
         if (v1 / "cpu.cfs_quota_us").exists():
             self.path = v1 / self.name
@@ -62,8 +65,16 @@ class CpuQuota:
         return {k: int(v) for k, v in stat.items()}
 
     def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        """Remove the group once its processes (forked workers too) have gone."""
+        for _ in range(50):
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -80,7 +91,6 @@ def condition(name: str) -> Iterator[CpuQuota | None]:
         try:
             yield quota
         finally:
-            time.sleep(0.5)  # the server's processes have left the group
             quota.remove()
     else:
         yield None
@@ -248,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         specs[label] = {**specs["catdog-serve"], "env": {**specs["catdog-serve"]["env"], **extra}}
     names = args.servers or list(specs)
     results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
-    for where in conditions:
+    for index, where in enumerate(conditions):
         results[where] = {}
-        for name in names:
+        # The machine drifts within a sitting: alternate the order, so no server always goes first.
+        for name in names if index % 2 == 0 else names[::-1]:
             print(f"{where}: {name}", flush=True)
             results[where][name] = run_server_points(
                 specs[name], args.models, where, args.concurrency, args.seconds, args.out.parent
             )
+            args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
             for model, points in results[where][name].items():
                 print(
                     "  "
