@@ -204,18 +204,22 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
     import matplotlib.pyplot as plt
 
     conditions = list(results)
+    # One colour per server in every panel, whatever order a condition ran them in.
+    names = sorted({name for by_server in results.values() for name in by_server})
+    colour = {name: f"C{i}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(
         2 * len(MODELS), len(conditions), figsize=(4 * len(conditions), 11), squeeze=False
     )
     for col, where in enumerate(conditions):
         for row, model in enumerate(MODELS):
-            for name, by_model in results[where].items():
-                points = by_model.get(model)
+            for name in names:
+                points = results[where].get(name, {}).get(model)
                 if not points:
                     continue
                 c = [p["concurrency"] for p in points]
-                axes[row][col].plot(c, [p["answered_per_s"] for p in points], "o-", label=name)
-                axes[row + len(MODELS)][col].plot(c, [p["p99_ms"] for p in points], "o-", label=name)
+                style = {"color": colour[name], "label": name, "marker": "o"}
+                axes[row][col].plot(c, [p["answered_per_s"] for p in points], **style)
+                axes[row + len(MODELS)][col].plot(c, [p["p99_ms"] for p in points], **style)
             axes[row][col].set(
                 title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
             )

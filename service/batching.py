@@ -123,6 +123,7 @@ class Batcher:
         capacity: int,
         lane: InferenceLane,
         fallback_seconds: float,
+        max_queue_wait_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.name = name
@@ -131,6 +132,7 @@ class Batcher:
         self._outputs = [output_name]
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_queue_wait_s = max_queue_wait_s
         self.capacity = capacity
         self._lane = lane
         self._queue: collections.deque[_Job] = collections.deque()
@@ -214,6 +216,27 @@ class Batcher:
                 f"{self.capacity} places)",
                 headers={"Retry-After": str(self.retry_after_seconds())},
             )
+        wait = self._predicted_wait_seconds()
+        if (
+            self.max_queue_wait_s is not None
+            and self.pending + self.reserved > 0
+            and wait > self.max_queue_wait_s
+        ):
+            # Places are free, but the images ahead take longer than the cap to run. With nothing
+            # queued ahead (only a running batch) a request is always taken, so the next batch
+            # can form while one runs, however slow the model.
+            raise Overloaded(
+                f"model {self.name} would start this request in about {wait:.1f} s, past the "
+                f"{self.max_queue_wait_s:g} s queue-wait cap",
+                headers={"Retry-After": str(self.retry_after_seconds())},
+            )
+
+    def _predicted_wait_seconds(self) -> float:
+        """Until a newly admitted image's batch starts: the batches of every image ahead of it,
+        queued, decoding (reserved) or running."""
+        ahead = self.pending + self.reserved + self.running
+        batches = math.ceil(ahead / self.max_batch)
+        return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds)
 
     @contextlib.contextmanager
     def reservation(self, n_images: int) -> Iterator[Reservation]:

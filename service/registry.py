@@ -127,6 +127,7 @@ def load_registry(
             capacity=settings.queue_size,
             lane=lane,
             fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
+            max_queue_wait_s=settings.max_queue_wait_ms / 1000,
             on_batch=on_batch,
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     (never past its deadline); when it is idle, a batch runs at once."""
     queue_size: int = Field(64, ge=1)
     """Images admitted per model before new requests get 503 with Retry-After."""
+    max_queue_wait_ms: float = Field(1000.0, gt=0)
+    """Longest predicted wait before a request's batch starts (from the measured batch times):
+    beyond it, 503 with Retry-After even when the queue has places. With nothing queued ahead, a
+    request is always admitted behind a running batch."""
     max_concurrent_requests: int = Field(16, ge=1, le=10_000)
     """Classification requests handled at once; more get 503 with Retry-After before their body is
     read. Probes, /metrics and /models are never limited."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import Batcher, InferenceLane
+from service.batching import Batcher, InferenceLane, Window
 from service.errors import ModelUnavailable, Overloaded
 
 
@@ -189,3 +189,25 @@ def test_a_batcher_that_crashes_while_a_request_decodes_refuses_its_jobs() -> No
                 await asyncio.wait_for(batcher.infer(images(1), None, held), 1)
 
     asyncio.run(_with_batcher(test, max_wait_s=0.0))
+
+
+def test_a_request_that_would_wait_past_the_queue_wait_cap_is_refused() -> None:
+    # Places are free (capacity 64), but the images ahead would take longer than the cap to run:
+    # refused at once with Retry-After, instead of being admitted into a wait nobody bounded.
+    async def test(session: RecordingSession, batcher: Batcher) -> None:
+        batcher.max_queue_wait_s = 0.5
+        batcher.stats.batch_seconds[8] = Window()
+        batcher.stats.batch_seconds[8].update(0.4)  # measured: a batch of 8 takes 0.4 s
+        session.gate.clear()
+        running = asyncio.create_task(batcher.infer(images(*range(8)), None))
+        await asyncio.to_thread(session.entered.wait, 10)
+        # Behind the running batch: nothing queued yet, so one more batch is admitted (0.4 s).
+        queued = asyncio.create_task(batcher.infer(images(*range(8)), None))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:  # it would wait 0.8 s for two batches
+            await batcher.infer(images(9), None)
+        assert "0.5 s" in str(refused.value) and int(refused.value.headers["Retry-After"]) >= 1
+        session.gate.set()
+        await asyncio.wait_for(asyncio.gather(running, queued), timeout=10)
+
+    asyncio.run(_with_batcher(test, max_wait_s=0.01))

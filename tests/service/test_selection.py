@@ -51,8 +51,13 @@ def test_escalation_is_strictly_below_the_threshold() -> None:
 
 @pytest.fixture(scope="module")
 def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # The queue-wait cap is lifted: these tests build a queue on purpose, to watch auto react.
     with run_server(
-        slower_models_dir, tmp_path_factory.mktemp("selection"), max_batch_size="2", queue_size="64"
+        slower_models_dir,
+        tmp_path_factory.mktemp("selection"),
+        max_batch_size="2",
+        queue_size="64",
+        max_queue_wait_ms="60000",
     ) as live:
         yield live
 
