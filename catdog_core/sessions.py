@@ -12,14 +12,14 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-SESSION_PROFILE = "graph optimisation all, inter-op 1, memory patterns off, CPU spinning off"
+Spinning = Literal["on", "off", "within-runs"]
+DEFAULT_SPINNING: Spinning = "off"  # README, "Performance under contention"
+
+SESSION_PROFILE = f"graph optimisation all, inter-op 1, memory patterns off, CPU spinning {DEFAULT_SPINNING}"
 """What session_options sets by default, as recorded in the manifest beside the latency it measured."""
 
 
-Spinning = Literal["on", "off", "within-runs"]
-
-
-def session_options(threads: int, spinning: Spinning = "off") -> ort.SessionOptions:
+def session_options(threads: int, spinning: Spinning = DEFAULT_SPINNING) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

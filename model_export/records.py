@@ -22,7 +22,7 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def write(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2, exclude_none=False) + "\n")
+        path.write_text(self.model_dump_json(indent=2) + "\n")
 
 
 class SplitRecord(_Record):

@@ -182,9 +182,10 @@ class Batcher:
             headers={"Retry-After": "5"},
         )
 
-    def backlog_seconds(self) -> float:
-        """Predicted time until a newly queued image would start running."""
-        waiting = self.pending + self.running
+    def backlog_seconds(self, also_ahead: int = 0) -> float:
+        """Predicted time until a newly queued image would start running, behind the queued and
+        running images and `also_ahead` more (admission counts those still decoding)."""
+        waiting = self.pending + self.running + also_ahead
         batches = math.ceil(waiting / self.max_batch)
         return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
 
@@ -216,7 +217,7 @@ class Batcher:
                 f"{self.capacity} places)",
                 headers={"Retry-After": str(self.retry_after_seconds())},
             )
-        wait = self._predicted_wait_seconds()
+        wait = self.backlog_seconds(also_ahead=self.reserved)
         if (
             self.max_queue_wait_s is not None
             and self.pending + self.reserved > 0
@@ -230,13 +231,6 @@ class Batcher:
                 f"{self.max_queue_wait_s:g} s queue-wait cap",
                 headers={"Retry-After": str(self.retry_after_seconds())},
             )
-
-    def _predicted_wait_seconds(self) -> float:
-        """Until a newly admitted image's batch starts: the batches of every image ahead of it,
-        queued, decoding (reserved) or running."""
-        ahead = self.pending + self.reserved + self.running
-        batches = math.ceil(ahead / self.max_batch)
-        return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds)
 
     @contextlib.contextmanager
     def reservation(self, n_images: int) -> Iterator[Reservation]:

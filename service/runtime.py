@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catdog_core.sessions import Spinning, session_options
+from catdog_core.sessions import DEFAULT_SPINNING, Spinning, session_options
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def resolve_providers(choice: str) -> list[str]:
 
 
 def create_session(
-    path: Path, providers: list[str], threads: int, spinning: Spinning = "off"
+    path: Path, providers: list[str], threads: int, spinning: Spinning = DEFAULT_SPINNING
 ) -> ort.InferenceSession:
     session = ort.InferenceSession(str(path), session_options(threads, spinning), providers=providers)
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":

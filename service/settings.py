@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from catdog_core.sessions import DEFAULT_SPINNING, Spinning
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CATDOG_", extra="forbid")
@@ -20,7 +22,7 @@ class Settings(BaseSettings):
     """onnxruntime execution provider: auto uses CUDA when present; cuda without a GPU fails at start."""
     intra_op_threads: int | None = Field(None, ge=1)
     """Threads per inference; None follows the container's CPU quota (cgroup), not the host's cores."""
-    intra_op_spinning: Literal["on", "off", "within-runs"] = "off"
+    intra_op_spinning: Spinning = DEFAULT_SPINNING
     """Whether idle inference threads busy-wait for work (onnxruntime's allow_spinning; within-runs
     stops between runs). Off: as fast on a quiet machine, faster when the CPU is shared or under a
     quota (README, "Performance under contention")."""
