@@ -12,6 +12,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 
 CHECKOV_VENV ?= .venv-checkov
+KSERVE_VENV ?= .venv-kserve
 
 .PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention soak overload hostile-memory train clean
 
@@ -62,7 +63,13 @@ checkov: $(CHECKOV_VENV)/.installed $(VENV)/.installed
 		-f build/k8s/cpu.yaml -f build/k8s/gpu.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 
-test: models lint typecheck checkov
+# KServe's SDK, the other real Open Inference Protocol client the tests drive (tests/clients).
+$(KSERVE_VENV)/.installed: tests/clients/kserve-requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet -r tests/clients/kserve-requirements.txt
+	touch $@
+
+test: models lint typecheck checkov $(KSERVE_VENV)/.installed
 	$(PY) -m pytest
 
 # Container image with buildah/podman (no Docker engine needed); see deploy/*.sh. Release checks,

@@ -26,6 +26,7 @@ from service.runtime import default_threads, resolve_providers
 from service.settings import Settings
 from service.state import AppState
 from service.uploads import BodyLimitMiddleware
+from service.v2_routes import install_v2_routes
 
 log = logging.getLogger(__name__)
 
@@ -123,4 +124,5 @@ def create_app(
     app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too
     install_error_handlers(app)
     install_routes(app, settings.max_files)
+    install_v2_routes(app)
     return app

@@ -40,6 +40,7 @@ class ImageAnswer:
     confidences: dict[str, float]  # every model that looked at this image
     escalated: bool = False
     degraded: bool = False
+    cached: bool = False  # answered from the response cache, not a fresh inference
 
 
 @dataclass

@@ -71,3 +71,14 @@ class NotReady(CatdogError):
 
 class DeadlineExceeded(CatdogError):
     status, code = 504, "deadline_exceeded"
+
+
+PROTOCOL_PREFIX = "/v2"
+
+
+def error_payload(path: str, code: str, message: str) -> dict[str, object]:
+    """The error body for a path: the Open Inference Protocol's `{"error": "<message>"}` on its
+    /v2 routes (with this server's code beside it), `{"error": {"code", "message"}}` elsewhere."""
+    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+        return {"error": message, "code": code}
+    return {"error": {"code": code, "message": message}}

@@ -19,6 +19,7 @@ from service.admission import is_classification
 REQUEST_ID_HEADER = "X-Request-ID"
 _HEADER_KEY = REQUEST_ID_HEADER.lower().encode()
 _MAX_ID_LENGTH = 128
+_PROTOCOL_MODELS = "/v2/models/"
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -92,11 +93,16 @@ class OutcomeMiddleware:
             state["outcome"] = "internal_error"
             raise
         finally:
-            model = state.get("model_label") or self.label_of(_query_model(scope))
+            model = state.get("model_label") or self.label_of(_requested_model(scope))
             outcome = state.get("outcome") or ("ok" if status < 400 else "internal_error")
             self.requests.labels(model, outcome, f"{status // 100}xx").inc()
 
 
-def _query_model(scope: Scope) -> str | None:
+def _requested_model(scope: Scope) -> str | None:
+    """The model a request names before any route has run: in the path on the protocol's routes
+    (/v2/models/{name}/...), in the query on /classify."""
+    path: str = scope["path"]
+    if path.startswith(_PROTOCOL_MODELS):
+        return path.removeprefix(_PROTOCOL_MODELS).split("/", 1)[0]
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
     return values[0] if values else None

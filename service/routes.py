@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Coroutine
 from importlib.resources import files
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -16,9 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from catdog_core.media import RAW_BODY_MEDIA_TYPES
 from service.classifier import Answer
-from service.errors import BadRequest, CatdogError, ClientClosed, ModelUnavailable, NotReady
+from service.errors import ModelUnavailable, NotReady
 from service.http_errors import ERRORS
 from service.registry import ModelRegistry
+from service.request_control import deadline_from, unless_client_leaves
 from service.schemas import (
     CascadeInfo,
     ClassifyResponse,
@@ -34,43 +32,6 @@ from service.state import AppState, Core, Registry, State
 from service.uploads import read_images
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def _deadline(request: Request, timeout_ms: float | None, start: float) -> float | None:
-    header = request.headers.get("X-Deadline-Ms")
-    budget = timeout_ms
-    if header is not None:
-        try:
-            budget = float(header)
-        except ValueError as exc:
-            raise BadRequest("X-Deadline-Ms must be a number of milliseconds") from exc
-        if not 0 < budget <= 3_600_000:
-            raise BadRequest("X-Deadline-Ms must be in (0, 3600000]")
-    return start + budget / 1000 if budget is not None else None
-
-
-async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run the work while watching the connection: a client that leaves cancels its queued jobs
-    (they are dropped before they run) and the request ends as 499 client_closed."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, CatdogError):
-        await task
-    raise ClientClosed("the client closed the connection before the answer was ready")
-
-
-async def _disconnected(request: Request) -> None:
-    # Once the body has been read, the server's receive() returns only when the client leaves.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _shape(
@@ -184,7 +145,7 @@ def install_routes(app: FastAPI, max_files: int) -> None:
         ] = None,
     ) -> ClassifyResponse:
         start = time.monotonic()
-        deadline = _deadline(request, timeout_ms, start)
+        deadline = deadline_from(request, timeout_ms, start)
         mode = model if model in ("auto", "cascade") else None
         label = mode or classifier.registry.get(model).entry.name
         request.state.model_label = label

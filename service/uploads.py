@@ -12,7 +12,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from catdog_core.media import RAW_BODY_MEDIA_TYPES
-from service.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    ClientClosed,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    error_payload,
+)
 
 RAW_MEDIA_TYPES = frozenset(RAW_BODY_MEDIA_TYPES)
 
@@ -101,7 +108,7 @@ async def reject(
     """Answer from ASGI middleware, before the app; close unless the body has been read. The code
     is recorded for OutcomeMiddleware, like the app's error handlers do."""
     scope.setdefault("state", {})["outcome"] = code
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_payload(scope["path"], code, message)).encode()
     headers_: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

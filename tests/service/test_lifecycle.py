@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.open_loop import start_open_loop
 from service.app import create_app
+from service.inference_protocol import HEADER_LENGTH
 from service.manifest import write_manifest
 from service.settings import Settings
 from tests.service import images
@@ -109,6 +110,12 @@ def test_readiness_is_false_until_every_model_is_warm(tiny_models_dir: Path, tmp
             f"{live.url}/classify", content=images.jpeg(), headers={"Content-Type": "image/jpeg"}
         )
         assert not_ready.status_code == 503 and "Retry-After" in not_ready.headers
+        protocol = httpx.post(
+            f"{live.url}/v2/models/fast/infer", content=images.jpeg(), headers={HEADER_LENGTH: "0"}
+        )
+        assert protocol.status_code == 503 and "Retry-After" in protocol.headers
+        assert protocol.json() == {"error": "models are not loaded yet", "code": "not_ready"}
+        assert httpx.get(f"{live.url}/v2/models/fast/ready").status_code == 503
         wait_until(live, "/readyz")
         assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.inference_protocol import HEADER_LENGTH
 from tests.service import images
 from tests.support import Server, run_server
 
@@ -104,6 +105,24 @@ def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -
     assert requests_total(server)[("slow", "overloaded", "5xx")] >= 1
     # Probes and metrics are never limited.
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+@pytest.mark.slow
+def test_the_inference_protocol_route_is_admitted_and_refused_like_classify(server: Server) -> None:
+    results: list[int] = []
+    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.2)  # both admitted and working
+    refused = httpx.post(
+        f"{server.url}/v2/models/slow/infer", content=images.jpeg(), headers={HEADER_LENGTH: "0"}
+    )
+    for thread in busy:
+        thread.join()
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert refused.json()["code"] == "overloaded" and "in progress" in refused.json()["error"]
+    assert requests_total(server)[("slow", "overloaded", "5xx")] >= 1
+    assert results == [200, 200]
 
 
 def test_a_stalled_upload_is_timed_out_with_408(server: Server) -> None:
