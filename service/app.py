@@ -14,16 +14,18 @@ from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from service.admission import AdmissionMiddleware
+from service.cache import ResponseCache
 from service.classifier import Classifier
 from service.http_errors import install_error_handlers
 from service.imaging import DecodeLimits
 from service.manifest import Manifest
 from service.metrics import ServiceMetrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
-from service.registry import check_models, load_registry
+from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
 from service.runtime import default_threads, resolve_providers
 from service.settings import Settings
+from service.shadow import ShadowWatch, default_large_model
 from service.state import AppState
 from service.uploads import BodyLimitMiddleware
 from service.v2_routes import install_v2_routes
@@ -44,18 +46,47 @@ async def _load(
         registry = await asyncio.to_thread(
             load_registry, state.settings, manifest, paths, providers, threads, state.inference, state.metrics
         )
+        classifier = _classifier(state, registry)
     except Exception:
         log.critical("loading the models failed; the process cannot serve", exc_info=True)
         on_fatal()
         return
     registry.start()
-    limits = DecodeLimits(state.settings.max_pixels, state.settings.max_decode_bytes)
-    state.classifier = Classifier(
-        registry, state.decode_pool, state.metrics, limits, state.settings.decode_threads
-    )
+    state.classifier = classifier
     state.ready = not state.draining
     state.metrics.ready.set(1 if state.ready else 0)
     log.info("ready: %s", ", ".join(registry.names()))
+
+
+def _classifier(state: AppState, registry: ModelRegistry) -> Classifier:
+    """The core over the loaded models, with the response cache and the shadow watch if set."""
+    settings = state.settings
+    limits = DecodeLimits(settings.max_pixels, settings.max_decode_bytes)
+    cache = (
+        ResponseCache(settings.cache_max_entries, settings.cache_max_bytes, state.metrics.cache)
+        if settings.cache_max_entries
+        else None
+    )
+    classifier = Classifier(
+        registry, state.decode_pool, state.metrics, limits, settings.decode_threads, cache
+    )
+    if settings.shadow_rate > 0:
+        large = settings.shadow_model or default_large_model(registry)
+        classifier.shadow = ShadowWatch(
+            registry,
+            large,
+            settings.shadow_rate,
+            state.decode_pool,
+            limits,
+            state.metrics.shadow,
+            lambda: state.inference.idle,
+        )
+        log.info(
+            "shadow: %s checks %g %% of the other models' answers, when idle",
+            large,
+            100 * settings.shadow_rate,
+        )
+    return classifier
 
 
 def _exit_process() -> None:
@@ -97,6 +128,8 @@ def create_app(
             state.begin_draining()
             await loading
             if state.classifier is not None:
+                if state.classifier.shadow is not None:
+                    await state.classifier.shadow.close()
                 await state.classifier.registry.close()
             state.decode_pool.shutdown(wait=True)
             state.inference.shutdown()

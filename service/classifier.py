@@ -17,11 +17,13 @@ import numpy as np
 
 from catdog_core.probabilities import softmax
 from service.batching import Window
+from service.cache import CachedAnswer, ResponseCache, key_for
 from service.errors import BadRequest, DeadlineExceeded, ModelUnavailable, Overloaded, Unsatisfiable
 from service.imaging import DecodeLimits, preprocess
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.selection import Candidate, choose_auto, needs_escalation
+from service.shadow import Sample, ShadowWatch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ class Answer:
 class _Run:
     predictions: list[Prediction]
     timings: Timings
-    batch_sizes: list[int]
+    batch_sizes: list[int]  # of the batches that ran this request's images (cache hits ran in none)
+    cached: list[bool]  # per image: answered from the response cache
 
 
 def calibrated(logits: np.ndarray, temperature: float, labels: list[str]) -> Prediction:
@@ -89,8 +92,11 @@ class Classifier:
         metrics: ServiceMetrics,
         limits: DecodeLimits,
         decode_threads: int,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.registry = registry
+        self.cache = cache
+        self.shadow: ShadowWatch | None = None  # set by the app when CATDOG_SHADOW_RATE > 0
         self._decode_executor = decode_executor
         self._metrics = metrics
         self._limits = limits
@@ -113,8 +119,10 @@ class Classifier:
         model = self.registry.get(name)
         run = await self._run(model, blobs, deadline)
         answers = [
-            ImageAnswer(p, model.entry.name, {model.entry.name: p.confidence}) for p in run.predictions
+            ImageAnswer(p, model.entry.name, {model.entry.name: p.confidence}, cached=hit)
+            for p, hit in zip(run.predictions, run.cached, strict=True)
         ]
+        self._offer_shadow(answers, blobs)
         return Answer("model", model.entry.name, answers, [model.entry.name], run.timings, run.batch_sizes)
 
     async def auto(
@@ -196,7 +204,8 @@ class Classifier:
         small, large = self.registry.get(small_name), self.registry.get(large_name)
         first = await self._run(small, blobs, deadline)
         answers = [
-            ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}) for p in first.predictions
+            ImageAnswer(p, small.entry.name, {small.entry.name: p.confidence}, cached=hit)
+            for p, hit in zip(first.predictions, first.cached, strict=True)
         ]
         unsure = [i for i, p in enumerate(first.predictions) if needs_escalation(p.confidence, threshold)]
         timings, batch_sizes, models_run = first.timings, list(first.batch_sizes), [small.entry.name]
@@ -221,12 +230,13 @@ class Classifier:
             batch_sizes += second.batch_sizes
             models_run.append(large.entry.name)
             self._metrics.escalations.labels(small.entry.name, large.entry.name).inc(len(unsure))
-            for i, prediction in zip(unsure, second.predictions, strict=True):
+            for i, prediction, hit in zip(unsure, second.predictions, second.cached, strict=True):
                 answers[i] = ImageAnswer(
                     prediction,
                     large.entry.name,
                     {**answers[i].confidences, large.entry.name: prediction.confidence},
                     escalated=True,
+                    cached=answers[i].cached and hit,
                 )
         reason = (
             "degraded"
@@ -236,6 +246,7 @@ class Classifier:
             else "confident"
         )
         self._metrics.selections.labels("cascade", answers[0].model, reason).inc()
+        self._offer_shadow(answers, blobs)
         return Answer(
             "cascade",
             "cascade",
@@ -246,9 +257,42 @@ class Classifier:
             {"reason": reason, "threshold": threshold, "small": small.entry.name, "large": large.entry.name},
         )
 
+    def _offer_shadow(self, answers: list[ImageAnswer], blobs: list[bytes]) -> None:
+        # Cached answers were fresh once; comparing the same bytes again would tell nothing new.
+        if self.shadow is not None:
+            self.shadow.offer(
+                [
+                    Sample(a.model, a.prediction.label, a.prediction.confidence, blob)
+                    for a, blob in zip(answers, blobs, strict=True)
+                    if not a.cached
+                ]
+            )
+
     # -- one model -----------------------------------------------------------------------------
 
     async def _run(self, model: LoadedModel, blobs: list[bytes], deadline: float | None) -> _Run:
+        """The model's answers: from the response cache where it has them, the rest inferred."""
+        if self.cache is None:
+            return await self._infer(model, blobs, deadline)
+        entry = model.entry
+        keys = [key_for(blob, entry.name, entry.version) for blob in blobs]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        fresh = await self._infer(model, [blobs[i] for i in missing], deadline) if missing else None
+        predictions: list[Prediction] = []
+        fresh_predictions = iter(fresh.predictions if fresh else [])
+        for key, hit in zip(keys, found, strict=True):
+            if hit is None:
+                prediction = next(fresh_predictions)
+                self.cache.put(key, _to_cached(prediction))
+            else:
+                prediction = Prediction(hit.label, dict(hit.probabilities), hit.confidence)
+            predictions.append(prediction)
+        timings = fresh.timings if fresh else Timings()
+        batch_sizes = fresh.batch_sizes if fresh else []
+        return _Run(predictions, timings, batch_sizes, [hit is not None for hit in found])
+
+    async def _infer(self, model: LoadedModel, blobs: list[bytes], deadline: float | None) -> _Run:
         """Decode for this model's input size, check the deadline, infer through its batcher."""
         name = model.entry.name
         start = time.monotonic()
@@ -290,7 +334,11 @@ class Classifier:
         for p in predictions:
             self._metrics.confidence.labels(name).observe(p.confidence)
         timings = Timings((decoded - start) * 1000, queue_s * 1000, inference_s * 1000)
-        return _Run(predictions, timings, [r.batch_size for r in results])
+        return _Run(predictions, timings, [r.batch_size for r in results], [False] * len(results))
+
+
+def _to_cached(prediction: Prediction) -> CachedAnswer:
+    return CachedAnswer(prediction.label, tuple(prediction.probabilities.items()), prediction.confidence)
 
 
 def _check_deadline(name: str, now: float, predicted_s: float, deadline: float | None, what: str) -> None:

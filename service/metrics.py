@@ -3,12 +3,33 @@ manifest, outcomes and status classes from code, never raw strings a client sent
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 _CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 UNKNOWN_MODEL = "_unknown"  # label for requests whose model name matched nothing
+
+
+@dataclass(frozen=True)
+class CacheMetrics:
+    """The response cache's (service/cache.py)."""
+
+    lookups: Counter  # labels: model, result (hit or miss)
+    evictions: Counter  # labels: reason (entries or bytes)
+    entries: Gauge
+    size_bytes: Gauge
+
+
+@dataclass(frozen=True)
+class ShadowMetrics:
+    """The live quality watch's (service/shadow.py)."""
+
+    comparisons: Counter  # labels: small, large, outcome (agree, disagree, skipped_busy, failed)
+    disagreement_confidence: Histogram  # labels: small; the small model's confidence when it differed
+    expected_agreement: Gauge  # labels: small, large; the floor the build's test figures give
 
 
 class ServiceMetrics:
@@ -88,6 +109,45 @@ class ServiceMetrics:
         )
         self.budget_misses = Counter(
             "catdog_budget_misses_total", "Requests slower than their budget.", ["model"], registry=r
+        )
+
+        self.cache = CacheMetrics(
+            lookups=Counter(
+                "catdog_cache_lookups_total",
+                "Response cache lookups, per image.",
+                ["model", "result"],
+                registry=r,
+            ),
+            evictions=Counter(
+                "catdog_cache_evictions_total",
+                "Answers evicted, by the bound that forced it.",
+                ["reason"],
+                registry=r,
+            ),
+            entries=Gauge("catdog_cache_entries", "Answers in the response cache.", registry=r),
+            size_bytes=Gauge("catdog_cache_bytes", "Response cache size as accounted, in bytes.", registry=r),
+        )
+
+        self.shadow = ShadowMetrics(
+            comparisons=Counter(
+                "catdog_shadow_comparisons_total",
+                "Small-model answers sampled for a background check by the large model, by outcome.",
+                ["small", "large", "outcome"],
+                registry=r,
+            ),
+            disagreement_confidence=Histogram(
+                "catdog_shadow_disagreement_confidence",
+                "The small model's calibrated confidence on answers the large model disagreed with.",
+                ["small"],
+                buckets=_CONFIDENCE_BUCKETS,
+                registry=r,
+            ),
+            expected_agreement=Gauge(
+                "catdog_shadow_expected_agreement",
+                "Least agreement the build's per-source test accuracies allow (1 - both errors).",
+                ["small", "large"],
+                registry=r,
+            ),
         )
 
     def responses_by_outcome(self) -> dict[str, int]:

@@ -88,6 +88,10 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
     default = settings.default_model or manifest.default_model
     if default not in manifest.models:
         raise ValueError(f"default model {default!r} is not in the manifest: {sorted(manifest.models)}")
+    if settings.shadow_model is not None and settings.shadow_model not in manifest.models:
+        raise ValueError(
+            f"shadow model {settings.shadow_model!r} is not in the manifest: {sorted(manifest.models)}"
+        )
     return manifest, paths
 
 

@@ -51,6 +51,7 @@ def _shape(
                 confidences=a.confidences,
                 escalated=a.escalated,
                 degraded=a.degraded,
+                cached=a.cached,
             )
         )
     t = answer.timings

@@ -30,6 +30,9 @@ class ImageResult(BaseModel):
     )
     escalated: bool = Field(False, description="cascade: the small model was unsure, the large one answered.")
     degraded: bool = Field(False, description="cascade: unsure, but the deadline left no time to escalate.")
+    cached: bool = Field(
+        False, description="Answered from the response cache (same model version, same bytes)."
+    )
 
 
 class TimingsMs(BaseModel):

@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     """Thread pool size for image decoding (off the event loop)."""
     drain_timeout_s: float = Field(20.0, gt=0)
     """On SIGTERM: time allowed to finish in-flight and queued requests before exiting."""
+    cache_max_entries: int = Field(0, ge=0, le=10_000_000)
+    """Response cache size in answers (one per image, model and model version); 0 turns it off."""
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Response cache size in bytes as accounted (about 600 per answer; README, "Response cache")."""
+    shadow_rate: float = Field(0.0, ge=0, le=1)
+    """Fraction of the small models' answers the large model checks in the background, when the
+    inference lane is idle (README, "Live quality watch"); 0 turns it off."""
+    shadow_model: str | None = None
+    """The model that checks them; None means the manifest cascade's large model."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve /metrics on this extra port as well (it is always on the main port)."""
     log_json: bool = False

@@ -1,0 +1,122 @@
+"""The live quality watch: the large model checks sampled small-model answers in the background,
+counts agreements and disagreements truly, and never runs while the lane has real work."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service import images
+from tests.support import Server, run_server
+
+RED = images.encode(Image.new("RGB", (64, 64), (220, 30, 30)), "PNG")  # both tiny models: cat
+GRADIENT = images.jpeg(96, 64)  # fast: dog, slow: cat
+
+
+def shadow_samples(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "catdog_shadow_comparisons_total":
+                found[s.labels["outcome"]] = found.get(s.labels["outcome"], 0) + s.value
+            elif s.name == "catdog_shadow_disagreement_confidence_count":
+                found["disagreement_confidence_count"] = s.value
+            elif s.name == "catdog_shadow_expected_agreement":
+                found["expected_agreement"] = s.value
+    return found
+
+
+def label(server: Server, model: str, photo: bytes) -> tuple[str, float]:
+    response = httpx.post(
+        f"{server.url}/classify",
+        params={"model": model},
+        content=photo,
+        headers={"Content-Type": "image/png"},
+    )
+    result = response.json()["results"][0]
+    return result["label"], result["confidence"]
+
+
+def wait_for(server: Server, outcome: str, count: float, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        samples = shadow_samples(server)
+        if samples.get(outcome, 0) >= count:
+            return samples
+        time.sleep(0.05)
+    return shadow_samples(server)
+
+
+@pytest.fixture(scope="module")
+def shadowed(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tiny_models_dir, tmp_path_factory.mktemp("shadow"), shadow_rate="1") as live:
+        yield live
+
+
+def test_agreements_and_disagreements_are_counted(shadowed: Server) -> None:
+    assert label(shadowed, "fast", RED)[0] == label(shadowed, "slow", RED)[0]  # the premise
+    assert label(shadowed, "fast", GRADIENT)[0] != label(shadowed, "slow", GRADIENT)[0]
+    before = shadow_samples(shadowed)
+    for _ in range(3):
+        label(shadowed, "fast", RED)
+        wait_for(shadowed, "agree", before.get("agree", 0) + 1)
+        before = shadow_samples(shadowed)
+    for _ in range(2):
+        label(shadowed, "fast", GRADIENT)
+        wait_for(shadowed, "disagree", before.get("disagree", 0) + 1)
+        before = shadow_samples(shadowed)
+    after = shadow_samples(shadowed)
+    # The two premise calls on "fast" were sampled too: one agreement and one disagreement more.
+    assert after["agree"] == 4 and after["disagree"] == 3, after
+    assert after["disagreement_confidence_count"] == 3
+    assert after.get("skipped_busy", 0) == 0 and after.get("failed", 0) == 0
+    # tiny manifest: hardest-source accuracies 0.87 (fast) and 0.92 (slow), so at least 79 % agree.
+    assert after["expected_agreement"] == pytest.approx(0.79)
+
+
+def test_answers_of_the_large_model_are_not_checked(shadowed: Server) -> None:
+    before = shadow_samples(shadowed)
+    label(shadowed, "slow", GRADIENT)
+    time.sleep(0.5)
+    assert shadow_samples(shadowed) == before
+
+
+@pytest.mark.slow
+def test_no_shadow_run_while_the_lane_has_real_work(
+    slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with run_server(
+        slower_models_dir, tmp_path_factory.mktemp("busy"), shadow_rate="1", max_batch_size="1"
+    ) as live:
+        files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(8)]
+        busy = threading.Thread(
+            target=httpx.post,
+            args=(f"{live.url}/classify",),
+            kwargs={"params": {"model": "slow"}, "files": files, "timeout": 60},
+        )
+        busy.start()
+        time.sleep(0.3)  # the slow model's 8 images, one batch each, hold the lane for seconds
+        for _ in range(5):
+            label(live, "fast", RED)
+        during = shadow_samples(live)
+        busy.join()
+        assert during.get("skipped_busy", 0) == 5, during
+        assert during.get("agree", 0) == during.get("disagree", 0) == 0
+        label(live, "fast", RED)  # the lane is idle again: this one is checked
+        deadline = time.monotonic() + 10
+        while (
+            sum(shadow_samples(live).get(k, 0) for k in ("agree", "disagree"))
+            < 1
+            < deadline - time.monotonic()
+        ):
+            time.sleep(0.05)
+        after = shadow_samples(live)
+        assert after.get("agree", 0) + after.get("disagree", 0) == 1 and after["skipped_busy"] == 5
