@@ -50,10 +50,16 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
 
 
 def wrk(
-    url: str, image: Path, concurrency: int, seconds: int, content_type: str = "image/jpeg"
+    url: str,
+    image: Path,
+    concurrency: int,
+    seconds: int,
+    content_type: str = "image/jpeg",
+    script: Path = LUA,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
-    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type}
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script), url]
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type, **(extra_env or {})}
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {

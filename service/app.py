@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import onnxruntime as ort
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
@@ -25,7 +26,7 @@ from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
 from service.runtime import default_threads, resolve_providers
 from service.settings import Settings
-from service.shadow import ShadowWatch, default_large_model
+from service.shadow import ShadowWatch, default_large_model, shadow_session
 from service.state import AppState
 from service.uploads import BodyLimitMiddleware
 from service.v2_routes import install_v2_routes
@@ -46,7 +47,12 @@ async def _load(
         registry = await asyncio.to_thread(
             load_registry, state.settings, manifest, paths, providers, threads, state.inference, state.metrics
         )
-        classifier = _classifier(state, registry)
+        checker = None
+        if state.settings.shadow_rate > 0:
+            large = state.settings.shadow_model or default_large_model(registry)
+            entry = manifest.models[large]
+            checker = await asyncio.to_thread(shadow_session, paths[large], providers, entry)
+        classifier = _classifier(state, registry, checker)
     except Exception:
         log.critical("loading the models failed; the process cannot serve", exc_info=True)
         on_fatal()
@@ -58,7 +64,9 @@ async def _load(
     log.info("ready: %s", ", ".join(registry.names()))
 
 
-def _classifier(state: AppState, registry: ModelRegistry) -> Classifier:
+def _classifier(
+    state: AppState, registry: ModelRegistry, shadow_session: ort.InferenceSession | None
+) -> Classifier:
     """The core over the loaded models, with the response cache and the shadow watch if set."""
     settings = state.settings
     limits = DecodeLimits(settings.max_pixels, settings.max_decode_bytes)
@@ -70,13 +78,13 @@ def _classifier(state: AppState, registry: ModelRegistry) -> Classifier:
     classifier = Classifier(
         registry, state.decode_pool, state.metrics, limits, settings.decode_threads, cache
     )
-    if settings.shadow_rate > 0:
+    if shadow_session is not None:
         large = settings.shadow_model or default_large_model(registry)
         classifier.shadow = ShadowWatch(
             registry,
             large,
+            shadow_session,
             settings.shadow_rate,
-            state.decode_pool,
             limits,
             state.metrics.shadow,
             lambda: state.inference.idle,

@@ -275,15 +275,6 @@ class Batcher:
             self._forget(jobs)  # the request was abandoned (client gone)
             raise
 
-    async def run_alone(self, array: np.ndarray) -> np.ndarray:
-        """One image straight onto the lane, outside the queue: for background work (the shadow
-        watch) that must never take a queue place nor count in the batch-time statistics."""
-        self._check_serving()
-        batch = array[None]
-        logits = await self._lane.run(lambda: self._session.run(self._outputs, {self._input: batch})[0])
-        row: np.ndarray = logits[0]
-        return row
-
     def _forget(self, jobs: list[_Job]) -> None:
         """Free an abandoned request's queue places at once; a job already taken into a batch is
         skipped there, because its future is done (cancelled)."""

@@ -75,11 +75,13 @@ class Settings(BaseSettings):
 
     def worst_case_request_memory_bytes(self) -> int:
         """The most memory requests can take on top of the loaded models (README, "Memory"):
-        every admitted request's body, twice over while a raw body is joined from its chunks, and
-        every decode thread's costliest image (max_decode_bytes bounds one decode's peak)."""
+        every admitted request's body, twice over while a raw body is joined from its chunks,
+        every decode thread's costliest image (max_decode_bytes bounds one decode's peak), and the
+        response cache's byte bound when it is on."""
         return (
             2 * self.max_concurrent_requests * self.max_body_bytes
             + self.decode_threads * self.max_decode_bytes
+            + (self.cache_max_bytes if self.cache_max_entries else 0)
         )
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from service.classifier import Answer, Classifier
-from service.errors import BadRequest, ModelNotFound, NotReady
+from service.errors import BadRequest, ModelNotFound, NotReady, UnsupportedMediaType
 from service.http_errors import documented_errors
 from service.inference_protocol import (
     EXTENSIONS,
@@ -108,6 +108,12 @@ async def _infer(
     start = time.monotonic()
     current = _resolve(classifier.registry, name, version)
     request.state.model_label = name
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Decompressing would let a small body become a large one past the body cap.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:32]} is not accepted; send the body uncompressed"
+        )
     body = await read_body(request)
     parsed = parse_request(body, request.headers.get(HEADER_LENGTH), state.settings.max_files)
     options = parsed.options

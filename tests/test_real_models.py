@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -162,3 +164,48 @@ def test_models_endpoint_reports_live_latency(real_server: Server, test_samples:
     assert info["live_latency_p50_ms"] is not None and info["live_latency_p50_ms"] > 0
     assert info["test_accuracy"] >= 0.97
     assert info["selection_accuracy"] == min(info["test_accuracy_by_source"].values())
+
+
+def test_tritonclient_gets_the_built_models_answers_on_real_photos(
+    real_server: Server, test_samples: list[Sample]
+) -> None:
+    triton = pytest.importorskip("tritonclient.http")
+    client = triton.InferenceServerClient(real_server.url.removeprefix("http://"))
+    blobs = [s.path.read_bytes() for s in test_samples[:8]]
+    for model in ("xception", "mobilenet", "cascade"):
+        image = triton.InferInput("image", [len(blobs)], "BYTES")
+        image.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+        result = client.infer(model, [image])
+        expected = classify(real_server, blobs, model)
+        served = result.as_numpy("probabilities")
+        wanted = np.array([[r["probabilities"]["cat"], r["probabilities"]["dog"]] for r in expected])
+        assert np.abs(served - wanted).max() <= 1e-6, model
+        assert [v.decode() for v in result.as_numpy("label")] == [r["label"] for r in expected]
+    client.close()
+
+
+def test_demo_page_compares_the_built_models_on_a_real_photo(
+    real_server: Server, test_samples: list[Sample], tmp_path: Path
+) -> None:
+    """The compare view on a real photo; CATDOG_DOCS_SCREENSHOT=path also saves it there (README)."""
+    from tests.service.test_demo_page import CHROMIUM, page_of
+
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (make test installs it in CI)")
+    dog = next(s for s in test_samples if s.label == 1)
+    with page_of(real_server) as page:
+        page.set_input_files("#file", [str(dog.path)])
+        page.fill("#budget", "1000")
+        page.click("#compare")
+        page.wait_for_selector("#compare-table tbody tr[data-mode='cascade'] td.note")
+        rows = {
+            row.get_attribute("data-mode"): row.locator("td").all_inner_texts()
+            for row in page.locator("#compare-table tbody tr").all()
+        }
+        assert list(rows)[-2:] == ["auto", "cascade"] and {"xception", "mobilenet"} <= set(rows)
+        for mode, cells in rows.items():
+            assert cells[1].startswith("dog"), (mode, cells)
+        assert rows["auto"][4].startswith("auto picked")
+        page.screenshot(
+            path=os.environ.get("CATDOG_DOCS_SCREENSHOT", str(tmp_path / "compare.png")), full_page=True
+        )

@@ -296,6 +296,13 @@ ERROR_CASES: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
         400,
         "bad_request",
     ),
+    "compressed body": (
+        "/v2/models/fast/infer",
+        {"Content-Encoding": "gzip"},
+        json.dumps(tensor([GOOD])).encode(),
+        415,
+        "unsupported_media_type",
+    ),
     "unknown route": ("/v2/models/fast/explain", {}, b"{}", 404, "not_found"),
 }
 

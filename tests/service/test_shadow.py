@@ -82,6 +82,21 @@ def test_agreements_and_disagreements_are_counted(shadowed: Server) -> None:
     assert after["expected_agreement"] == pytest.approx(0.79)
 
 
+def thread_nice_values(pid: int) -> list[int]:
+    values = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        values.append(int(fields[16]))  # field 19 of stat, counted after "pid (comm)"
+    return values
+
+
+def test_checks_run_in_a_lowest_priority_thread(shadowed: Server) -> None:
+    label(shadowed, "fast", RED)
+    wait_for(shadowed, "agree", 1)
+    nice = thread_nice_values(shadowed.process.pid)
+    assert 19 in nice and 0 in nice, nice  # the checker's thread, and the rest at normal priority
+
+
 def test_answers_of_the_large_model_are_not_checked(shadowed: Server) -> None:
     before = shadow_samples(shadowed)
     label(shadowed, "slow", GRADIENT)
