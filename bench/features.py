@@ -2,7 +2,7 @@
 
 - Cache: per model, the server with the cache off and on (CATDOG_CACHE_MAX_ENTRIES), wrk at
   concurrency 8 sending the 500x375 JPEG with a repeat rate of 0, 50 and 90 % (the rest carry a
-  unique suffix, so a new cache key, bench/wrk_repeats.lua). Reported: req/s, p50, p99, and the
+  unique suffix, so a new cache key, bench/wrk_post.lua). Reported: req/s, p50, p99, and the
   hit rate the server counted (catdog_cache_lookups_total).
 - Shadow: `mobilenet` with the watch off and at 10 % (CATDOG_SHADOW_RATE=0.1, Xception checking),
   concurrency 1 (the lane is idle between requests, so checks run) and 8. Reported: req/s, p50,
@@ -28,7 +28,6 @@ from bench.load import ROOT, server, wrk
 
 PORT = 18770
 URL = f"http://127.0.0.1:{PORT}"
-SCRIPT = Path(__file__).with_name("wrk_repeats.lua")
 REPEAT_RATES = (0.0, 0.5, 0.9)
 
 
@@ -63,7 +62,6 @@ def load(model: str, image: Path, concurrency: int, seconds: int, repeat: float)
             image,
             concurrency,
             seconds,
-            script=SCRIPT,
             extra_env={"BENCH_REPEAT_RATE": str(repeat)},
         )
     )

@@ -188,7 +188,7 @@ def test_demo_page_compares_the_built_models_on_a_real_photo(
     real_server: Server, test_samples: list[Sample], tmp_path: Path
 ) -> None:
     """The compare view on a real photo; CATDOG_DOCS_SCREENSHOT=path also saves it there (README)."""
-    from tests.service.test_demo_page import CHROMIUM, page_of
+    from tests.service.test_demo_page import CHROMIUM, compare_rows, page_of
 
     if CHROMIUM is None:
         pytest.skip("Debian chromium is not installed (make test installs it in CI)")
@@ -197,11 +197,7 @@ def test_demo_page_compares_the_built_models_on_a_real_photo(
         page.set_input_files("#file", [str(dog.path)])
         page.fill("#budget", "1000")
         page.click("#compare")
-        page.wait_for_selector("#compare-table tbody tr[data-mode='cascade'] td.note")
-        rows = {
-            row.get_attribute("data-mode"): row.locator("td").all_inner_texts()
-            for row in page.locator("#compare-table tbody tr").all()
-        }
+        rows = compare_rows(page)
         assert list(rows)[-2:] == ["auto", "cascade"] and {"xception", "mobilenet"} <= set(rows)
         for mode, cells in rows.items():
             assert cells[1].startswith("dog"), (mode, cells)

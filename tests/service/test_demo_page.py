@@ -45,6 +45,15 @@ def page_of(server: Server) -> Iterator[Any]:
             browser.close()
 
 
+def compare_rows(page: Any) -> dict[str, list[str]]:
+    """Once Compare all has finished: each row's cells, by the mode it ran."""
+    page.wait_for_selector("#compare-table tbody tr[data-mode='cascade'] td.note")
+    return {
+        row.get_attribute("data-mode"): row.locator("td").all_inner_texts()
+        for row in page.locator("#compare-table tbody tr").all()
+    }
+
+
 def photo_files(tmp_path: Path, count: int) -> list[str]:
     paths = []
     for i in range(count):
@@ -101,11 +110,7 @@ def test_page_compares_every_model_auto_and_the_cascade(tiny_server: Server, tmp
         page.set_input_files("#file", photo_files(tmp_path, 2))
         page.fill("#floor", "90")
         page.click("#compare")
-        page.wait_for_selector("#compare-table tbody tr[data-mode='cascade'] td.note")
-        rows = {
-            row.get_attribute("data-mode"): row.locator("td").all_inner_texts()
-            for row in page.locator("#compare-table tbody tr").all()
-        }
+        rows = compare_rows(page)
         assert list(rows) == ["fast", "slow", "auto", "cascade"]
         for mode, cells in rows.items():
             assert len(cells) == 6, (mode, cells)  # model, 2 photos, latency, accuracy, how
