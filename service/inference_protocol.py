@@ -152,7 +152,7 @@ def model_metadata(name: str, versions: list[str], platform: str, n_labels: int)
 def parse_request(body: bytes, header_length: str | None, max_images: int) -> ParsedRequest:
     """The images and options of one inference request; BadRequest (400) for anything malformed."""
     if header_length is None:
-        return _parse_json_request(body, b"", max_images)
+        return _parse_json_request(body, memoryview(b""), max_images)
     if not header_length.isdigit():
         raise BadRequest(f"{HEADER_LENGTH} must be a number of bytes, not {header_length[:32]!r}")
     json_size = int(header_length)
@@ -162,10 +162,12 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> Pa
         if not body:
             raise BadRequest("the raw binary request has an empty body; send one encoded image")
         return ParsedRequest(None, [body], RequestOptions(), None)
-    return _parse_json_request(body[:json_size], body[json_size:], max_images)
+    # The binary part as a view, not a slice: it is copied once, into each image's own bytes.
+    header = body if json_size == len(body) else body[:json_size]
+    return _parse_json_request(header, memoryview(body)[json_size:], max_images)
 
 
-def _parse_json_request(header: bytes, binary: bytes, max_images: int) -> ParsedRequest:
+def _parse_json_request(header: bytes, binary: memoryview, max_images: int) -> ParsedRequest:
     try:
         request = InferenceRequest.model_validate_json(header)
         options = RequestOptions.model_validate(request.parameters or {})
@@ -195,7 +197,7 @@ def _parse_json_request(header: bytes, binary: bytes, max_images: int) -> Parsed
     return ParsedRequest(request.id, images, options, request.outputs)
 
 
-def _images_of(tensor: RequestInput, binary: bytes) -> tuple[list[bytes], int]:
+def _images_of(tensor: RequestInput, binary: memoryview) -> tuple[list[bytes], int]:
     """The elements of the BYTES input, and how many bytes of the binary section they used."""
     params = tensor.parameters or {}
     size = params.get("binary_data_size")
@@ -218,7 +220,7 @@ def _images_of(tensor: RequestInput, binary: bytes) -> tuple[list[bytes], int]:
     return [_base64(element, tensor.name, i) for i, element in enumerate(_flat(tensor.data))], 0
 
 
-def _length_prefixed(data: bytes, name: str) -> Iterator[bytes]:
+def _length_prefixed(data: memoryview, name: str) -> Iterator[bytes]:
     position = 0
     while position < len(data):
         if position + _LENGTH_PREFIX.size > len(data):
@@ -227,7 +229,7 @@ def _length_prefixed(data: bytes, name: str) -> Iterator[bytes]:
         position += _LENGTH_PREFIX.size
         if position + length > len(data):
             raise BadRequest(f"input {name!r}: an element of {length} bytes runs past the binary data")
-        yield data[position : position + length]
+        yield bytes(data[position : position + length])
         position += length
 
 

@@ -120,9 +120,13 @@ def test_the_inference_protocol_route_is_admitted_and_refused_like_classify(serv
     for thread in busy:
         thread.join()
     assert refused.status_code == 503 and "Retry-After" in refused.headers
-    assert refused.json()["code"] == "overloaded" and "in progress" in refused.json()["error"]
+    # Refused by the request cap or, if a busy request was still uploading, by the queue-wait cap:
+    # either way admission control, in the protocol's shape.
+    assert refused.json()["code"] == "overloaded" and isinstance(refused.json()["error"], str)
     assert requests_total(server)[("slow", "overloaded", "5xx")] >= 1
-    assert results == [200, 200]
+    # The second busy request may itself be refused by the queue-wait cap, now that the slow
+    # model's batch times are measured: one of them must have been working throughout.
+    assert 200 in results
 
 
 def test_a_stalled_upload_is_timed_out_with_408(server: Server) -> None:
