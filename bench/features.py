@@ -4,6 +4,8 @@
   concurrency 8 sending the 500x375 JPEG with a repeat rate of 0, 50 and 90 % (the rest carry a
   unique suffix, so a new cache key, bench/wrk_post.lua). Reported: req/s, p50, p99, and the
   hit rate the server counted (catdog_cache_lookups_total).
+- Protocol: `mobilenet` at concurrency 8 through /classify (raw JPEG body) and through the v2
+  route in its three body forms (raw binary, binary tensor data, JSON with base64).
 - Shadow: `mobilenet` with the watch off and at 10 % (CATDOG_SHADOW_RATE=0.1, Xception checking),
   concurrency 1 (the lane is idle between requests, so checks run) and 8. Reported: req/s, p50,
   p99, and the comparisons run and skipped.
@@ -15,7 +17,9 @@ table and a plot.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.contention import answered
 from bench.images import write_bench_images
 from bench.load import ROOT, server, wrk
+from service.inference_protocol import HEADER_LENGTH as HEADER
 
 PORT = 18770
 URL = f"http://127.0.0.1:{PORT}"
@@ -108,7 +113,65 @@ def shadow_points(models_dir: Path, image: Path, out: Path, seconds: int) -> lis
     return points
 
 
-def markdown(cache: list[dict[str, Any]], shadow: list[dict[str, Any]]) -> str:
+def protocol_bodies(image: Path, folder: Path) -> dict[str, tuple[str, Path, str, str | None]]:
+    """Route, body file, content type and extra header for each way to send the same JPEG."""
+    jpeg = image.read_bytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(jpeg) + 4},
+                }
+            ]
+        }
+    ).encode()
+    as_json = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(jpeg).decode()],
+                }
+            ]
+        }
+    ).encode()
+    (folder / "v2-binary.bin").write_bytes(header + struct.pack("<I", len(jpeg)) + jpeg)
+    (folder / "v2-json.json").write_bytes(as_json)
+    v2 = "/v2/models/mobilenet/infer"
+    return {
+        "/classify, raw JPEG": ("/classify?model=mobilenet", image, "image/jpeg", None),
+        "v2, raw binary": (v2, image, "application/octet-stream", f"{HEADER}: 0"),
+        "v2, binary tensor data": (
+            v2,
+            folder / "v2-binary.bin",
+            "application/octet-stream",
+            f"{HEADER}: {len(header)}",
+        ),
+        "v2, JSON base64": (v2, folder / "v2-json.json", "application/json", None),
+    }
+
+
+def protocol_points(models_dir: Path, image: Path, out: Path, seconds: int) -> list[dict[str, Any]]:
+    points = []
+    with serve(models_dir, out, "protocol"):
+        for form, (route, body, content_type, header) in protocol_bodies(image, out).items():
+            extra = {"BENCH_HEADER": header} if header else {}
+            wrk(f"{URL}{route}", body, 8, 2, content_type, extra_env=extra)  # warm-up
+            point = answered(wrk(f"{URL}{route}", body, 8, seconds, content_type, extra_env=extra))
+            point |= {"form": form}
+            print(json.dumps(point), flush=True)
+            points.append(point)
+    return points
+
+
+def markdown(
+    cache: list[dict[str, Any]], shadow: list[dict[str, Any]], protocol: list[dict[str, Any]]
+) -> str:
     lines = [
         "| model | cache | repeated uploads | hit rate (counted) | answered req/s | p50 ms | p99 ms "
         "| errors |",
@@ -131,6 +194,16 @@ def markdown(cache: list[dict[str, Any]], shadow: list[dict[str, Any]]) -> str:
             f"| {100 * p['shadow_rate']:.0f} % | {p['concurrency']} | {p['answered_per_s']:.1f} | "
             f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['agree']:.0f}/{p['disagree']:.0f} | "
             f"{p['skipped_busy']:.0f} |"
+        )
+    lines += [
+        "",
+        "| mobilenet, concurrency 8 | answered req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for p in protocol:
+        lines.append(
+            f"| {p['form']} | {p['answered_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
+            f"{p['errors']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -167,15 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--parts", default="cache,shadow,protocol", help="comma-separated: cache, shadow, protocol"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "features.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "cache.png")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image = write_bench_images(args.out.parent / "images")["small"]
-    cache = cache_points(args.models_dir, image, args.out.parent, args.seconds)
-    shadow = shadow_points(args.models_dir, image, args.out.parent, args.seconds)
-    args.out.write_text(json.dumps({"cache": cache, "shadow": shadow}, indent=2) + "\n")
-    table = markdown(cache, shadow)
+    # A part not run keeps its figures from the last run's file, if there is one.
+    results: dict[str, list[dict[str, Any]]] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runners = {"cache": cache_points, "shadow": shadow_points, "protocol": protocol_points}
+    for part in args.parts.split(","):
+        results[part] = runners[part](args.models_dir, image, args.out.parent, args.seconds)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    cache, shadow, protocol = (results.get(part, []) for part in ("cache", "shadow", "protocol"))
+    table = markdown(cache, shadow, protocol)
     args.out.with_suffix(".md").write_text(table)
     print(table)
     plot(cache, args.plot)

@@ -5,6 +5,12 @@
 -- it; its sha256, so its cache key, is new every time).
 wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE") or "image/jpeg"
+-- One more header, "Name: value" (the protocol's Inference-Header-Content-Length).
+local extra = os.getenv("BENCH_HEADER")
+if extra then
+  local name, value = extra:match("^([^:]+):%s*(.*)$")
+  wrk.headers[name] = value
+end
 local file = assert(io.open(os.getenv("BENCH_IMAGE"), "rb"))
 wrk.body = file:read("*all")
 file:close()
