@@ -38,12 +38,16 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(
+    app: FastAPI, settings: Settings, host: str, port: int, http: str = "auto", loop: str = "auto"
+) -> uvicorn.Config:
     # The drain timeout goes through as given: int() turned 0.5 s into 0 (no drain at all).
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=http,
+        loop=loop,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # a float works; uvicorn hints int
@@ -55,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    # auto: httptools and uvloop (dependencies, on Linux), else h11 and asyncio; for comparisons.
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings, metrics_host=args.host)
     server = DrainingServer(
-        uvicorn_config(app, settings, args.host, args.port), app.state.catdog.begin_draining
+        uvicorn_config(app, settings, args.host, args.port, args.http, args.loop),
+        app.state.catdog.begin_draining,
     )
     # uvicorn restores the previous handler after its graceful shutdown and re-raises the signal
     # through it. With this handler a completed drain ends in exit status 0, which is what process

@@ -30,6 +30,15 @@ def test_a_sub_second_drain_timeout_reaches_uvicorn_unchanged(tiny_models_dir: P
     assert config.timeout_graceful_shutdown == 0.5
 
 
+def test_uvicorn_runs_on_httptools_and_uvloop(tiny_models_dir: Path) -> None:
+    # Both are dependencies: "auto" must find them (refusals cost half as much, README "Overload").
+    settings = Settings(models_dir=tiny_models_dir)
+    config = uvicorn_config(create_app(settings), settings, "127.0.0.1", 0)
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.get_loop_factory().__module__.startswith("uvloop")
+
+
 def _queue_depth(text: str, model: str) -> float:
     for family in text_string_to_metric_families(text):
         if family.name == "catdog_queue_depth":
