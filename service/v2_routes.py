@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
@@ -119,22 +119,25 @@ async def _infer(
     options = parsed.options
     timeout_ms = options.timeout / 1000 if options.timeout is not None else None
     deadline = deadline_from(request, timeout_ms, start)
-    if name == "auto":
-        work = classifier.auto(parsed.images, deadline, options.max_latency_ms, options.min_accuracy)
-    elif name == "cascade":
-        work = classifier.cascade(parsed.images, deadline, options.cascade, options.min_confidence)
-    else:
-        if any(
-            v is not None
-            for v in (options.cascade, options.min_confidence, options.max_latency_ms, options.min_accuracy)
-        ):
-            raise BadRequest(
-                "cascade, min_confidence, max_latency_ms and min_accuracy apply to auto and cascade"
-            )
-        work = classifier.direct(name, parsed.images, deadline)
+    work = _work(classifier, name, parsed, deadline)
     answer = await unless_client_leaves(request, work)
     state.metrics.request_seconds.labels(name).observe(time.monotonic() - start)
     return _response(classifier, name, current, parsed, answer, request.state.request_id)
+
+
+def _work(
+    classifier: Classifier, name: str, parsed: ParsedRequest, deadline: float | None
+) -> Coroutine[Any, Any, Answer]:
+    """The core's call for this model name, with the request parameters that apply to it."""
+    options = parsed.options
+    if name == "auto":
+        return classifier.auto(parsed.images, deadline, options.max_latency_ms, options.min_accuracy)
+    if name == "cascade":
+        return classifier.cascade(parsed.images, deadline, options.cascade, options.min_confidence)
+    routing = (options.cascade, options.min_confidence, options.max_latency_ms, options.min_accuracy)
+    if any(value is not None for value in routing):
+        raise BadRequest("cascade, min_confidence, max_latency_ms and min_accuracy apply to auto and cascade")
+    return classifier.direct(name, parsed.images, deadline)
 
 
 def _response(
