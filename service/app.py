@@ -47,11 +47,11 @@ async def _load(
         registry = await asyncio.to_thread(
             load_registry, state.settings, manifest, paths, providers, threads, state.inference, state.metrics
         )
-        checker = None
+        checker: tuple[str, ort.InferenceSession] | None = None
         if state.settings.shadow_rate > 0:
             large = state.settings.shadow_model or default_large_model(registry)
-            entry = manifest.models[large]
-            checker = await asyncio.to_thread(shadow_session, paths[large], providers, entry)
+            session = await asyncio.to_thread(shadow_session, paths[large], providers, manifest.models[large])
+            checker = (large, session)
         classifier = _classifier(state, registry, checker)
     except Exception:
         log.critical("loading the models failed; the process cannot serve", exc_info=True)
@@ -65,7 +65,7 @@ async def _load(
 
 
 def _classifier(
-    state: AppState, registry: ModelRegistry, shadow_session: ort.InferenceSession | None
+    state: AppState, registry: ModelRegistry, checker: tuple[str, ort.InferenceSession] | None
 ) -> Classifier:
     """The core over the loaded models, with the response cache and the shadow watch if set."""
     settings = state.settings
@@ -78,12 +78,12 @@ def _classifier(
     classifier = Classifier(
         registry, state.decode_pool, state.metrics, limits, settings.decode_threads, cache
     )
-    if shadow_session is not None:
-        large = settings.shadow_model or default_large_model(registry)
+    if checker is not None:
+        large, session = checker
         classifier.shadow = ShadowWatch(
             registry,
             large,
-            shadow_session,
+            session,
             settings.shadow_rate,
             limits,
             state.metrics.shadow,

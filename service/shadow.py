@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catdog_core.probabilities import softmax
 from service.imaging import DecodeLimits, preprocess
 from service.manifest import ModelEntry
 from service.metrics import ShadowMetrics
@@ -145,7 +144,7 @@ class ShadowWatch:
             self._count(sample, "failed")
             return
         entry = self.large.entry
-        label = entry.labels[int(np.argmax(softmax(logits, entry.temperature)))]
+        label = entry.labels[int(np.argmax(logits))]  # a temperature never changes the top class
         if label == sample.label:
             self._count(sample, "agree")
         else:

@@ -82,13 +82,19 @@ def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
     results.append(response.status_code)
 
 
-@pytest.mark.slow
-def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -> None:
-    results: list[int] = []
+def start_busy_requests(server: Server, results: list[int]) -> list[threading.Thread]:
+    """Two slow requests, as many as the server takes at once, admitted and working."""
     busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
     for thread in busy:
         thread.start()
-    time.sleep(0.2)  # both admitted and working
+    time.sleep(0.2)
+    return busy
+
+
+@pytest.mark.slow
+def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -> None:
+    results: list[int] = []
+    busy = start_busy_requests(server, results)
     with connect(server) as sock:
         # Announce a body and send none of it: only a refusal that does not read it can answer.
         sock.sendall(
@@ -110,10 +116,7 @@ def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -
 @pytest.mark.slow
 def test_the_inference_protocol_route_is_admitted_and_refused_like_classify(server: Server) -> None:
     results: list[int] = []
-    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
-    for thread in busy:
-        thread.start()
-    time.sleep(0.2)  # both admitted and working
+    busy = start_busy_requests(server, results)
     refused = httpx.post(
         f"{server.url}/v2/models/slow/infer", content=images.jpeg(), headers={HEADER_LENGTH: "0"}
     )
