@@ -182,10 +182,11 @@ class Batcher:
             headers={"Retry-After": "5"},
         )
 
-    def backlog_seconds(self, also_ahead: int = 0) -> float:
-        """Predicted time until a newly queued image would start running, behind the queued and
-        running images and `also_ahead` more (admission counts those still decoding)."""
-        waiting = self.pending + self.running + also_ahead
+    def backlog_seconds(self, own: Reservation | None = None) -> float:
+        """Predicted time until a newly queued image would start running: behind the queued and
+        running images and those still decoding, which were admitted first and queue first
+        (`own`: the places this request holds itself, not ahead of it)."""
+        waiting = self.pending + self.running + self.reserved - (own.places if own else 0)
         batches = math.ceil(waiting / self.max_batch)
         return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
 
@@ -195,8 +196,9 @@ class Batcher:
         return batches * self.stats.seconds_for(min(n_images, self.max_batch), self.fallback_seconds)
 
     def next_batch_seconds(self) -> float:
-        """Predicted run time of the batch this model will run next (0 when idle)."""
-        waiting = self.pending + self.running
+        """Predicted run time of the batch this model will run next (0 when idle): images still
+        decoding count, as they will be queued before long."""
+        waiting = self.pending + self.running + self.reserved
         return self.stats.seconds_for(min(waiting, self.max_batch), self.fallback_seconds) if waiting else 0.0
 
     def retry_after_seconds(self) -> int:
@@ -217,7 +219,7 @@ class Batcher:
                 f"{self.capacity} places)",
                 headers={"Retry-After": str(self.retry_after_seconds())},
             )
-        wait = self.backlog_seconds(also_ahead=self.reserved)
+        wait = self.backlog_seconds()
         if (
             self.max_queue_wait_s is not None
             and self.pending + self.reserved > 0

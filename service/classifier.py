@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from catdog_core.probabilities import softmax
-from service.batching import Window
+from service.batching import Reservation, Window
 from service.cache import CachedAnswer, ResponseCache, key_for
 from service.errors import BadRequest, DeadlineExceeded, ModelUnavailable, Overloaded, Unsatisfiable
 from service.imaging import DecodeLimits, preprocess
@@ -105,13 +105,14 @@ class Classifier:
 
     # -- predictions -------------------------------------------------------------------------
 
-    def predicted_seconds(self, model: LoadedModel, n_images: int) -> float:
-        """Decode + wait for the shared inference thread + this model's own inference."""
+    def predicted_seconds(self, model: LoadedModel, n_images: int, own: Reservation | None = None) -> float:
+        """Decode + wait for the shared inference thread + this model's own inference (`own`: the
+        queue places this request already holds)."""
         decode = (self._decode_seconds[model.entry.name].value or 0.0) * math.ceil(
             n_images / self._decode_threads
         )
         batcher = model.batcher
-        return decode + self.registry.backlog_seconds(model) + batcher.inference_seconds(n_images)
+        return decode + self.registry.backlog_seconds(model, own) + batcher.inference_seconds(n_images)
 
     # -- the three modes -----------------------------------------------------------------------
 
@@ -303,7 +304,7 @@ class Classifier:
             _check_deadline(
                 name,
                 start,
-                self.predicted_seconds(model, len(blobs)),
+                self.predicted_seconds(model, len(blobs), held),
                 deadline,
                 "decoding, queue and inference",
             )
@@ -323,7 +324,9 @@ class Classifier:
                 (decoded - start) / max(1, math.ceil(len(blobs) / self._decode_threads))
             )
             # The wait for the lane plus this request's own images, all of them, not just one.
-            remaining_s = self.registry.backlog_seconds(model) + model.batcher.inference_seconds(len(arrays))
+            remaining_s = self.registry.backlog_seconds(model, held) + model.batcher.inference_seconds(
+                len(arrays)
+            )
             _check_deadline(name, decoded, remaining_s, deadline, "queue and inference")
             results = await model.batcher.infer(arrays, deadline, held)
         queue_s = max(r.queue_seconds for r in results)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from prometheus_client import Histogram
 
 from catdog_core.hashing import sha256_file
-from service.batching import Batcher, InferenceLane
+from service.batching import Batcher, InferenceLane, Reservation
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
@@ -54,15 +54,16 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model; valid names: {', '.join(self.names())}")
         return self.models[key]
 
-    def backlog_seconds(self, target: LoadedModel) -> float:
-        """Predicted wait before new work on `target` starts running.
+    def backlog_seconds(self, target: LoadedModel, own: Reservation | None = None) -> float:
+        """Predicted wait before new work on `target` starts running (`own`: the queue places the
+        asking request already holds, which are not ahead of it).
 
         The inference thread is shared and first-come first-served, and each batcher keeps one
         batch in it at a time: new work waits for its own model's whole queue, but for at most
         one batch of every other busy model.
         """
         return sum(
-            model.batcher.backlog_seconds() if model is target else model.batcher.next_batch_seconds()
+            model.batcher.backlog_seconds(own) if model is target else model.batcher.next_batch_seconds()
             for model in self.models.values()
         )
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 from service.batching import Batcher, InferenceLane, Window
 from service.errors import ModelUnavailable, Overloaded
+from service.registry import ModelRegistry
 
 
 class RecordingSession:
@@ -211,3 +212,32 @@ def test_a_request_that_would_wait_past_the_queue_wait_cap_is_refused() -> None:
         await asyncio.wait_for(asyncio.gather(running, queued), timeout=10)
 
     asyncio.run(_with_batcher(test, max_wait_s=0.01))
+
+
+def test_predicted_waits_count_the_images_still_decoding_ahead() -> None:
+    # Requests admitted earlier hold places while their images decode, and they are queued ahead
+    # of a new one: deadlines, auto and Retry-After must count them, or under load they promise
+    # waits that the queue then breaks. A request's own places are not ahead of itself.
+    async def test() -> None:
+        session, lane = RecordingSession(), InferenceLane()
+        target, other = make_batcher(session, lane, 0.0), make_batcher(session, lane, 0.0)
+        for batcher in (target, other):
+            batcher.stats.batch_seconds[8] = Window()
+            batcher.stats.batch_seconds[8].update(1.5)  # measured: a batch of 8 takes 1.5 s
+        models: Any = {
+            name: SimpleNamespace(batcher=batcher) for name, batcher in (("m", target), ("o", other))
+        }
+        registry = ModelRegistry(cast(Any, None), models, "m")
+        model = models["m"]
+        assert registry.backlog_seconds(model) == 0.0
+        with target.reservation(8):  # an earlier request to the same model, still decoding
+            assert registry.backlog_seconds(model) == pytest.approx(1.5)
+            assert target.retry_after_seconds() == 2
+            with target.reservation(2) as own:
+                assert registry.backlog_seconds(model, own) == pytest.approx(1.5)
+        with other.reservation(8):  # another model's images, decoding: one batch of theirs first
+            assert registry.backlog_seconds(model) == pytest.approx(1.5)
+        assert registry.backlog_seconds(model) == 0.0
+        lane.shutdown()
+
+    asyncio.run(test())
