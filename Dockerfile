@@ -20,8 +20,10 @@ COPY deploy/cache/ /tmp/cache/
 COPY pyproject.toml README.md ./
 COPY model_export/__init__.py model_export/__init__.py
 COPY service/__init__.py service/__init__.py
+COPY catdog_core/__init__.py catdog_core/__init__.py
 RUN python -m venv /opt/build \
     && /opt/build/bin/pip install --find-links "${PIP_FIND_LINKS}" ".[export]"
+COPY catdog_core/ catdog_core/
 COPY model_export/ model_export/
 COPY service/ service/
 # The manifest records the commit; there is no .git in the build context.
@@ -55,6 +57,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12=3.12.* python3.12-venv=3.12.* \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /src/pyproject.toml /src/README.md /src/
+COPY --from=builder /src/catdog_core /src/catdog_core
 COPY --from=builder /src/service /src/service
 COPY --from=builder /src/model_export /src/model_export
 # The CPU and GPU wheels of onnxruntime install the same module: swap one for the other.

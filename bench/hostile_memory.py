@@ -3,7 +3,8 @@
 Every model loaded, the Deployment's ConfigMap settings. Worst cases are built at the decode caps
 (16-bit grey, RGBA and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and
 CATDOG_MAX_DECODE_BYTES allow for each mode), sent one at a time and then 8 at once; then 30
-uploads that each send 19 MB of a declared 20 MB and stall. The figure that matters is the
+uploads that each send 19 MB of a declared 20 MB and stall; then the largest Open Inference Protocol
+JSON request the body cap admits (12 MP photos, base64), one and 8 at once. The figure that matters is the
 server's high-water RSS (VmHWM) against the Deployment's memory limit, which must keep 20 %
 headroom.
 """
@@ -11,6 +12,7 @@ headroom.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import socket
@@ -26,6 +28,7 @@ import httpx
 import yaml
 from PIL import Image
 
+from bench.images import write_bench_images
 from bench.load import ROOT, server
 from service.imaging import decode_cost_bytes
 from service.settings import Settings
@@ -143,6 +146,32 @@ def post(blob: bytes, model: str, url: str = URL) -> int:
     return response.status_code
 
 
+def protocol_json_body(image: bytes, max_body_bytes: int, max_images: int) -> bytes:
+    """The largest v2 JSON request under the body cap: one photo repeated, base64 in JSON, the
+    costliest form to hold (body, text and decoded bytes at once while it is parsed)."""
+    encoded = base64.b64encode(image).decode()
+    n = max(1, min(max_images, (max_body_bytes - 256) // (len(encoded) + 4)))
+    tensor = {"name": "image", "shape": [n], "datatype": "BYTES", "data": [encoded] * n}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def post_protocol(body: bytes, model: str, url: str = URL) -> int:
+    response = httpx.post(
+        f"{url}/v2/models/{model}/infer",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=300,
+    )
+    return response.status_code
+
+
+def protocol_case(settings: Settings) -> tuple[str, bytes]:
+    photo = write_bench_images(ROOT / "bench" / "results")["large"].read_bytes()
+    body = protocol_json_body(photo, settings.max_body_bytes, settings.max_files)
+    images = json.loads(body)["inputs"][0]["shape"][0]
+    return f"v2 JSON, {images} 12 MP photos base64 ({len(body) / 1e6:.1f} MB)", body
+
+
 def stalled_uploads(n: int, sent: int, declared: int, hold_s: float, port: int = PORT) -> list[str]:
     """n connections that send `sent` of `declared` body bytes and then stop; what each got back."""
     sockets = []
@@ -212,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         declared = settings.max_body_bytes
         answers = stalled_uploads(30, 19_000_000, declared, settings.body_timeout_s + 3)
         record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
+        case, body = protocol_case(settings)
+        record(f"{case}, one", [post_protocol(body, args.model)])
+        with ThreadPoolExecutor(8) as pool:
+            record(f"{case}, 8 at once", list(pool.map(lambda b: post_protocol(b, args.model), [body] * 8)))
         threading.Event().wait(0.5)
     peak = max(r["peak_rss_mib"] for r in rows)
     # 0.1 byte a pixel for the allocator's own overhead in the probe (0.03-0.04 measured).

@@ -3,7 +3,8 @@
 `podman kube play` of the rendered cpu overlay (its ConfigMap and Deployment, one replica, the image
 set to the local build with pull policy Never, a host port on 127.0.0.1), so the container gets the
 Deployment's memory and CPU limits, read-only root and UID. Then the worst-case uploads the caps
-admit (one at a time, 8 at once), 30 stalled uploads and a 3x open-loop burst on MobileNet. It
+admit (one at a time, 8 at once), 30 stalled uploads, the largest v2 JSON request (one, 8 at once)
+and a 3x open-loop burst on MobileNet. It
 passes when the container was never OOM-killed nor restarted, every answer was one the contract
 documents, and /readyz still answers 200. Peak memory comes from the container's cgroup.
 
@@ -26,7 +27,14 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.hostile_memory import deployment_settings, post, stalled_uploads, worst_cases
+from bench.hostile_memory import (
+    deployment_settings,
+    post,
+    post_protocol,
+    protocol_case,
+    stalled_uploads,
+    worst_cases,
+)
 from bench.images import write_bench_images
 from bench.load import ROOT, wrk
 from bench.open_loop import run_open_loop
@@ -111,6 +119,10 @@ def exercise(name: str, settings: Settings, seconds: int) -> list[dict[str, Any]
             record(f"{case}, 8 at once", list(pool.map(lambda b: post(b, "xception", URL), [blob] * 8)))
     answers = stalled_uploads(30, 19_000_000, settings.max_body_bytes, settings.body_timeout_s + 3, PORT)
     record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
+    case, body = protocol_case(settings)
+    record(f"{case}, one", [post_protocol(body, "xception", URL)])
+    with ThreadPoolExecutor(8) as pool:
+        record(f"{case}, 8 at once", list(pool.map(lambda b: post_protocol(b, "xception", URL), [body] * 8)))
     photo = write_bench_images(ROOT / "bench" / "results")["small"]
     capacity = wrk(f"{URL}/classify?model=mobilenet", photo, 8, 5)["requests_per_s"]
     burst = run_open_loop(URL, "mobilenet", photo, 3 * capacity, seconds)

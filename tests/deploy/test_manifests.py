@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,22 @@ def test_overlay_validates_strictly_against_the_oldest_supported_kubernetes(
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    # The image installs the project from the copied sources: a package pyproject names but the
+    # Dockerfile does not copy builds an image whose model build fails (catdog_core once did).
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for package in packages:
+        assert (ROOT / package / "__init__.py").is_file()
+        assert f"COPY {package}/ {package}/" in dockerfile, f"the builder stage does not copy {package}/"
+        assert f"COPY --from=builder /src/{package} /src/{package}" in dockerfile, (
+            f"the gpu stage does not copy {package}/"
+        )
+        assert package not in ignored, f".dockerignore leaves {package}/ out of the build context"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
