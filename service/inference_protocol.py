@@ -153,7 +153,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> Pa
     """The images and options of one inference request; BadRequest (400) for anything malformed."""
     if header_length is None:
         return _parse_json_request(body, memoryview(b""), max_images)
-    if not header_length.isdigit():
+    if not (header_length.isascii() and header_length.isdigit()):  # '²' is a digit to isdigit()
         raise BadRequest(f"{HEADER_LENGTH} must be a number of bytes, not {header_length[:32]!r}")
     json_size = int(header_length)
     if json_size > len(body):

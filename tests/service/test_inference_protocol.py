@@ -4,6 +4,7 @@ SDK) against a live server, and every error path answered in the protocol's shap
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import struct
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.errors import BadRequest
 from service.inference_protocol import HEADER_LENGTH, parse_request
@@ -193,7 +196,7 @@ def tensor(data: list[object], shape: list[int] | None = None, datatype: str = "
 
 
 GOOD = base64.b64encode(PHOTOS[0]).decode()
-ERROR_CASES: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
+ERROR_CASES: dict[str, tuple[str, dict[str, str | bytes], bytes, int, str]] = {
     "unknown model": (
         "/v2/models/nope/infer",
         {},
@@ -253,6 +256,14 @@ ERROR_CASES: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
         "bad_request",
     ),
     "header length not a number": ("/v2/models/fast/infer", {HEADER_LENGTH: "x"}, b"{}", 400, "bad_request"),
+    # A superscript two: str.isdigit() says yes (headers are Latin-1), int() says no.
+    "header length a superscript digit": (
+        "/v2/models/fast/infer",
+        {HEADER_LENGTH: b"\xb2"},
+        b"{}",
+        400,
+        "bad_request",
+    ),
     "binary size past the data": (
         "/v2/models/fast/infer",
         {HEADER_LENGTH: "97"},
@@ -386,3 +397,63 @@ def test_openapi_documents_the_v2_routes(tiny_server: Server) -> None:
     body = spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].removeprefix("#/components/schemas/") in spec["components"]["schemas"]
     assert "RequestInput" in spec["components"]["schemas"]
+
+
+# Requests shaped like the protocol's, with every field free to be wrong: whatever a client sends,
+# parsing returns images or raises BadRequest (400), never anything that would be a 500.
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+_json_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_shapes = st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=4) | _json_values
+_tensors = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.just("image") | _json_values,
+        "shape": _shapes,
+        "datatype": st.sampled_from(["BYTES", "FP32", "UINT8"]) | _json_values,
+        "data": st.lists(st.just("YQ==") | _json_values, max_size=4) | _json_values,
+        "parameters": st.fixed_dictionaries(
+            {},
+            optional={
+                "binary_data_size": st.integers(min_value=-5, max_value=2**40) | _json_values,
+                "content_type": st.just("base64") | _json_values,
+            },
+        )
+        | _json_values,
+    },
+)
+_requests = st.fixed_dictionaries(
+    {"inputs": st.lists(_tensors, max_size=2) | _json_values},
+    optional={
+        "id": _json_values,
+        "parameters": st.dictionaries(
+            st.sampled_from(["timeout", "max_latency_ms", "min_accuracy", "cascade", "min_confidence"]),
+            _json_values,
+        )
+        | _json_values,
+        "outputs": st.lists(st.fixed_dictionaries({"name": _json_values}), max_size=2) | _json_values,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    request=_requests,
+    binary=st.binary(max_size=24),
+    # Headers arrive as Latin-1 text: digits, near-digits (superscripts, signs) and anything else.
+    header_length=st.none()
+    | st.text(alphabet="0123456789\xb2\xb3\xb9+- ", min_size=1, max_size=4)
+    | st.text(alphabet=st.characters(max_codepoint=255), max_size=4),
+    use_json_length=st.booleans(),
+)
+def test_any_request_parses_or_is_a_400(
+    request: object, binary: bytes, header_length: str | None, use_json_length: bool
+) -> None:
+    header = json.dumps(request).encode()
+    if use_json_length:
+        header_length = str(len(header))
+    with contextlib.suppress(BadRequest):
+        parse_request(header + binary, header_length, 16)
