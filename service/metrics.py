@@ -3,6 +3,7 @@ manifest, outcomes and status classes from code, never raw strings a client sent
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -153,9 +154,9 @@ class ServiceMetrics:
     def responses_by_outcome(self) -> dict[str, int]:
         """Classification responses counted so far, as {"<outcome> <status class>": count}: logged
         at shutdown, so a drain can be checked against what clients received."""
-        return {
-            f"{s.labels['outcome']} {s.labels['status_class']}": int(s.value)
-            for family in self.requests.collect()
-            for s in family.samples
-            if s.name.endswith("_total")
-        }
+        totals: collections.Counter[str] = collections.Counter()
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):  # summed over models
+                    totals[f"{sample.labels['outcome']} {sample.labels['status_class']}"] += int(sample.value)
+        return dict(totals)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from service.__main__ import uvicorn_config
 from service.app import create_app
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 from tests.service import images
 from tests.support import free_port, run_server
@@ -79,3 +80,17 @@ def test_metrics_port_binds_the_main_host_and_shows_live_queue_depth(
                 return _queue_depth(scraped.text, "slow")
 
         assert asyncio.run(burst_and_scrape()) >= 1
+
+
+def test_the_shutdown_count_of_responses_adds_up_every_model() -> None:
+    # Logged at shutdown so a drain can be checked against what clients received: the same outcome
+    # on two models is the sum of both, not whichever model was counted last.
+    metrics = ServiceMetrics()
+    for model, outcome, status_class in [
+        ("xception", "ok", "2xx"),
+        ("mobilenet", "ok", "2xx"),
+        ("mobilenet", "ok", "2xx"),
+        ("cascade", "overloaded", "5xx"),
+    ]:
+        metrics.requests.labels(model, outcome, status_class).inc()
+    assert metrics.responses_by_outcome() == {"ok 2xx": 3, "overloaded 5xx": 1}
