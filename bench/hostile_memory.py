@@ -2,11 +2,11 @@
 
 Every model loaded, the Deployment's ConfigMap settings. Worst cases are built at the decode caps
 (16-bit grey, RGBA and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and
-CATDOG_MAX_DECODE_BYTES allow for each mode), sent one at a time and then 8 at once; then 30
-uploads that each send 19 MB of a declared 20 MB and stall; then the largest Open Inference Protocol
-JSON request the body cap admits (12 MP photos, base64), one and 8 at once. The figure that matters is the
-server's high-water RSS (VmHWM) against the Deployment's memory limit, which must keep 20 %
-headroom.
+CATDOG_MAX_DECODE_BYTES allow for each mode), each sent once and as 8 distinct copies at once
+(distinct, so the ConfigMap's response cache cannot answer them); then 30 uploads that each send
+19 MB of a declared 20 MB and stall; then the largest Open Inference Protocol JSON request the body
+cap admits (12 MP photos, base64), once and 8 at once. The figure that matters is the server's
+high-water RSS (VmHWM) against the Deployment's memory limit, which must keep 20 % headroom.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -165,11 +167,35 @@ def post_protocol(body: bytes, model: str, url: str = URL) -> int:
     return response.status_code
 
 
-def protocol_case(settings: Settings) -> tuple[str, bytes]:
+def distinct(blob: bytes, serial: int) -> bytes:
+    """The same image with its own tail after the end marker (decoders ignore it): a new sha256, so
+    the response cache the ConfigMap turns on cannot answer it, and the server decodes it again."""
+    return blob + b"unique-%08d" % serial
+
+
+def send_worst_cases(
+    settings: Settings, model: str, url: str, port: int, record: Callable[[str, list[int | str]], None]
+) -> None:
+    """Each worst-case image once and as 8 distinct copies at once, 30 stalled uploads, then the
+    largest v2 JSON request once and 8 distinct ones at once; `record` notes each step's answers."""
+    serials = itertools.count()
+    for name, blob in worst_cases(settings).items():
+        record(f"{name} ({len(blob) / 1e6:.1f} MB), one", [post(distinct(blob, next(serials)), model, url)])
+        copies = [distinct(blob, next(serials)) for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            record(f"{name}, 8 at once", list(pool.map(lambda b: post(b, model, url), copies)))
+    answers = stalled_uploads(30, 19_000_000, settings.max_body_bytes, settings.body_timeout_s + 3, port)
+    record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
     photo = write_bench_images(ROOT / "bench" / "results")["large"].read_bytes()
-    body = protocol_json_body(photo, settings.max_body_bytes, settings.max_files)
-    images = json.loads(body)["inputs"][0]["shape"][0]
-    return f"v2 JSON, {images} 12 MP photos base64 ({len(body) / 1e6:.1f} MB)", body
+    bodies = [
+        protocol_json_body(distinct(photo, next(serials)), settings.max_body_bytes, settings.max_files)
+        for _ in range(9)
+    ]
+    images = json.loads(bodies[0])["inputs"][0]["shape"][0]
+    case = f"v2 JSON, {images} 12 MP photos base64 ({len(bodies[0]) / 1e6:.1f} MB)"
+    record(f"{case}, one", [post_protocol(bodies[0], model, url)])
+    with ThreadPoolExecutor(8) as pool:
+        record(f"{case}, 8 at once", list(pool.map(lambda b: post_protocol(b, model, url), bodies[1:])))
 
 
 def stalled_uploads(n: int, sent: int, declared: int, hold_s: float, port: int = PORT) -> list[str]:
@@ -211,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     limit = deployment_memory_limit_mib()
     print("peak bytes per pixel while decoding, by mode and format:", flush=True)
     per_pixel = bytes_per_pixel_table()
-    print("building worst-case images at the caps ...", flush=True)
-    cases = worst_cases(settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     command = [sys.executable, "-m", "service", "--port", str(PORT)]
@@ -233,18 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         record("idle, every model loaded and warm", [])
-        for name, blob in cases.items():
-            record(f"{name} ({len(blob) / 1e6:.1f} MB), one", [post(blob, args.model)])
-        for name, blob in cases.items():
-            with ThreadPoolExecutor(8) as pool:
-                record(f"{name}, 8 at once", list(pool.map(lambda b: post(b, args.model), [blob] * 8)))
-        declared = settings.max_body_bytes
-        answers = stalled_uploads(30, 19_000_000, declared, settings.body_timeout_s + 3)
-        record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
-        case, body = protocol_case(settings)
-        record(f"{case}, one", [post_protocol(body, args.model)])
-        with ThreadPoolExecutor(8) as pool:
-            record(f"{case}, 8 at once", list(pool.map(lambda b: post_protocol(b, args.model), [body] * 8)))
+        send_worst_cases(settings, args.model, URL, PORT, record)
         threading.Event().wait(0.5)
     peak = max(r["peak_rss_mib"] for r in rows)
     # 0.1 byte a pixel for the allocator's own overhead in the probe (0.03-0.04 measured).

@@ -44,25 +44,29 @@ def open_loop_command(url: str, seconds: float) -> list[str]:
 
 
 def start_open_loop(
-    url: str, model: str, image: Path, rate: float, seconds: float, out: Path
+    url: str, model: str, image: Path, rate: float, seconds: float, out: Path, unique: bool = False
 ) -> subprocess.Popen[bytes]:
-    """Start offering `rate` requests a second for `seconds`; the records land in `out` at exit."""
+    """Start offering `rate` requests a second for `seconds`; the records land in `out` at exit.
+    `unique`: every upload differs (a server's response cache cannot answer them)."""
     env = {
         **os.environ,
         "OVERLOAD_IMAGE": str(image),
         "OVERLOAD_MODEL": model,
         "OVERLOAD_RATE": str(rate),
         "OVERLOAD_OUT": str(out),
+        "OVERLOAD_UNIQUE": "1" if unique else "0",
     }
     return subprocess.Popen(
         open_loop_command(url, seconds), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
 
 
-def run_open_loop(url: str, model: str, image: Path, rate: float, seconds: float) -> list[Record]:
+def run_open_loop(
+    url: str, model: str, image: Path, rate: float, seconds: float, unique: bool = False
+) -> list[Record]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
-        process = start_open_loop(url, model, image, rate, seconds, out)
+        process = start_open_loop(url, model, image, rate, seconds, out, unique)
         output, _ = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"locust exited with {process.returncode}:\n{output.decode(errors='replace')}")

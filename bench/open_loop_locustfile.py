@@ -10,6 +10,7 @@ send time, status, latency and Retry-After go to a JSON file when Locust quits.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -22,6 +23,10 @@ from locust import FastHttpUser, constant, events, task
 IMAGE = Path(os.environ["OVERLOAD_IMAGE"]).read_bytes()
 MODEL = os.environ["OVERLOAD_MODEL"]
 RATE = float(os.environ["OVERLOAD_RATE"])
+# Unique uploads: a suffix after the JPEG's end marker (decoders ignore it) gives every request a
+# new sha256, so a server with its response cache on still runs the model for each.
+UNIQUE = os.environ.get("OVERLOAD_UNIQUE") == "1"
+SERIALS = itertools.count()
 RECORDS: list[tuple[float, int, float, bool]] = []  # (sent at, status, ms, Retry-After present)
 
 
@@ -46,7 +51,7 @@ class ArrivalSchedule(FastHttpUser):
         sent = time.time()
         with self.client.post(
             f"/classify?model={MODEL}",
-            data=IMAGE,
+            data=IMAGE + b"unique-%d" % next(SERIALS) if UNIQUE else IMAGE,
             name="classify",
             catch_response=True,
             headers={"Content-Type": "image/jpeg"},
