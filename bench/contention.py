@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ PORT = 18760
 URL = f"http://127.0.0.1:{PORT}"
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
+MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms")
 
 
 class CpuQuota:
@@ -179,6 +181,30 @@ def answered(point: dict[str, Any]) -> dict[str, Any]:
     return {**point, "answered_per_s": round(point["requests_per_s"] * share, 1)}
 
 
+def median_of_rounds(
+    rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]],
+) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
+    """Each point's median over the rounds (answered req/s, p50, p99), the rounds' own figures kept."""
+    results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for where, by_server in rounds[0].items():
+        results[where] = {}
+        for name, by_model in by_server.items():
+            results[where][name] = {}
+            for model, points in by_model.items():
+                merged = []
+                for i, point in enumerate(points):
+                    runs = [r[where][name][model][i] for r in rounds]
+                    merged.append(
+                        {
+                            **point,
+                            **{k: statistics.median(run[k] for run in runs) for k in MEDIAN_KEYS},
+                            "rounds": [{k: run[k] for k in MEDIAN_KEYS} for run in runs],
+                        }
+                    )
+                results[where][name][model] = merged
+    return results
+
+
 def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], concurrencies: list[int]) -> str:
     lines = []
     for where, by_server in results.items():
@@ -243,7 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", nargs="+", default=None, help="default: all three")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every condition this many times, the server order alternating, and report "
+        "the median of each point (single points on a shared machine can flip a comparison)",
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -265,27 +298,26 @@ def main(argv: list[str] | None = None) -> int:
         extra = dict(item.split("=", 1) for item in assignments.split(",") if item)
         specs[label] = {**specs["catdog-serve"], "env": {**specs["catdog-serve"]["env"], **extra}}
     names = args.servers or list(specs)
-    results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
-    for index, where in enumerate(conditions):
-        results[where] = {}
-        # The machine drifts within a sitting: alternate the order, so no server always goes first.
-        for name in names if index % 2 == 0 else names[::-1]:
-            print(f"{where}: {name}", flush=True)
-            results[where][name] = run_server_points(
-                specs[name], args.models, where, args.concurrency, args.seconds, args.out.parent
-            )
-            args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
-            for model, points in results[where][name].items():
-                print(
-                    "  "
-                    + model
-                    + ": "
-                    + ", ".join(
+    rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []
+    for round_index in range(args.rounds):
+        rounds.append({})
+        for index, where in enumerate(conditions):
+            rounds[-1][where] = {}
+            # The machine drifts within a sitting: alternate the order, so no server always goes first.
+            for name in names if (index + round_index) % 2 == 0 else names[::-1]:
+                print(f"round {round_index + 1}/{args.rounds}, {where}: {name}", flush=True)
+                by_model = run_server_points(
+                    specs[name], args.models, where, args.concurrency, args.seconds, args.out.parent
+                )
+                rounds[-1][where][name] = by_model
+                args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive
+                for model, points in by_model.items():
+                    summary = ", ".join(
                         f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms"
                         for p in points
-                    ),
-                    flush=True,
-                )
+                    )
+                    print(f"  {model}: {summary}", flush=True)
+    results = median_of_rounds(rounds)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, args.concurrency)
     args.out.with_suffix(".md").write_text(table)

@@ -1,0 +1,20 @@
+"""The contention benchmark's arithmetic (the benchmark itself is a make target, not a test)."""
+
+from __future__ import annotations
+
+from bench.contention import median_of_rounds
+
+
+def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
+    return {"concurrency": concurrency, "answered_per_s": rate, "p50_ms": p99 / 2, "p99_ms": p99}
+
+
+def test_each_point_is_the_median_of_its_rounds_and_keeps_them() -> None:
+    rounds = [
+        {"quiet": {"a": {"m": [point(8, rate, p99)]}}}
+        for rate, p99 in ((90.0, 120.0), (60.0, 300.0), (95.0, 110.0))
+    ]
+    merged = median_of_rounds(rounds)["quiet"]["a"]["m"][0]
+    assert merged["concurrency"] == 8
+    assert (merged["answered_per_s"], merged["p99_ms"], merged["p50_ms"]) == (90.0, 120.0, 60.0)
+    assert [r["answered_per_s"] for r in merged["rounds"]] == [90.0, 60.0, 95.0]
