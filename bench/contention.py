@@ -165,20 +165,12 @@ def run_server_points(
                     url = URL + spec["path"].format(model=model)
                     wrk(url, spec["body"], 2, 2, spec["content_type"])  # warm the path
                     results[model] = [
-                        answered(wrk(url, spec["body"], c, seconds, spec["content_type"]))
-                        for c in concurrencies
+                        wrk(url, spec["body"], c, seconds, spec["content_type"]) for c in concurrencies
                     ]
                     if quota:
                         for point in results[model]:
                             point["cgroup"] = str(quota.path)
     return results
-
-
-def answered(point: dict[str, Any]) -> dict[str, Any]:
-    """wrk counts error statuses as requests: report answered (non-error) requests per second,
-    over the duration wrk measured."""
-    share = (point["requests"] - point["errors"]) / max(1, point["requests"])
-    return {**point, "answered_per_s": round(point["requests_per_s"] * share, 1)}
 
 
 def median_of_rounds(

@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.contention import answered
 from bench.images import write_bench_images
 from bench.load import ROOT, server, wrk
 from service.inference_protocol import HEADER_LENGTH as HEADER
@@ -61,14 +60,12 @@ def serve(models_dir: Path, out: Path, tag: str, **settings: str) -> Any:
 
 
 def load(model: str, image: Path, concurrency: int, seconds: int, repeat: float) -> dict[str, Any]:
-    return answered(
-        wrk(
-            f"{URL}/classify?model={model}",
-            image,
-            concurrency,
-            seconds,
-            extra_env={"BENCH_REPEAT_RATE": str(repeat)},
-        )
+    return wrk(
+        f"{URL}/classify?model={model}",
+        image,
+        concurrency,
+        seconds,
+        extra_env={"BENCH_REPEAT_RATE": str(repeat)},
     )
 
 
@@ -162,7 +159,7 @@ def protocol_points(models_dir: Path, image: Path, out: Path, seconds: int) -> l
         for form, (route, body, content_type, header) in protocol_bodies(image, out).items():
             extra = {"BENCH_HEADER": header} if header else {}
             wrk(f"{URL}{route}", body, 8, 2, content_type, extra_env=extra)  # warm-up
-            point = answered(wrk(f"{URL}{route}", body, 8, seconds, content_type, extra_env=extra))
+            point = wrk(f"{URL}{route}", body, 8, seconds, content_type, extra_env=extra)
             point |= {"form": form}
             print(json.dumps(point), flush=True)
             points.append(point)

@@ -62,14 +62,15 @@ def wrk(
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_CONTENT_TYPE": content_type, **(extra_env or {})}
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     summary = json.loads(output.strip().splitlines()[-1])
+    seconds_measured = summary["duration_us"] / 1e6
+    errors = summary["http_errors"] + summary["connect_errors"] + summary["read_errors"] + summary["timeouts"]
     return {
         "concurrency": concurrency,
         "requests": summary["requests"],
-        "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "requests_per_s": round(summary["requests"] / seconds_measured, 1),
+        # wrk counts error statuses (503s among them) as requests; a refusal is not throughput.
+        "answered_per_s": round((summary["requests"] - errors) / seconds_measured, 1),
         "p50_ms": summary["p50_us"] / 1000,
         "p99_ms": summary["p99_us"] / 1000,
-        "errors": summary["http_errors"]
-        + summary["connect_errors"]
-        + summary["read_errors"]
-        + summary["timeouts"],
+        "errors": errors,
     }

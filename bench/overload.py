@@ -1,8 +1,9 @@
 """`make overload`: open-loop overload at 1x, 2x and 3x the capacity measured in the same run.
 
 The server runs with its default settings and every model loaded. Capacity is the closed-loop
-throughput (wrk, 8 connections) on the model; Locust (its own process, bench/open_loop_locustfile.py,
-requests started on a fixed schedule whatever the answers) then offers 1x, 2x and 3x that rate
+answered (non-error) throughput (wrk, 8 connections) on the model; Locust (its own process,
+bench/open_loop_locustfile.py, requests started on a fixed schedule whatever the answers) then
+offers 1x, 2x and 3x that rate
 for 30 s each. Reported per point: offered and achieved rate,
 answered 200, shed 503, any other status, goodput, p50/p99 of admitted and of shed answers, and
 whether every 503 carried Retry-After. The aims: at 3x, admitted p99 <= 2 s, shed answered within
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".log"),
     ):
         for model in args.models:
-            capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["requests_per_s"]
+            capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["answered_per_s"]
             print(f"{model}: closed-loop capacity {capacity} req/s (wrk, 8 connections, 10 s)", flush=True)
             results[model] = []
             for multiple in args.multiples:
