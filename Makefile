@@ -111,10 +111,13 @@ hostile-memory: models
 soak: models
 	$(PY) -m bench.soak --models-dir $(MODELS_DIR)
 
-# Developers only: retrain on the dataset, then fit temperatures, recompute int8 ranges and record the evaluation.
+# Developers only: retrain on the dataset, then fit temperatures, recompute int8 ranges and record the
+# evaluation. Xception first: the MobileNets distil from the int8 Xception built from its new weights.
 train: $(VENV)/.installed
 	$(if $(DATA),,$(error no dataset: set DATA to one or more ImageFolder roots))
-	$(PY) -m model_export train --data $(DATA)
+	$(PY) -m model_export train --data $(DATA) --only xception
+	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --fit-temperatures --int8-ranges
+	$(PY) -m model_export train --data $(DATA) --only mobilenet mobilenet-160 --teacher $(MODELS_DIR)/xception-int8.onnx
 	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --fit-temperatures --int8-ranges
 
 clean:

@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--only", nargs="*", help="train only these model names")
     train.add_argument("--no-finetune", action="store_true", help="skip stage 2")
+    train.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="built ONNX model (manifest.json beside it) whose probabilities the distilled runs learn from",
+    )
 
     build = commands.add_parser("build", help="rebuild ONNX models + manifest from committed weights")
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
@@ -95,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from model_export.records import read_training_record
         from model_export.specs import TRAINING_RECORD
+        from model_export.teacher import Teacher
         from model_export.train import TrainConfig
         from model_export.training_run import train_all
 
         cfg = TrainConfig(finetune=not args.no_finetune)
         previous = read_training_record(TRAINING_RECORD) if TRAINING_RECORD.exists() else None
-        train_all(args.data, cfg, cache_dir, args.only, previous)
+        teacher = Teacher.from_build(args.teacher) if args.teacher else None
+        train_all(args.data, cfg, cache_dir, args.only, previous, teacher)
         return 0
     if args.command == "fetch":
         from model_export import sources

@@ -21,6 +21,7 @@ from catdog_core.sessions import cpu_session
 from model_export.backbones import Backbone
 from model_export.data import Sample, iter_decoded
 from model_export.onnx_tools import export_keras
+from model_export.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,7 @@ class Features:
     activations: np.ndarray  # fp16 [views, ...]
     labels: np.ndarray
     sources: np.ndarray  # str
-
-    @property
-    def xy(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.activations, self.labels
+    teacher_probs: np.ndarray | None = None  # float32 [views, labels]: the teacher on the same view
 
 
 def trunk_activations(
@@ -138,8 +136,13 @@ def trunk_activations(
     desc: str,
     threads: int = 2,
     aug: Augmentation = Augmentation(),
+    teacher: Teacher | None = None,
 ) -> Features:
-    """Activations of each photo's original view, then its n_augmented random views (cached)."""
+    """Activations of each photo's original view, then its n_augmented random views (cached).
+
+    With a teacher, also its probabilities on each view: the teacher must see the very view the
+    student trains on, so they cannot be computed apart (the views are random and not stored).
+    """
     key = hashlib.sha256(
         repr(
             (
@@ -150,26 +153,34 @@ def trunk_activations(
                 n_augmented,
                 seed,
                 aug,
+                teacher.sha256 if teacher else None,
             )
         ).encode()
     ).hexdigest()[:16]
     cached = cache_dir / "features" / f"{backbone.family}-{backbone.input_size}-{desc}-{key}.npz"
     if cached.exists():
         with np.load(cached) as saved:
-            return Features(saved["activations"], saved["labels"], saved["sources"])
+            probs = saved.get("teacher_probs")
+            return Features(saved["activations"], saved["labels"], saved["sources"], probs)
     sess = cpu_session(trunk_onnx(backbone, cache_dir), threads)
+    teacher_sess = teacher.predictor(threads) if teacher else None
     input_name = sess.get_inputs()[0].name
     size = (backbone.input_size, backbone.input_size)
     rng = np.random.default_rng(seed)
     activations: list[np.ndarray] = []
     labels: list[int] = []
     sources: list[str] = []
+    teacher_probs: list[np.ndarray] = []
     pending: list[np.ndarray] = []
+    pending_teacher: list[np.ndarray] = []
 
     def flush() -> None:
         if pending:
             activations.append(sess.run(None, {input_name: np.stack(pending)})[0].astype(np.float16))
             pending.clear()
+        if pending_teacher and teacher_sess:
+            teacher_probs.append(teacher_sess.probabilities(np.stack(pending_teacher)))
+            pending_teacher.clear()
 
     for sample, image in tqdm(
         iter_decoded(samples, backbone.input_size), total=len(samples), desc=desc, unit="img"
@@ -179,12 +190,25 @@ def trunk_activations(
             continue
         for view in _views(image, n_augmented, rng, aug):
             pending.append(to_array(view, size))
+            if teacher:
+                pending_teacher.append(to_array(view, (teacher.input_size, teacher.input_size)))
             labels.append(sample.label)
             sources.append(sample.source)
         if len(pending) >= 16:
             flush()
     flush()
-    result = Features(np.concatenate(activations), np.asarray(labels, dtype=np.int64), np.asarray(sources))
+    result = Features(
+        np.concatenate(activations),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(sources),
+        np.concatenate(teacher_probs) if teacher else None,
+    )
     cached.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cached, activations=result.activations, labels=result.labels, sources=result.sources)
+    extra = {"teacher_probs": result.teacher_probs} if teacher else {}
+    np.savez(cached, activations=result.activations, labels=result.labels, sources=result.sources, **extra)
+    if teacher is not None and result.teacher_probs is not None:
+        agreement = float((result.teacher_probs.argmax(1) == result.labels).mean())
+        log.info(
+            "%s: teacher %s agrees with the label on %.2f %% of views", desc, teacher.name, 100 * agreement
+        )
     return result

@@ -49,6 +49,7 @@ class TrainedModel(_Record):
     input_size: int
     fine_tuned_from: str | None
     augmented_views: int
+    teacher: str | None = Field(default=None, description="The model distilled from, if any.")
     source: str
     source_digest: str
     stages: list[StageRun]

@@ -3,9 +3,10 @@
 Stage 1 (bottleneck): the backbone is frozen; a dense softmax head is fitted on pooled features of
 the original and augmented views, with its L2 strength chosen on validation log loss.
 Stage 2 (fine-tuning): the top blocks and the head train together on the augmented views with
-AdamW and a cosine learning-rate schedule, batch-norm statistics frozen. It is kept only if it
-improves validation log loss without lowering validation accuracy on any source; otherwise the
-stage-1 model stands.
+AdamW and a cosine learning-rate schedule, batch-norm statistics frozen, towards the label or a
+blend of the label and a teacher's probabilities on the same view (model_export.teacher). It is
+kept only if it improves validation log loss without lowering validation accuracy overall or on
+the hardest source; otherwise the stage-1 model stands.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from catdog_core.probabilities import softmax
 from model_export.backbones import Backbone, pooled_features_model, top_model
 from model_export.features import Augmentation, Features
 from model_export.quality import log_loss
+from model_export.teacher import blended_targets
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,15 @@ class TrainConfig:
     head_l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     head_epochs: int = 60
     finetune: bool = True
-    # Fine-tuning runs tried per model, as (peak learning rate, epochs), each from the stage-1 model;
-    # validation picks among them (StageResult.improves_on) and training.json records every one.
-    # Xception gets one run: each of its epochs costs about 5 minutes on 2 cores.
-    finetune_grid: dict[str, tuple[tuple[float, int], ...]] = field(
+    # Fine-tuning runs tried per model, as (peak learning rate, epochs, teacher weight), each from
+    # the stage-1 model; validation picks among them (StageResult.improves_on) and training.json
+    # records every one. A teacher weight above 0 distils from `train --teacher` (Xception), so
+    # Xception itself trains on labels only. It gets one run: each epoch costs about 5 minutes.
+    finetune_grid: dict[str, tuple[tuple[float, int, float], ...]] = field(
         default_factory=lambda: {
-            "xception": ((3e-5, 2),),
-            "mobilenet": ((1e-4, 3), (3e-5, 4)),
-            "mobilenet-160": ((1e-4, 3), (3e-4, 4), (3e-5, 4)),
+            "xception": ((3e-5, 2, 0.0),),
+            "mobilenet": ((1e-4, 3, 0.0), (3e-5, 4, 0.0), (1e-4, 5, 0.5), (3e-5, 4, 0.5)),
+            "mobilenet-160": ((1e-4, 3, 0.0), (3e-5, 4, 0.0), (1e-4, 5, 0.5), (3e-5, 4, 0.5)),
         }
     )
     weight_decay: float = 1e-4
@@ -80,9 +83,17 @@ class _Batches(keras.utils.PyDataset):
     process killed on a 24 GiB machine); batches keep memory at one batch.
     """
 
-    def __init__(self, features: Features, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        features: Features,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        targets: np.ndarray | None = None,
+    ) -> None:
         super().__init__()
         self.features, self.batch_size, self.shuffle = features, batch_size, shuffle
+        self.targets = features.labels if targets is None else targets
         self.rng = np.random.default_rng(seed)
         self.order = (
             self.rng.permutation(len(features.labels)) if shuffle else np.arange(len(features.labels))
@@ -94,7 +105,7 @@ class _Batches(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray]:
         rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         x = self.features.activations[rows].astype(np.float32)
-        return (x, self.features.labels[rows]) if self.shuffle else (x,)
+        return (x, self.targets[rows]) if self.shuffle else (x,)
 
     def on_epoch_end(self) -> None:
         if self.shuffle:
@@ -185,8 +196,16 @@ def stage2(
     cfg: TrainConfig,
     rate: float,
     epochs: int,
+    teacher_weight: float = 0.0,
+    teacher_name: str | None = None,
 ) -> StageResult:
-    """Fine-tune the top blocks and head in place; restores the best epoch by validation loss."""
+    """Fine-tune the top blocks and head in place; restores the best epoch by validation loss.
+
+    The targets blend each view's label with the teacher's probabilities on it (`teacher_weight`);
+    validation loss, which early stopping and the choice between runs read, is on labels only.
+    """
+    n_labels = int(model.output.shape[-1])
+    targets = blended_targets(train.labels, n_labels, train.teacher_probs, teacher_weight)
     for layer in backbone.top_layers:
         # Frozen batch norm runs in inference mode, so its statistics stay the pretrained ones.
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
@@ -195,12 +214,12 @@ def stage2(
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=steps)
     model.compile(
         keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
     )
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
     model.fit(
-        _Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
-        validation_data=val.xy,
+        _Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, targets=targets),
+        validation_data=(val.activations, np.eye(n_labels, dtype=np.float32)[val.labels]),
         epochs=epochs,
         verbose=1,
         callbacks=[stop],
@@ -211,6 +230,12 @@ def stage2(
         model,
         val.activations,
         val,
-        f"fine-tuned from {backbone.cut_layer}, lr {rate:g}, {epochs} epochs",
-        {"epochs": epochs, "learning_rate": rate, "weight_decay": cfg.weight_decay},
+        f"fine-tuned from {backbone.cut_layer}, lr {rate:g}, {epochs} epochs"
+        + (f", distilled from {teacher_name} (weight {teacher_weight:g})" if teacher_weight else ""),
+        {
+            "epochs": epochs,
+            "learning_rate": rate,
+            "weight_decay": cfg.weight_decay,
+            "teacher_weight": teacher_weight,
+        },
     )

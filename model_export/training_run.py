@@ -19,14 +19,22 @@ from model_export.keras_models import load_backbone
 from model_export.quality import quality
 from model_export.records import SplitRecord, StageRun, TrainedModel, TrainingRecord
 from model_export.specs import LABELS, MODEL_SPECS, TRAINING_RECORD, ModelSpec
+from model_export.teacher import Teacher
 from model_export.train import TrainConfig, stage1, stage2
 from model_export.weights_io import round_trip_fp16, save_weights
 
 log = logging.getLogger(__name__)
 
 
-def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) -> TrainedModel:
+def needs_teacher(spec: ModelSpec, cfg: TrainConfig) -> bool:
+    return cfg.finetune and any(weight > 0 for _, _, weight in cfg.finetune_grid[spec.name])
+
+
+def train_one(
+    spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path, teacher: Teacher | None = None
+) -> TrainedModel:
     backbone, artifact = load_backbone(spec, cache_dir)
+    teacher = teacher if needs_teacher(spec, cfg) else None
     train = trunk_activations(
         backbone,
         split.samples["train"],
@@ -35,14 +43,17 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
         cache_dir,
         f"{spec.name} train",
         aug=cfg.augmentation,
+        teacher=teacher,
     )
     val = trunk_activations(backbone, split.samples["val"], 0, cfg.seed, cache_dir, f"{spec.name} val")
     model, first = stage1(backbone, train, val, cfg, len(LABELS))
     results, best = [first], first
     best_weights = bottleneck_weights = backbones.top_weights(model, include_top_block=True)
-    for rate, epochs in cfg.finetune_grid[spec.name] if cfg.finetune else ():
+    for rate, epochs, weight in cfg.finetune_grid[spec.name] if cfg.finetune else ():
         backbones.apply_weights(model, bottleneck_weights)
-        tuned = stage2(model, backbone, train, val, cfg, rate, epochs)
+        tuned = stage2(
+            model, backbone, train, val, cfg, rate, epochs, weight, teacher.name if teacher else None
+        )
         results.append(tuned)
         log.info(
             "%s %s: val accuracy %.4f %s, log loss %.4f",
@@ -70,6 +81,7 @@ def train_one(spec: ModelSpec, split: Split, cfg: TrainConfig, cache_dir: Path) 
         input_size=spec.input_size,
         fine_tuned_from=backbone.cut_layer,
         augmented_views=cfg.augmented_views[spec.family],
+        teacher=f"{teacher.name} sha256:{teacher.sha256}" if teacher else None,
         source=artifact.key,
         source_digest=artifact.digest or "",
         stages=[StageRun(**r.__dict__) for r in results],
@@ -90,14 +102,20 @@ def train_all(
     cache_dir: Path,
     names: list[str] | None = None,
     previous: TrainingRecord | None = None,
+    teacher: Teacher | None = None,
 ) -> TrainingRecord:
+    chosen = [spec for spec in MODEL_SPECS if not names or spec.name in names]
+    if missing := [spec.name for spec in chosen if needs_teacher(spec, cfg) and teacher is None]:
+        # Fail before hours of feature extraction, not after.
+        raise ValueError(
+            f"{', '.join(missing)} distil from a teacher: pass --teacher (make train passes "
+            "models/xception-int8.onnx, built from the Xception it trains first)"
+        )
     split = stratified_split(data, cfg.seed)
     log.info("split %s: %s", split.sha256[:12], split.source_counts())
     models = dict(previous.models) if previous else {}
-    for spec in MODEL_SPECS:
-        if names and spec.name not in names:
-            continue
-        models[spec.name] = train_one(spec, split, cfg, cache_dir)
+    for spec in chosen:
+        models[spec.name] = train_one(spec, split, cfg, cache_dir, teacher)
     record = TrainingRecord(
         labels=list(LABELS),
         split=SplitRecord(
