@@ -80,8 +80,8 @@ def sweep(
     for model in models:
         url = base_url + path.format(model=model)
         wrk(url, image, 2, 2, content_type)  # warm the path (and the live latency estimates)
-        # Answered (non-error) requests per second: wrk counts 503s as requests, and a refusal
-        # is not throughput.
+        # Reported as answered (non-error) requests per second: wrk counts 503s as requests, and
+        # a refusal is not throughput.
         results[model] = [wrk(url, image, c, seconds, content_type) for c in concurrencies]
         print(
             f"  {model}: "

@@ -163,7 +163,7 @@ def trunk_activations(
             probs = saved.get("teacher_probs")
             return Features(saved["activations"], saved["labels"], saved["sources"], probs)
     sess = cpu_session(trunk_onnx(backbone, cache_dir), threads)
-    teacher_sess = teacher.predictor(threads) if teacher else None
+    teacher_probabilities = teacher.predictor(threads) if teacher else None
     input_name = sess.get_inputs()[0].name
     size = (backbone.input_size, backbone.input_size)
     rng = np.random.default_rng(seed)
@@ -178,8 +178,8 @@ def trunk_activations(
         if pending:
             activations.append(sess.run(None, {input_name: np.stack(pending)})[0].astype(np.float16))
             pending.clear()
-        if pending_teacher and teacher_sess:
-            teacher_probs.append(teacher_sess.probabilities(np.stack(pending_teacher)))
+        if pending_teacher and teacher_probabilities:
+            teacher_probs.append(teacher_probabilities(np.stack(pending_teacher)))
             pending_teacher.clear()
 
     for sample, image in tqdm(
@@ -191,7 +191,7 @@ def trunk_activations(
         for view in _views(image, n_augmented, rng, aug):
             pending.append(to_array(view, size))
             if teacher:
-                pending_teacher.append(to_array(view, (teacher.input_size, teacher.input_size)))
+                pending_teacher.append(to_array(view, (teacher.member.size, teacher.member.size)))
             labels.append(sample.label)
             sources.append(sample.source)
         if len(pending) >= 16:
@@ -208,7 +208,6 @@ def trunk_activations(
     np.savez(cached, activations=result.activations, labels=result.labels, sources=result.sources, **extra)
     if teacher is not None and result.teacher_probs is not None:
         agreement = float((result.teacher_probs.argmax(1) == result.labels).mean())
-        log.info(
-            "%s: teacher %s agrees with the label on %.2f %% of views", desc, teacher.name, 100 * agreement
-        )
+        name = teacher.member.name
+        log.info("%s: teacher %s agrees with the label on %.2f %% of views", desc, name, 100 * agreement)
     return result

@@ -13,6 +13,7 @@ probabilities it hands on are calibrated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +22,17 @@ import numpy as np
 from catdog_core.hashing import sha256_file
 from catdog_core.probabilities import softmax
 from catdog_core.sessions import cpu_session
+from model_export.evaluate import Member
+from model_export.onnx_tools import run_batches
 from service.manifest import load_manifest
 
 
 @dataclass(frozen=True)
 class Teacher:
-    name: str
-    path: Path
-    temperature: float
-    input_size: int
+    """A built model to distil from: what evaluation knows of it, and its file's digest (part of
+    the feature cache's key, since its answers are cached with the features)."""
+
+    member: Member
     sha256: str
 
     @classmethod
@@ -49,23 +52,17 @@ class Teacher:
         digest = sha256_file(model_file)
         if digest != entry.sha256:
             raise ValueError(f"{model_file} does not match its manifest's sha256: rebuild it")
-        return cls(entry.name, model_file, entry.temperature, entry.input.height, digest)
+        return cls(Member(entry.name, model_file, entry.input.width, entry.temperature), digest)
 
-    def predictor(self, threads: int = 2) -> TeacherSession:
-        return TeacherSession(self, threads)
+    def predictor(self, threads: int = 2) -> Callable[[np.ndarray], np.ndarray]:
+        """Calibrated probabilities (float32) for uint8 NHWC images at the teacher's input size."""
+        session = cpu_session(self.member.path, threads)
+        temperature = self.member.temperature
+        return lambda images: softmax(run_batches(session, images), temperature).astype(np.float32)
 
 
-class TeacherSession:
-    """Calibrated probabilities for batches of uint8 NHWC images at the teacher's input size."""
-
-    def __init__(self, teacher: Teacher, threads: int) -> None:
-        self.teacher = teacher
-        self.session = cpu_session(teacher.path, threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: images})[0]
-        return softmax(logits, self.teacher.temperature).astype(np.float32)
+def one_hot(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    return np.eye(n_labels, dtype=np.float32)[labels]
 
 
 def blended_targets(
@@ -76,7 +73,7 @@ def blended_targets(
     Cross-entropy against this blend is the label's loss plus the teacher's (Hinton's distillation
     loss at temperature 1) in one term; weight 0 is plain training on the labels.
     """
-    onehot = np.eye(n_labels, dtype=np.float32)[labels]
+    onehot = one_hot(labels, n_labels)
     if weight == 0:
         return onehot
     if teacher_probs is None:

@@ -22,7 +22,7 @@ from catdog_core.probabilities import softmax
 from model_export.backbones import Backbone, pooled_features_model, top_model
 from model_export.features import Augmentation, Features
 from model_export.quality import log_loss
-from model_export.teacher import blended_targets
+from model_export.teacher import blended_targets, one_hot
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def stage2(
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
     model.fit(
         _Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, targets=targets),
-        validation_data=(val.activations, np.eye(n_labels, dtype=np.float32)[val.labels]),
+        validation_data=(val.activations, one_hot(val.labels, n_labels)),
         epochs=epochs,
         verbose=1,
         callbacks=[stop],

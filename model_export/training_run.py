@@ -52,7 +52,7 @@ def train_one(
     for rate, epochs, weight in cfg.finetune_grid[spec.name] if cfg.finetune else ():
         backbones.apply_weights(model, bottleneck_weights)
         tuned = stage2(
-            model, backbone, train, val, cfg, rate, epochs, weight, teacher.name if teacher else None
+            model, backbone, train, val, cfg, rate, epochs, weight, teacher.member.name if teacher else None
         )
         results.append(tuned)
         log.info(
@@ -81,7 +81,7 @@ def train_one(
         input_size=spec.input_size,
         fine_tuned_from=backbone.cut_layer,
         augmented_views=cfg.augmented_views[spec.family],
-        teacher=f"{teacher.name} sha256:{teacher.sha256}" if teacher else None,
+        teacher=f"{teacher.member.name} sha256:{teacher.sha256}" if teacher else None,
         source=artifact.key,
         source_digest=artifact.digest or "",
         stages=[StageRun(**r.__dict__) for r in results],

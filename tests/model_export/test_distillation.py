@@ -45,11 +45,11 @@ def test_a_distilled_run_without_teacher_probabilities_is_an_error() -> None:
 
 
 def test_the_teacher_answers_with_its_manifest_temperature(teacher: Teacher) -> None:
-    assert teacher.name == "fast" and teacher.temperature == 1.5 and teacher.input_size == 32
+    assert teacher.member.name == "fast" and teacher.member.temperature == 1.5 and teacher.member.size == 32
     images = np.stack([np.full((32, 32, 3), colour, np.uint8) for colour in ((250, 20, 20), (20, 20, 250))])
-    session = cpu_session(teacher.path, 1)
+    session = cpu_session(teacher.member.path, 1)
     logits = session.run(None, {"image": images})[0]
-    probs = teacher.predictor(1).probabilities(images)
+    probs = teacher.predictor(1)(images)
     np.testing.assert_allclose(probs, softmax(logits, 1.5), rtol=1e-5)
     assert not np.allclose(probs[0], probs[1])  # it does look at the image
 
@@ -89,7 +89,7 @@ def test_every_training_view_gets_the_teacher_answer_on_that_view(teacher: Teach
     assert features.teacher_probs is not None
     assert features.teacher_probs.shape == (6, 2) and len(features.activations) == 6
     originals = [to_array(image, (32, 32)) for _, image in iter_decoded(samples, 32)]
-    expected = teacher.predictor(1).probabilities(np.stack(originals))
+    expected = teacher.predictor(1)(np.stack(originals))
     np.testing.assert_allclose(features.teacher_probs[[0, 3]], expected, rtol=1e-5)
     # The augmented views differ from the original, and the teacher's answers follow them.
     assert not np.allclose(features.teacher_probs[1], features.teacher_probs[0])
