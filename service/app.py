@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from service.admission import AdmissionMiddleware
+from service.batching import InferenceLane
 from service.cache import ResponseCache
 from service.classifier import Classifier
 from service.http_errors import install_error_handlers
@@ -24,7 +25,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
-from service.runtime import default_threads, resolve_providers
+from service.runtime import inference_layout, resolve_providers
 from service.settings import Settings
 from service.shadow import ShadowWatch, default_large_model, shadow_session
 from service.state import AppState
@@ -118,11 +119,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Everything a wrong setting can break is checked here, so the process fails to start.
         providers = resolve_providers(settings.providers)
-        threads = settings.intra_op_threads or default_threads()
+        workers, threads = inference_layout(settings.inference_workers, settings.intra_op_threads, providers)
         manifest, paths = check_models(settings)
+        state.inference = InferenceLane(workers)
         log.info(
-            "providers %s, %d intra-op threads (spinning %s), %d models",
+            "providers %s, %d inference workers of %d intra-op threads (spinning %s), %d models",
             providers,
+            workers,
             threads,
             settings.intra_op_spinning,
             len(paths),

@@ -1,12 +1,13 @@
 """Micro-batching with admission control, one batcher per model.
 
-A request's images join the model's queue. When the inference lane (shared by every model: on
-CPU one batch at a time uses every core, two at once would only contend) is idle, the queue runs
-at once: waiting for company would only add latency, and while that batch runs the next one
-forms by itself. When the lane is busy, a worker takes up to max_batch_size images once the batch
-is full, or the oldest has waited max_wait_ms, or waiting longer would break the earliest
-deadline in the batch. The queue is bounded: a full queue answers 503 at once
-with a Retry-After derived from the measured drain rate, rather than letting latency grow.
+A request's images join the model's queue. The inference lane, shared by every model, runs up to
+`workers` batches at once (one, on every core, or one per core of one thread each: README,
+"Performance under contention"). When the lane is idle, the queue runs at once: waiting for
+company would only add latency, and while that batch runs the next one forms by itself. When the
+lane is busy, a batch of up to max_batch_size images starts on a free worker once it is full, or
+the oldest has waited max_wait_ms, or waiting longer would break the earliest deadline in it. The
+queue is bounded: a full queue answers 503 at once with a Retry-After derived from the measured
+drain rate, rather than letting latency grow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import statistics
@@ -34,22 +36,43 @@ T = TypeVar("T")
 
 
 class InferenceLane:
-    """The one thread that runs session.run for every model, and whether it is busy."""
+    """The threads that run session.run for every model: `workers` batches at once, and how many
+    are running. One worker with every core as intra-op threads is the classic layout; several
+    workers of one intra-op thread each keep running when a core is taken away (README,
+    "Performance under contention")."""
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self.submitted = 0  # batches handed over and not yet finished
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="inference")
+        self.submitted = 0  # batches claimed and not yet finished
+        self._listeners: list[asyncio.Event] = []
 
     @property
     def idle(self) -> bool:
         return self.submitted == 0
 
-    async def run(self, work: Callable[[], T]) -> T:
+    @property
+    def free(self) -> bool:
+        """A worker is free to start a batch now."""
+        return self.submitted < self.workers
+
+    def listen(self, event: asyncio.Event) -> None:
+        """Set `event` whenever a worker becomes free (a batcher waiting for one wakes up)."""
+        self._listeners.append(event)
+
+    def claim(self) -> None:
+        """Take a worker, synchronously, before the batch's task starts: the next batch decision
+        sees it taken."""
         self.submitted += 1
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Run `work` on the worker claimed for it, and free that worker when it is done."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, work)
         finally:
             self.submitted -= 1
+            for event in self._listeners:
+                event.set()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
@@ -137,14 +160,20 @@ class Batcher:
         self._lane = lane
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup = asyncio.Event()
+        lane.listen(self._wakeup)  # a worker freed may be the one this queue waits for
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # this model's batches running on the lane
         self._closing = False
-        self.running = 0  # images inside session.run right now
+        self.running = 0  # images in this model's batches on the lane right now
         self.stats = BatchStats()
         self.failure: BaseException | None = None  # why the worker stopped, if it crashed
         self.reserved = 0  # queue places held by requests still decoding
-        self.fallback_seconds = fallback_seconds  # per image, from the manifest, until measured
+        self.fallback_seconds = fallback_seconds  # per image, timed at warm-up, until batches measure it
         self._on_batch = on_batch
+
+    @property
+    def workers(self) -> int:
+        return self._lane.workers
 
     @property
     def pending(self) -> int:
@@ -158,13 +187,29 @@ class Batcher:
         """A worker that stops without being closed has crashed: record why, fail what is queued
         (rather than leave it hanging), and let readiness and liveness report it."""
         if task.cancelled():
-            self.failure = RuntimeError("the batcher task was cancelled")
-        elif task.exception() is not None:
-            self.failure = task.exception()
+            self._crashed(RuntimeError("the batcher task was cancelled"))
+        elif (error := task.exception()) is not None:
+            self._crashed(error)
         elif not self._closing:
-            self.failure = RuntimeError("the batcher task returned unexpectedly")
-        if self.failure is None:
+            self._crashed(RuntimeError("the batcher task returned unexpectedly"))
+
+    def _batch_done(self, jobs: list[_Job], task: asyncio.Task[None]) -> None:
+        """A batch task ends by answering its jobs; one that raises is a bug, handled as a crash,
+        and its own jobs fail with the queued ones rather than wait for nobody."""
+        self._batches.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
             return
+        self._crashed(error)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(self._unavailable())
+
+    def _crashed(self, failure: BaseException) -> None:
+        if self.failure is not None:
+            return
+        self.failure = failure
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # no batch may start after a crash
         log.critical(
             "batcher for %s crashed; its requests now fail with 503 until the process restarts",
             self.name,
@@ -187,13 +232,13 @@ class Batcher:
         running images and those still decoding, which were admitted first and queue first
         (`own`: the places this request holds itself, not ahead of it)."""
         waiting = self.pending + self.running + self.reserved - (own.places if own else 0)
-        batches = math.ceil(waiting / self.max_batch)
-        return batches * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
+        rounds = math.ceil(math.ceil(waiting / self.max_batch) / self._lane.workers)
+        return rounds * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
 
     def inference_seconds(self, n_images: int) -> float:
         """Predicted session.run time for n images of one request, in batches of max_batch."""
-        batches = math.ceil(n_images / self.max_batch)
-        return batches * self.stats.seconds_for(min(n_images, self.max_batch), self.fallback_seconds)
+        rounds = math.ceil(math.ceil(n_images / self.max_batch) / self._lane.workers)
+        return rounds * self.stats.seconds_for(min(n_images, self.max_batch), self.fallback_seconds)
 
     def next_batch_seconds(self) -> float:
         """Predicted run time of the batch this model will run next (0 when idle): images still
@@ -293,23 +338,27 @@ class Batcher:
             ready = min(ready, min(deadlines) - run)
         return ready
 
+    async def _sleep(self, timeout: float | None = None) -> None:
+        """Until a job is queued, a lane worker is freed, close() is called, or `timeout` passes."""
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+
     async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        while self._queue or not self._closing:
+            if not self._queue or not self._lane.free:
+                await self._sleep()
                 continue
             delay = self._batch_ready_at() - time.monotonic()
             if self.pending < self.max_batch and delay > 0 and not self._lane.idle and not self._closing:
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                await self._sleep(delay)
                 continue
-            await self._run_batch([self._queue.popleft() for _ in range(min(self.pending, self.max_batch))])
+            self._start_batch([self._queue.popleft() for _ in range(min(self.pending, self.max_batch))])
+        if self._batches:
+            await asyncio.wait(self._batches)
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
+    def _start_batch(self, jobs: list[_Job]) -> None:
+        """Answer what need not run, claim a lane worker for the rest and run them there."""
         now = time.monotonic()
         live = []
         for job in jobs:
@@ -325,12 +374,17 @@ class Batcher:
                 live.append(job)
         if not live:
             return
-        batch = np.stack([job.array for job in live])
-        self.running = len(live)
+        self._lane.claim()
+        self.running += len(live)
+        task = asyncio.create_task(self._run_batch(live), name=f"batch-{self.name}")
+        self._batches.add(task)
+        task.add_done_callback(functools.partial(self._batch_done, live))
 
+    async def _run_batch(self, live: list[_Job]) -> None:
         def timed_run() -> tuple[np.ndarray, float, float]:
             # Timed here, in the inference thread: time spent waiting for the lane (another
             # model's batch) is queue time, not this model's inference time.
+            batch = np.stack([job.array for job in live])
             began = time.monotonic()
             out = self._session.run(self._outputs, {self._input: batch})[0]
             return out, began, time.monotonic() - began
@@ -344,7 +398,7 @@ class Batcher:
                     job.future.set_exception(exc)
             return
         finally:
-            self.running = 0
+            self.running -= len(live)
         self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
         if self._on_batch:
             self._on_batch(len(live), elapsed)
@@ -356,6 +410,7 @@ class Batcher:
         """Stop admitting, finish everything queued, then stop the worker."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None and not self._task.done():  # a crashed one was logged by _supervise
-            with contextlib.suppress(Exception):
-                await self._task
+        if self._task is not None:  # a crashed one was logged by _supervise; wait() never raises
+            await asyncio.wait([self._task])
+        if self._batches:  # a crashed worker leaves its running batches to finish
+            await asyncio.wait(self._batches)

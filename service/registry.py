@@ -58,14 +58,12 @@ class ModelRegistry:
         """Predicted wait before new work on `target` starts running (`own`: the queue places the
         asking request already holds, which are not ahead of it).
 
-        The inference thread is shared and first-come first-served, and each batcher keeps one
-        batch in it at a time: new work waits for its own model's whole queue, but for at most
-        one batch of every other busy model.
+        The inference lane is shared and first-come first-served: new work waits for its own
+        model's whole queue, and for about one batch of every other busy model, spread over the
+        lane's workers.
         """
-        return sum(
-            model.batcher.backlog_seconds(own) if model is target else model.batcher.next_batch_seconds()
-            for model in self.models.values()
-        )
+        others = sum(m.batcher.next_batch_seconds() for m in self.models.values() if m is not target)
+        return target.batcher.backlog_seconds(own) + others / target.batcher.workers
 
     def start(self) -> None:
         for model in self.models.values():
@@ -110,7 +108,7 @@ def load_registry(
     for name, entry in manifest.models.items():
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
-        warm(
+        one_image_s = warm(
             session,
             entry.input.name,
             entry.input.height,
@@ -131,7 +129,7 @@ def load_registry(
             max_wait_s=settings.max_wait_ms / 1000,
             capacity=settings.queue_size,
             lane=lane,
-            fallback_seconds=entry.latency.p50_ms_batch1 / 1000,
+            fallback_seconds=one_image_s,
             max_queue_wait_s=settings.max_queue_wait_ms / 1000,
             on_batch=on_batch,
         )

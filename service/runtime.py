@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from catdog_core.sessions import DEFAULT_SPINNING, Spinning, session_options
+from catdog_core.sessions import DEFAULT_SPINNING, Spinning, run_times_ms, session_options
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,16 @@ def default_threads() -> int:
     return max(1, min(available, math.ceil(limit))) if limit else max(1, available)
 
 
+def inference_layout(workers: int | None, threads: int | None, providers: list[str]) -> tuple[int, int]:
+    """Inference workers (batches at once) and intra-op threads per batch: what the settings say,
+    else one worker per CPU of one thread each on CPU, one worker with every CPU on CUDA (the
+    GPU runs one batch at a time; the threads only serve the nodes it leaves to the CPU)."""
+    cpus = default_threads()
+    if workers is None:
+        workers = 1 if providers[0] == "CUDAExecutionProvider" or threads is not None else cpus
+    return workers, threads or max(1, cpus // workers)
+
+
 def resolve_providers(choice: str) -> list[str]:
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
@@ -111,7 +122,12 @@ def check_tensor_names(session: ort.InferenceSession, path: Path, input_name: st
 
 def warm(
     session: ort.InferenceSession, input_name: str, height: int, width: int, batch_sizes: list[int]
-) -> None:
-    """Run each batch size once so the first real request does not pay for allocation/tuning."""
+) -> float:
+    """Run each batch size once so the first real request does not pay for allocation/tuning;
+    return the median seconds of three batches of one after that: this server's own estimate
+    with its own thread layout, until requests measure it (the manifest's was taken at build
+    time, possibly with more intra-op threads per batch)."""
     for batch in batch_sizes:
         session.run(None, {input_name: np.zeros((batch, height, width, 3), dtype=np.uint8)})
+    one = {input_name: np.zeros((1, height, width, 3), dtype=np.uint8)}
+    return statistics.median(run_times_ms(lambda: session.run(None, one), repeats=3, warmup=0)) / 1000

@@ -2,7 +2,7 @@
 
 `auto` picks the most accurate model whose *predicted* latency fits the caller's budget, where
 the prediction is live: the median of recent measured decode and inference times on this server
-plus the wait for the shared inference thread (this model's whole queue, and one batch of every
+plus the wait for the shared inference lane (this model's whole queue, and one batch of every
 other busy model: see ModelRegistry.backlog_seconds). As load grows the wait grows, and auto
 moves to cheaper models by itself.
 

@@ -20,8 +20,12 @@ class Settings(BaseSettings):
     """Model used when a request names none; None means the manifest's default."""
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     """onnxruntime execution provider: auto uses CUDA when present; cuda without a GPU fails at start."""
+    inference_workers: int | None = Field(None, ge=1, le=64)
+    """Batches run at once, each on its own thread; None: one per CPU the process may use (from the
+    container's CPU quota), one on CUDA (README, "Performance under contention")."""
     intra_op_threads: int | None = Field(None, ge=1)
-    """Threads per inference; None follows the container's CPU quota (cgroup), not the host's cores."""
+    """Threads per inference; None shares the CPUs the process may use (CPU quota, not the host's
+    cores) among the inference workers."""
     intra_op_spinning: Spinning = DEFAULT_SPINNING
     """Whether idle inference threads busy-wait for work (onnxruntime's allow_spinning; within-runs
     stops between runs). Off: as fast on a quiet machine, faster when the CPU is shared or under a

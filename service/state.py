@@ -29,11 +29,10 @@ class AppState:
     ready: bool = False
     draining: bool = False
     decode_pool: ThreadPoolExecutor = field(init=False)
-    inference: InferenceLane = field(init=False)
+    inference: InferenceLane = field(init=False)  # made by the lifespan, which knows the layout
 
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
-        self.inference = InferenceLane()
 
     def model_label(self, name: str | None) -> str:
         """A metric label for a requested model name: known names only, so labels stay few."""

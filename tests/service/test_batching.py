@@ -241,3 +241,77 @@ def test_predicted_waits_count_the_images_still_decoding_ahead() -> None:
         lane.shutdown()
 
     asyncio.run(test())
+
+
+class ConcurrencySession(RecordingSession):
+    """Counts the runs inside session.run at once; every run waits at the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.clear()
+        self._lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def run(self, outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().run(outputs, feeds)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_a_lane_of_two_workers_runs_two_batches_at_once_and_never_a_third() -> None:
+    async def test() -> None:
+        session, lane = ConcurrencySession(), InferenceLane(workers=2)
+        batcher = make_batcher(session, lane, max_wait_s=0.0)
+        batcher.start()
+        try:
+            first = asyncio.create_task(batcher.infer(images(1), None))
+            await asyncio.to_thread(session.entered.wait, 10)
+            second = asyncio.create_task(batcher.infer(images(2), None))
+            for _ in range(200):  # the second batch starts beside the first, not after it
+                if session.inside == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert session.inside == 2 and not lane.free and batcher.running == 2
+            third = asyncio.create_task(batcher.infer(images(3, 4), None))
+            await asyncio.sleep(0.1)
+            assert session.most_inside == 2 and batcher.pending == 2  # waits for a free worker
+            assert batcher.backlog_seconds() > 0
+            session.gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(first, second, third), 10)
+            assert [[r.logits[0] for r in answer] for answer in answers] == [[1], [2], [3, 4]]
+            assert session.most_inside == 2 and lane.idle and batcher.running == 0
+        finally:
+            session.gate.set()
+            await batcher.close()
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
+def test_a_batch_that_fails_after_inference_fails_its_own_requests_instead_of_hanging() -> None:
+    async def test() -> None:
+        session, lane = RecordingSession(), InferenceLane(workers=2)
+
+        def broken_metrics(size: int, seconds: float) -> None:
+            raise RuntimeError("bug after the run")
+
+        batcher = make_batcher(session, lane, max_wait_s=0.0)
+        batcher._on_batch = broken_metrics
+        batcher.start()
+        try:
+            with pytest.raises(ModelUnavailable):
+                await asyncio.wait_for(batcher.infer(images(1), None), 10)
+            assert batcher.failure is not None and "after the run" in str(batcher.failure)
+            with pytest.raises(ModelUnavailable):
+                await asyncio.wait_for(batcher.infer(images(2), None), 1)
+        finally:
+            await asyncio.wait_for(batcher.close(), 10)
+            lane.shutdown()
+
+    asyncio.run(test())

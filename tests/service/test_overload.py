@@ -26,6 +26,9 @@ def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         max_concurrent_requests="2",
         body_timeout_s="1.0",
         max_batch_size="1",
+        # The two busy requests of 8 slow images must both be admitted: the second one's predicted
+        # wait (behind the first's 8 batches, timed at warm-up) passes the default 1 s cap.
+        max_queue_wait_ms="30000",
     ) as live:
         yield live
 

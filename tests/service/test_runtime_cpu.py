@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.runtime import cgroup_cpu_limit
+import pytest
+
+from service import runtime
+from service.runtime import cgroup_cpu_limit, inference_layout
 
 
 def _v2(root: Path, group: str, cpu_max: str) -> None:
@@ -38,3 +41,31 @@ def test_v1_cfs_quota_of_the_process_own_cgroup(tmp_path: Path) -> None:
 def test_no_quota_anywhere(tmp_path: Path) -> None:
     _v2(tmp_path, "/", "max 100000")
     assert cgroup_cpu_limit(tmp_path, "0::/\n") is None
+
+
+CPU = ["CPUExecutionProvider"]
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads", "providers", "layout"),
+    [
+        (2, 1, None, CPU, (1, 2)),  # one batch at a time on every CPU
+        (2, None, None, CPU, (2, 1)),  # one worker of one thread per CPU
+        (1, None, None, CPU, (1, 1)),  # a 1-CPU quota
+        (4, 2, None, CPU, (2, 2)),  # the CPUs shared among the workers
+        (2, None, 2, CPU, (1, 2)),  # threads named alone: the classic one-worker layout
+        (2, 3, 1, CPU, (3, 1)),  # both named: as said, even oversubscribed
+        (2, None, None, CUDA, (1, 2)),  # the GPU runs one batch at a time
+    ],
+)
+def test_inference_layout(
+    monkeypatch: pytest.MonkeyPatch,
+    cpus: int,
+    workers: int | None,
+    threads: int | None,
+    providers: list[str],
+    layout: tuple[int, int],
+) -> None:
+    monkeypatch.setattr(runtime, "default_threads", lambda: cpus)
+    assert inference_layout(workers, threads, providers) == layout
