@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import heapq
 import logging
 import math
 import statistics
@@ -86,6 +87,14 @@ class Inferred:
     queue_seconds: float  # enqueued until its session.run began, waiting for other models included
     inference_seconds: float  # its batch's session.run alone, timed in the inference thread
     batch_size: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Running:
+    """A batch on the lane: its size and when it was handed over (its wait for a thread included)."""
+
+    size: int
+    began: float
 
 
 @dataclass
@@ -165,6 +174,7 @@ class Batcher:
         self._batches: set[asyncio.Task[None]] = set()  # this model's batches running on the lane
         self._closing = False
         self.running = 0  # images in this model's batches on the lane right now
+        self._running_batches: list[_Running] = []
         self.stats = BatchStats()
         self.failure: BaseException | None = None  # why the worker stopped, if it crashed
         self.reserved = 0  # queue places held by requests still decoding
@@ -228,17 +238,36 @@ class Batcher:
         )
 
     def backlog_seconds(self, own: Reservation | None = None) -> float:
-        """Predicted time until a newly queued image would start running: behind the queued and
-        running images and those still decoding, which were admitted first and queue first
-        (`own`: the places this request holds itself, not ahead of it)."""
-        waiting = self.pending + self.running + self.reserved - (own.places if own else 0)
-        rounds = math.ceil(math.ceil(waiting / self.max_batch) / self._lane.workers)
-        return rounds * self.stats.seconds_for(self.max_batch, self.fallback_seconds) if waiting else 0.0
+        """Predicted time until a newly queued image would start running: behind this model's
+        running batches and the images queued or still decoding, which were admitted first and
+        queue first (`own`: the places this request holds itself, not ahead of it)."""
+        queued = self.pending + self.reserved - (own.places if own else 0)
+        return min(self._dispatch(queued, self._workers_free_in()))
 
     def inference_seconds(self, n_images: int) -> float:
-        """Predicted session.run time for n images of one request, in batches of max_batch."""
-        rounds = math.ceil(math.ceil(n_images / self.max_batch) / self._lane.workers)
-        return rounds * self.stats.seconds_for(min(n_images, self.max_batch), self.fallback_seconds)
+        """Predicted run time of one request's n images, from free workers to the last answer."""
+        return max(self._dispatch(n_images, [0.0] * self._lane.workers))
+
+    def _workers_free_in(self) -> list[float]:
+        """Seconds until each worker is free: a running batch's predicted time less what it has
+        run already (never below zero), and zero for the workers this model is not using."""
+        now = time.monotonic()
+        busy = [
+            max(0.0, self.stats.seconds_for(b.size, self.fallback_seconds) - (now - b.began))
+            for b in self._running_batches
+        ]
+        return busy + [0.0] * max(0, self._lane.workers - len(busy))
+
+    def _dispatch(self, images: int, free_in: list[float]) -> list[float]:
+        """The workers' free times after `images` queued images have run, dispatched as the
+        worker loop does: whichever worker frees first takes up to max_batch of them."""
+        heap = list(free_in)
+        heapq.heapify(heap)
+        while images > 0:
+            size = min(images, self.max_batch)
+            images -= size
+            heapq.heappush(heap, heapq.heappop(heap) + self.stats.seconds_for(size, self.fallback_seconds))
+        return heap
 
     def next_batch_seconds(self) -> float:
         """Predicted run time of the batch this model will run next (0 when idle): images still
@@ -376,11 +405,13 @@ class Batcher:
             return
         self._lane.claim()
         self.running += len(live)
-        task = asyncio.create_task(self._run_batch(live), name=f"batch-{self.name}")
+        running = _Running(len(live), time.monotonic())
+        self._running_batches.append(running)
+        task = asyncio.create_task(self._run_batch(live, running), name=f"batch-{self.name}")
         self._batches.add(task)
         task.add_done_callback(functools.partial(self._batch_done, live))
 
-    async def _run_batch(self, live: list[_Job]) -> None:
+    async def _run_batch(self, live: list[_Job], running: _Running) -> None:
         def timed_run() -> tuple[np.ndarray, float, float]:
             # Timed here, in the inference thread: time spent waiting for the lane (another
             # model's batch) is queue time, not this model's inference time.
@@ -399,6 +430,7 @@ class Batcher:
             return
         finally:
             self.running -= len(live)
+            self._running_batches.remove(running)
         self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
         if self._on_batch:
             self._on_batch(len(live), elapsed)

@@ -281,7 +281,6 @@ def test_a_lane_of_two_workers_runs_two_batches_at_once_and_never_a_third() -> N
             third = asyncio.create_task(batcher.infer(images(3, 4), None))
             await asyncio.sleep(0.1)
             assert session.most_inside == 2 and batcher.pending == 2  # waits for a free worker
-            assert batcher.backlog_seconds() > 0
             session.gate.set()
             answers = await asyncio.wait_for(asyncio.gather(first, second, third), 10)
             assert [[r.logits[0] for r in answer] for answer in answers] == [[1], [2], [3, 4]]
@@ -312,6 +311,36 @@ def test_a_batch_that_fails_after_inference_fails_its_own_requests_instead_of_ha
                 await asyncio.wait_for(batcher.infer(images(2), None), 1)
         finally:
             await asyncio.wait_for(batcher.close(), 10)
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
+def test_predicted_waits_follow_the_workers_dispatch() -> None:
+    # With two workers and one free, new work starts at once: predicting the images ahead as if
+    # they ran one after another would refuse requests (queue-wait cap) that start in time.
+    async def test() -> None:
+        session, lane = ConcurrencySession(), InferenceLane(workers=2)
+        batcher = make_batcher(session, lane, 0.0)
+        for size, seconds in ((8, 1.0), (4, 0.6)):
+            batcher.stats.batch_seconds[size] = Window()
+            batcher.stats.batch_seconds[size].update(seconds)
+        with batcher.reservation(7):  # one batch of seven on one worker, the other free
+            assert batcher.backlog_seconds() == 0.0
+        with batcher.reservation(20):  # 8 and 8 side by side, then 4 on whichever frees first
+            assert batcher.backlog_seconds() == pytest.approx(1.0)
+        assert batcher.inference_seconds(20) == pytest.approx(1.6)
+        batcher.start()
+        try:  # a running batch counts for what it has left, not for its whole time
+            running = asyncio.create_task(batcher.infer(images(*range(8)), None))
+            await asyncio.to_thread(session.entered.wait, 10)
+            await asyncio.sleep(0.2)
+            with batcher.reservation(8):
+                assert batcher.backlog_seconds() <= 0.81  # 1.0 if its whole time counted
+        finally:
+            session.gate.set()
+            await asyncio.wait_for(running, 10)
+            await batcher.close()
             lane.shutdown()
 
     asyncio.run(test())
