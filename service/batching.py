@@ -156,6 +156,7 @@ class Batcher:
         lane: InferenceLane,
         fallback_seconds: float,
         max_queue_wait_s: float | None = None,
+        max_batch_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.name = name
@@ -163,6 +164,7 @@ class Batcher:
         self._input = input_name
         self._outputs = [output_name]
         self.max_batch = max_batch
+        self.max_batch_s = max_batch_s
         self.max_wait_s = max_wait_s
         self.max_queue_wait_s = max_queue_wait_s
         self.capacity = capacity
@@ -180,6 +182,18 @@ class Batcher:
         self.reserved = 0  # queue places held by requests still decoding
         self.fallback_seconds = fallback_seconds  # per image, timed at warm-up, until batches measure it
         self._on_batch = on_batch
+
+    @property
+    def batch_limit(self) -> int:
+        """The largest batch whose predicted run time fits max_batch_s (never below one image):
+        a slow model on one thread runs smaller batches, so an admitted request is not held for
+        seconds by the images batched with it, where batching would gain it little anyway."""
+        if self.max_batch_s is None:
+            return self.max_batch
+        for size in range(self.max_batch, 1, -1):
+            if self.stats.seconds_for(size, self.fallback_seconds) <= self.max_batch_s:
+                return size
+        return 1
 
     @property
     def workers(self) -> int:
@@ -264,7 +278,7 @@ class Batcher:
         heap = list(free_in)
         heapq.heapify(heap)
         while images > 0:
-            size = min(images, self.max_batch)
+            size = min(images, self.batch_limit)
             images -= size
             heapq.heappush(heap, heapq.heappop(heap) + self.stats.seconds_for(size, self.fallback_seconds))
         return heap
@@ -273,7 +287,9 @@ class Batcher:
         """Predicted run time of the batch this model will run next (0 when idle): images still
         decoding count, as they will be queued before long."""
         waiting = self.pending + self.running + self.reserved
-        return self.stats.seconds_for(min(waiting, self.max_batch), self.fallback_seconds) if waiting else 0.0
+        return (
+            self.stats.seconds_for(min(waiting, self.batch_limit), self.fallback_seconds) if waiting else 0.0
+        )
 
     def retry_after_seconds(self) -> int:
         """When the queue will have room again: the same latency model as deadlines and auto."""
@@ -361,9 +377,9 @@ class Batcher:
     def _batch_ready_at(self) -> float:
         first = self._queue[0]
         ready = first.enqueued + self.max_wait_s
-        deadlines = [j.deadline for j in list(self._queue)[: self.max_batch] if j.deadline is not None]
+        deadlines = [j.deadline for j in list(self._queue)[: self.batch_limit] if j.deadline is not None]
         if deadlines:  # leave time for the run itself before the earliest deadline
-            run = self.stats.seconds_for(min(self.pending, self.max_batch), self.fallback_seconds)
+            run = self.stats.seconds_for(min(self.pending, self.batch_limit), self.fallback_seconds)
             ready = min(ready, min(deadlines) - run)
         return ready
 
@@ -379,10 +395,11 @@ class Batcher:
                 await self._sleep()
                 continue
             delay = self._batch_ready_at() - time.monotonic()
-            if self.pending < self.max_batch and delay > 0 and not self._lane.idle and not self._closing:
+            limit = self.batch_limit
+            if self.pending < limit and delay > 0 and not self._lane.idle and not self._closing:
                 await self._sleep(delay)
                 continue
-            self._start_batch([self._queue.popleft() for _ in range(min(self.pending, self.max_batch))])
+            self._start_batch([self._queue.popleft() for _ in range(min(self.pending, limit))])
         if self._batches:
             await asyncio.wait(self._batches)
 

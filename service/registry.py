@@ -131,6 +131,7 @@ def load_registry(
             lane=lane,
             fallback_seconds=one_image_s,
             max_queue_wait_s=settings.max_queue_wait_ms / 1000,
+            max_batch_s=settings.max_batch_ms / 1000,
             on_batch=on_batch,
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     quota (README, "Performance under contention")."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
+    max_batch_ms: float = Field(250.0, gt=0)
+    """Longest predicted run time of one batch: a model whose measured batch times pass it runs
+    smaller batches (never below one image), so an admitted request is not held for seconds by
+    the images batched with it."""
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     """While the inference thread is busy, how long a request may wait for others to join its batch
     (never past its deadline); when it is idle, a batch runs at once."""

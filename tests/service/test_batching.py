@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -340,6 +341,40 @@ def test_predicted_waits_follow_the_workers_dispatch() -> None:
         finally:
             session.gate.set()
             await asyncio.wait_for(running, 10)
+            await batcher.close()
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
+class SlowSession(RecordingSession):
+    """Takes `per_image` seconds per image, as a slow model on one thread would."""
+
+    def __init__(self, per_image: float) -> None:
+        super().__init__()
+        self.per_image = per_image
+
+    def run(self, outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        time.sleep(self.per_image * len(feeds["image"]))
+        return super().run(outputs, feeds)
+
+
+def test_a_slow_model_runs_smaller_batches_within_the_batch_time_budget() -> None:
+    # Eight images of a model taking 40 ms per image, budget 60 ms: batches of one (two would
+    # take 80 ms), never one of eight (320 ms), once its first batch is measured.
+    async def test() -> None:
+        session, lane = SlowSession(per_image=0.04), InferenceLane()
+        batcher = make_batcher(session, lane, max_wait_s=0.0)
+        batcher.max_batch_s = 0.06
+        batcher.start()
+        try:
+            await asyncio.wait_for(batcher.infer(images(0), None), 10)
+            assert batcher.batch_limit == 1
+            await asyncio.wait_for(batcher.infer(images(*range(1, 8)), None), 10)
+            assert session.batch_sizes == [1] * 8
+            batcher.max_batch_s = 1.0  # a budget the model fits: the full batch of eight again
+            assert batcher.batch_limit == 8
+        finally:
             await batcher.close()
             lane.shutdown()
 
