@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     quota (README, "Performance under contention")."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
-    max_batch_ms: float = Field(250.0, gt=0)
+    max_batch_ms: float = Field(500.0, gt=0)
     """Longest predicted run time of one batch: a model whose measured batch times pass it runs
     smaller batches (never below one image), so an admitted request is not held for seconds by
     the images batched with it."""
