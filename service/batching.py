@@ -175,8 +175,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()  # this model's batches running on the lane
         self._closing = False
-        self.running = 0  # images in this model's batches on the lane right now
-        self._running_batches: list[_Running] = []
+        self._running_batches: list[_Running] = []  # this model's batches on the lane right now
         self.stats = BatchStats()
         self.failure: BaseException | None = None  # why the worker stopped, if it crashed
         self.reserved = 0  # queue places held by requests still decoding
@@ -194,6 +193,11 @@ class Batcher:
             if self.stats.seconds_for(size, self.fallback_seconds) <= self.max_batch_s:
                 return size
         return 1
+
+    @property
+    def running(self) -> int:
+        """Images in this model's batches on the lane right now."""
+        return sum(batch.size for batch in self._running_batches)
 
     @property
     def workers(self) -> int:
@@ -274,11 +278,12 @@ class Batcher:
 
     def _dispatch(self, images: int, free_in: list[float]) -> list[float]:
         """The workers' free times after `images` queued images have run, dispatched as the
-        worker loop does: whichever worker frees first takes up to max_batch of them."""
+        worker loop does: whichever worker frees first takes up to batch_limit of them."""
         heap = list(free_in)
         heapq.heapify(heap)
+        limit = self.batch_limit
         while images > 0:
-            size = min(images, self.batch_limit)
+            size = min(images, limit)
             images -= size
             heapq.heappush(heap, heapq.heappop(heap) + self.stats.seconds_for(size, self.fallback_seconds))
         return heap
@@ -421,7 +426,6 @@ class Batcher:
         if not live:
             return
         self._lane.claim()
-        self.running += len(live)
         running = _Running(len(live), time.monotonic())
         self._running_batches.append(running)
         task = asyncio.create_task(self._run_batch(live, running), name=f"batch-{self.name}")
@@ -446,7 +450,6 @@ class Batcher:
                     job.future.set_exception(exc)
             return
         finally:
-            self.running -= len(live)
             self._running_batches.remove(running)
         self.stats.batch_seconds.setdefault(len(live), Window()).update(elapsed)
         if self._on_batch:
