@@ -51,17 +51,30 @@ class AppState:
         self.metrics.ready.set(0)
 
 
-def get_state(request: Request) -> AppState:
+# The dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency
+# in its thread pool, a thread hop (and a wait for a free core when the CPU is contended) per
+# dependency per request, for a field lookup.
+
+
+async def get_state(request: Request) -> AppState:
+    return _state_of(request)
+
+
+async def get_registry(request: Request) -> ModelRegistry:
+    return _classifier_of(request).registry
+
+
+async def get_classifier(request: Request) -> Classifier:
+    return _classifier_of(request)
+
+
+def _state_of(request: Request) -> AppState:
     state: AppState = request.app.state.catdog
     return state
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    return get_classifier(request).registry
-
-
-def get_classifier(request: Request) -> Classifier:
-    state = get_state(request)
+def _classifier_of(request: Request) -> Classifier:
+    state = _state_of(request)
     if state.classifier is None or not state.ready:
         raise NotReady("models are not loaded yet", headers={"Retry-After": "5"})
     return state.classifier

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
@@ -38,6 +42,25 @@ def test_uvicorn_runs_on_httptools_and_uvloop(tiny_models_dir: Path) -> None:
     config.load()
     assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
     assert config.get_loop_factory().__module__.startswith("uvloop")
+
+
+def test_no_route_or_dependency_hops_to_the_thread_pool(tiny_models_dir: Path) -> None:
+    # FastAPI runs a plain `def` endpoint or dependency in its thread pool: a thread hop per request
+    # for what is a field lookup here (two per /classify before this test). Everything is async.
+    def calls(dependant: Dependant) -> list[Callable[..., object]]:
+        own = [dependant.call] if dependant.call else []
+        return own + [c for d in dependant.dependencies for c in calls(d)]
+
+    app = create_app(Settings(models_dir=tiny_models_dir))
+    routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    assert any(r.path == "/classify" for r in routes)
+    sync = {
+        f"{route.path}: {call.__name__}"
+        for route in routes
+        for call in calls(route.dependant)
+        if not inspect.iscoroutinefunction(call)
+    }
+    assert sync == set()
 
 
 def _queue_depth(text: str, model: str) -> float:
