@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.http_protocol import bounded_httptools_protocol
 from service.logging_setup import configure_logging
 from service.settings import Settings
 
@@ -46,7 +48,8 @@ def uvicorn_config(
         app,
         host=host,
         port=port,
-        http=http,
+        http=_protocol(app, settings, http),
+        h11_max_incomplete_event_size=settings.max_head_bytes,
         loop=loop,
         log_config=None,
         lifespan="on",
@@ -55,11 +58,22 @@ def uvicorn_config(
     )
 
 
+def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio.Protocol]:
+    """httptools (the default) with the head bounded in bytes and time (service/http_protocol.py);
+    h11, for comparisons, bounds the head's bytes itself (h11_max_incomplete_event_size)."""
+    if http == "h11":
+        return http
+    rejections = app.state.catdog.metrics.head_rejections
+    return bounded_httptools_protocol(
+        settings.max_head_bytes, settings.head_timeout_s, lambda reason: rejections.labels(reason).inc()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    # auto: httptools and uvloop (dependencies, on Linux), else h11 and asyncio; for comparisons.
+    # auto: httptools (head bounded: service/http_protocol.py) and uvloop; h11, asyncio to compare.
     parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)

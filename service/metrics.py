@@ -45,6 +45,12 @@ class ServiceMetrics:
             ["model", "outcome", "status_class"],
             registry=r,
         )
+        self.head_rejections = Counter(
+            "catdog_http_head_rejections_total",
+            "Connections closed before a request reached the app: its head too large or too slow.",
+            ["reason"],
+            registry=r,
+        )
         self.images = Counter("catdog_images_total", "Images classified.", ["model"], registry=r)
         self.decode_seconds = Histogram(
             "catdog_decode_seconds",

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(16, ge=1, le=10_000)
     """Classification requests handled at once; more get 503 with Retry-After before their body is
     read. Probes, /metrics and /models are never limited."""
+    max_head_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """Request line and headers together (414 for a long URL, 431 otherwise; connection closed)."""
+    head_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Longest wait for a request's head, from the connection opening or the previous answer (408;
+    a connection that sent nothing is closed without one)."""
     body_timeout_s: float = Field(10.0, gt=0, le=600)
     """Longest wait for the next piece of an upload's body (408, connection closed)."""
     min_upload_bytes_per_s: int = Field(16_384, ge=0)

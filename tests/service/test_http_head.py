@@ -1,0 +1,124 @@
+"""The request head (request line and headers) is bounded in bytes and in time, before any route.
+
+Before this, one connection sending a 200 MiB header value raised the server's RSS by 320 MiB
+(more bytes, more memory, until the pod is OOM-killed), and a connection that sent half a head,
+or nothing, was held open for ever.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import Server, run_server
+
+MAX_HEAD = 16 * 1024
+HEAD_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def bounded(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(
+        tiny_models_dir,
+        tmp_path_factory.mktemp("head"),
+        max_head_bytes=str(MAX_HEAD),
+        head_timeout_s=str(HEAD_TIMEOUT_S),
+    ) as server:
+        yield server
+
+
+def _connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _stream_until_answered(sock: socket.socket, start: bytes, filler: bytes, most: int) -> int:
+    """Send `start`, then `filler` until the server answers or closes; the bytes sent."""
+    sock.sendall(start)
+    sent = len(start)
+    while sent < most:
+        if select.select([sock], [], [], 0)[0]:
+            break
+        try:
+            sock.sendall(filler)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(filler)
+    return sent
+
+
+def _status_or_closed(sock: socket.socket, wait_s: float = 5.0) -> int | None:
+    """The status of the answer, or None if the server closed without one."""
+    sock.settimeout(wait_s)
+    received = b""
+    try:
+        while b"\r\n" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return int(received.split(b" ")[1]) if received.startswith(b"HTTP/1.1 ") else None
+
+
+def _rejections(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "catdog_http_head_rejections"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def test_a_header_past_the_cap_is_answered_431_and_its_connection_closed(bounded: Server) -> None:
+    before = _rejections(bounded).get("head_too_large", 0)
+    with _connect(bounded) as sock:
+        sent = _stream_until_answered(
+            sock, b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 4096, 8 << 20
+        )
+        assert sent < 8 << 20  # answered (or cut off) near the cap: the client never sent it all
+        assert _status_or_closed(sock) == 431
+    assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+    assert _rejections(bounded)["head_too_large"] == before + 1
+
+
+def test_a_url_past_the_cap_is_answered_414(bounded: Server) -> None:
+    with _connect(bounded) as sock:
+        _stream_until_answered(sock, b"GET /livez?q=", b"a" * 4096, 8 << 20)
+        assert _status_or_closed(sock) == 414
+    assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+
+
+def test_a_head_that_stalls_is_answered_408_within_the_timeout(bounded: Server) -> None:
+    before = _rejections(bounded).get("head_timeout", 0)
+    with _connect(bounded) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert _status_or_closed(sock, wait_s=HEAD_TIMEOUT_S + 10) == 408
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 9  # bounded, not held open for ever
+    assert _rejections(bounded)["head_timeout"] == before + 1
+
+
+def test_a_connection_that_sends_nothing_is_closed(bounded: Server) -> None:
+    with _connect(bounded) as sock:
+        assert _status_or_closed(sock, wait_s=HEAD_TIMEOUT_S + 10) is None
+        sock.settimeout(1)
+        assert sock.recv(1) == b""  # closed (EOF), not a read timeout
+
+
+def test_heads_within_the_cap_and_kept_alive_connections_work(bounded: Server) -> None:
+    with httpx.Client(base_url=bounded.url) as client:
+        first = client.get("/readyz", headers={"X-Filler": "a" * (MAX_HEAD // 2)})
+        time.sleep(HEAD_TIMEOUT_S / 2)
+        second = client.get("/readyz")  # same connection, within uvicorn's keep-alive
+        assert (first.status_code, second.status_code) == (200, 200)
