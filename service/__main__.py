@@ -65,7 +65,10 @@ def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio
         return http
     rejections = app.state.catdog.metrics.head_rejections
     return bounded_httptools_protocol(
-        settings.max_head_bytes, settings.head_timeout_s, lambda reason: rejections.labels(reason).inc()
+        settings.max_head_bytes,
+        settings.head_timeout_s,
+        settings.max_body_bytes,
+        lambda reason: rejections.labels(reason).inc(),
     )
 
 

@@ -7,6 +7,10 @@ finishes its head, or never sends one, is held open indefinitely. This subclass 
 once the head passes `max_head_bytes` and 408 when it has not arrived within `head_timeout_s` of
 the connection opening (or of the previous response, on a kept-alive connection), and closes the
 connection. An idle connection that has sent nothing is closed without an answer.
+
+The same goes for a body no route reads (a chunked body sent to a probe): uvicorn answers, then
+reads and drops whatever follows for as long as the client sends (2.3 GB/s, half a core of the event
+loop per connection, here). The connection is closed once `max_unread_body_bytes` have been dropped.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.errors import error_payload
 
 RejectionCounter = Callable[[str], None]
-"""Called with the reason ("head_too_large", "head_timeout") of each refusal, for the metrics."""
+"""Called with the reason ("head_too_large", "head_timeout", "unread_body") of each connection
+closed early, for the metrics."""
 
 
 def bounded_httptools_protocol(
-    max_head_bytes: int, head_timeout_s: float, count_rejection: RejectionCounter
+    max_head_bytes: int,
+    head_timeout_s: float,
+    max_unread_body_bytes: int,
+    count_rejection: RejectionCounter,
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with these limits (uvicorn.Config takes the class as `http`)."""
     return type(
@@ -34,6 +42,7 @@ def bounded_httptools_protocol(
         {
             "max_head_bytes": max_head_bytes,
             "head_timeout_s": head_timeout_s,
+            "max_unread_body_bytes": max_unread_body_bytes,
             "count_rejection": staticmethod(count_rejection),
         },
     )
@@ -42,6 +51,7 @@ def bounded_httptools_protocol(
 class _BoundedHead(HttpToolsProtocol):
     max_head_bytes: int
     head_timeout_s: float
+    max_unread_body_bytes: int
     count_rejection: RejectionCounter
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,6 +59,7 @@ class _BoundedHead(HttpToolsProtocol):
         self._head_bytes = 0
         self._reading_head = False  # between the first byte of a request and its last header
         self._head_timer: asyncio.TimerHandle | None = None
+        self._dropped_body_bytes = 0  # of the current request, arriving after its answer
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -71,7 +82,16 @@ class _BoundedHead(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading_head, self._head_bytes = True, 0
+        self._reading_head, self._head_bytes, self._dropped_body_bytes = True, 0, 0
+
+    def on_body(self, body: bytes) -> None:
+        if self.cycle is not None and self.cycle.response_complete:  # answered: uvicorn drops it
+            self._dropped_body_bytes += len(body)
+            if self._dropped_body_bytes > self.max_unread_body_bytes and not self.transport.is_closing():
+                self.count_rejection("unread_body")
+                self.transport.close()
+                return
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
