@@ -4,7 +4,8 @@ Every model loaded, the Deployment's ConfigMap settings. Worst cases are built a
 (16-bit grey, RGBA and RGB PNG, 32-bit TIFF: the most pixels CATDOG_MAX_PIXELS and
 CATDOG_MAX_DECODE_BYTES allow for each mode), each sent once and as 8 distinct copies at once
 (distinct, so the ConfigMap's response cache cannot answer them); then 30 uploads that each send
-19 MB of a declared 20 MB and stall; then the largest Open Inference Protocol JSON request the body
+19 MB of a declared 20 MB and stall; 30 connections that each stream a 64 MiB header; then the
+largest Open Inference Protocol JSON request the body
 cap admits (12 MP photos, base64), once and 8 at once. The figure that matters is the server's
 high-water RSS (VmHWM) against the Deployment's memory limit, which must keep 20 % headroom.
 """
@@ -176,8 +177,9 @@ def distinct(blob: bytes, serial: int) -> bytes:
 def send_worst_cases(
     settings: Settings, model: str, url: str, port: int, record: Callable[[str, list[int | str]], None]
 ) -> None:
-    """Each worst-case image once and as 8 distinct copies at once, 30 stalled uploads, then the
-    largest v2 JSON request once and 8 distinct ones at once; `record` notes each step's answers."""
+    """Each worst-case image once and as 8 distinct copies at once, 30 stalled uploads, 30 endless
+    request heads, then the largest v2 JSON request once and 8 distinct ones at once; `record` notes
+    each step's answers."""
     serials = itertools.count()
     for name, blob in worst_cases(settings).items():
         record(f"{name} ({len(blob) / 1e6:.1f} MB), one", [post(distinct(blob, next(serials)), model, url)])
@@ -186,6 +188,8 @@ def send_worst_cases(
             record(f"{name}, 8 at once", list(pool.map(lambda b: post(b, model, url), copies)))
     answers = stalled_uploads(30, 19_000_000, settings.max_body_bytes, settings.body_timeout_s + 3, port)
     record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
+    answers = endless_heads(30, 64 << 20, port)
+    record("30 heads of 64 MiB (one header), at once", [a.split(" ")[1] if " " in a else a for a in answers])
     photo = write_bench_images(ROOT / "bench" / "results")["large"].read_bytes()
     bodies = [
         protocol_json_body(distinct(photo, next(serials)), settings.max_body_bytes, settings.max_files)
@@ -196,6 +200,30 @@ def send_worst_cases(
     record(f"{case}, one", [post_protocol(bodies[0], model, url)])
     with ThreadPoolExecutor(8) as pool:
         record(f"{case}, 8 at once", list(pool.map(lambda b: post_protocol(b, model, url), bodies[1:])))
+
+
+def endless_heads(n: int, most: int, port: int = PORT) -> list[str]:
+    """n connections that each stream one header value of up to `most` bytes, side by side, until
+    the server answers or closes; what each got back (before the head cap, every byte was kept)."""
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+    for sock in sockets:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Filler: ")
+    chunk, sent, open_ = b"a" * 65536, 0, set(range(n))
+    while open_ and sent < most:
+        for i in list(open_):
+            try:
+                sockets[i].sendall(chunk)
+            except OSError:
+                open_.discard(i)  # refused: the answer is read below
+        sent += len(chunk)
+    answers = []
+    for sock in sockets:
+        try:
+            answers.append(sock.recv(64).split(b"\r\n")[0].decode() or "closed")
+        except OSError as exc:
+            answers.append(type(exc).__name__)
+        sock.close()
+    return answers
 
 
 def stalled_uploads(n: int, sent: int, declared: int, hold_s: float, port: int = PORT) -> list[str]:
