@@ -68,6 +68,7 @@ def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio
         settings.max_head_bytes,
         settings.head_timeout_s,
         settings.max_body_bytes,
+        settings.body_timeout_s,
         lambda reason: rejections.labels(reason).inc(),
     )
 

@@ -11,6 +11,8 @@ connection. An idle connection that has sent nothing is closed without an answer
 The same goes for a body no route reads (a chunked body sent to a probe): uvicorn answers, then
 reads and drops whatever follows for as long as the client sends (2.3 GB/s, half a core of the event
 loop per connection, here). The connection is closed once `max_unread_body_bytes` have been dropped.
+And for answers a client does not read: once the socket buffers are full uvicorn waits for it for
+ever; the connection is dropped when writing has been paused for `write_timeout_s`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.errors import error_payload
 
 RejectionCounter = Callable[[str], None]
-"""Called with the reason ("head_too_large", "head_timeout", "unread_body") of each connection
-closed early, for the metrics."""
+"""Called with the reason ("head_too_large", "head_timeout", "unread_body", "write_timeout") of
+each connection closed early, for the metrics."""
 
 
 def bounded_httptools_protocol(
     max_head_bytes: int,
     head_timeout_s: float,
     max_unread_body_bytes: int,
+    write_timeout_s: float,
     count_rejection: RejectionCounter,
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with these limits (uvicorn.Config takes the class as `http`)."""
@@ -43,6 +46,7 @@ def bounded_httptools_protocol(
             "max_head_bytes": max_head_bytes,
             "head_timeout_s": head_timeout_s,
             "max_unread_body_bytes": max_unread_body_bytes,
+            "write_timeout_s": write_timeout_s,
             "count_rejection": staticmethod(count_rejection),
         },
     )
@@ -52,6 +56,7 @@ class _BoundedHead(HttpToolsProtocol):
     max_head_bytes: int
     head_timeout_s: float
     max_unread_body_bytes: int
+    write_timeout_s: float
     count_rejection: RejectionCounter
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -60,6 +65,7 @@ class _BoundedHead(HttpToolsProtocol):
         self._reading_head = False  # between the first byte of a request and its last header
         self._head_timer: asyncio.TimerHandle | None = None
         self._dropped_body_bytes = 0  # of the current request, arriving after its answer
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -67,7 +73,25 @@ class _BoundedHead(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.count_rejection("write_timeout")
+        self.transport.abort()  # close() would wait to flush what the client is not reading
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     """Longest wait for a request's head, from the connection opening or the previous answer (408;
     a connection that sent nothing is closed without one)."""
     body_timeout_s: float = Field(10.0, gt=0, le=600)
-    """Longest wait for the next piece of an upload's body (408, connection closed)."""
+    """Longest wait for the next piece of an upload's body (408, connection closed), and for a client
+    that stopped reading to take the next piece of an answer (connection dropped)."""
     min_upload_bytes_per_s: int = Field(16_384, ge=0)
     """Slowest average upload rate accepted once body_timeout_s has passed (408); 0 turns it off."""
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)

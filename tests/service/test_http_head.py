@@ -23,6 +23,7 @@ from tests.support import Server, run_server
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT_S = 1.0
 MAX_BODY = 1 << 20
+BODY_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def bounded(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         max_head_bytes=str(MAX_HEAD),
         head_timeout_s=str(HEAD_TIMEOUT_S),
         max_body_bytes=str(MAX_BODY),
+        body_timeout_s=str(BODY_TIMEOUT_S),
     ) as server:
         yield server
 
@@ -140,4 +142,30 @@ def test_a_body_no_route_reads_is_not_discarded_for_ever(bounded: Server) -> Non
                 sock.sendall(chunk)
                 sent += len(chunk)
         assert sent < most
+    assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+
+
+def test_answers_to_a_client_that_stopped_reading_do_not_wait_for_ever(bounded: Server) -> None:
+    # Pipelined requests whose answers the client does not read: once the socket buffers filled, the
+    # server waited for the client for ever (and delivered all of them whenever it came back).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small buffers fill fast
+    host, port = bounded.url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    asked = 0
+    with sock:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while asked < 2000:
+                sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                asked += 1
+        time.sleep(BODY_TIMEOUT_S + 3)  # reading nothing meanwhile
+        sock.setblocking(True)
+        sock.settimeout(10)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += chunk  # what was buffered before the server gave up, then EOF
+    assert asked > 100
+    assert received.count(b"HTTP/1.1 200") < asked // 2
     assert httpx.get(f"{bounded.url}/readyz").status_code == 200
