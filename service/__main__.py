@@ -63,7 +63,7 @@ def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio
     h11, for comparisons, bounds the head's bytes itself (h11_max_incomplete_event_size)."""
     if http == "h11":
         return http
-    rejections = app.state.catdog.metrics.head_rejections
+    rejections = app.state.catdog.metrics.connections_closed_early
     return bounded_httptools_protocol(
         settings.max_head_bytes,
         settings.head_timeout_s,

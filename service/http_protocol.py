@@ -1,4 +1,5 @@
-"""The request head (request line and headers), bounded in bytes and in time before any route runs.
+"""Each connection bounded in bytes and time where uvicorn leaves it open: the request head (request
+line and headers) before any route runs, a body no route reads, answers the client does not read.
 
 uvicorn's httptools protocol buffers a URL or header of any length and waits for the rest of a
 head for ever: one connection that sent a 200 MiB header value took the server from 793 to
@@ -41,7 +42,7 @@ def bounded_httptools_protocol(
     """uvicorn's httptools protocol with these limits (uvicorn.Config takes the class as `http`)."""
     return type(
         "BoundedHttpToolsProtocol",
-        (_BoundedHead,),
+        (_BoundedConnection,),
         {
             "max_head_bytes": max_head_bytes,
             "head_timeout_s": head_timeout_s,
@@ -52,7 +53,7 @@ def bounded_httptools_protocol(
     )
 
 
-class _BoundedHead(HttpToolsProtocol):
+class _BoundedConnection(HttpToolsProtocol):
     max_head_bytes: int
     head_timeout_s: float
     max_unread_body_bytes: int
@@ -142,8 +143,10 @@ class _BoundedHead(HttpToolsProtocol):
             return  # a request is being answered: its body has limits of its own
         if self._reading_head:
             self._refuse(408, "head_timeout", "request head not received in time")
-        else:
-            self.transport.close()  # idle since it opened or since its last answer: nothing to answer
+        else:  # idle since it opened or since its last answer: nothing to answer
+            if self.cycle is None:
+                self.count_rejection("head_timeout")  # never sent a request at all
+            self.transport.close()
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._stop_head_timer()

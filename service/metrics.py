@@ -45,9 +45,10 @@ class ServiceMetrics:
             ["model", "outcome", "status_class"],
             registry=r,
         )
-        self.head_rejections = Counter(
-            "catdog_http_head_rejections_total",
-            "Connections closed before a request reached the app: its head too large or too slow.",
+        self.connections_closed_early = Counter(
+            "catdog_http_connections_closed_early_total",
+            "Connections the HTTP layer closed early: a head too large or too slow, a body no route "
+            "read, answers a client stopped reading.",
             ["reason"],
             registry=r,
         )

@@ -1,4 +1,5 @@
-"""The request head (request line and headers) is bounded in bytes and in time, before any route.
+"""Connections are bounded in bytes and time where uvicorn left them open: the request head (request
+line and headers), a body no route reads, answers a client does not read.
 
 Before this, one connection sending a 200 MiB header value raised the server's RSS by 320 MiB
 (more bytes, more memory, until the pod is OOM-killed), and a connection that sent half a head,
@@ -74,19 +75,19 @@ def _status_or_closed(sock: socket.socket, wait_s: float = 5.0) -> int | None:
     return int(received.split(b" ")[1]) if received.startswith(b"HTTP/1.1 ") else None
 
 
-def _rejections(server: Server) -> dict[str, float]:
+def _closed_early(server: Server) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics").text
     return {
         s.labels["reason"]: s.value
         for family in text_string_to_metric_families(text)
-        if family.name == "catdog_http_head_rejections"
+        if family.name == "catdog_http_connections_closed_early"
         for s in family.samples
         if s.name.endswith("_total")
     }
 
 
 def test_a_header_past_the_cap_is_answered_431_and_its_connection_closed(bounded: Server) -> None:
-    before = _rejections(bounded).get("head_too_large", 0)
+    before = _closed_early(bounded).get("head_too_large", 0)
     with _connect(bounded) as sock:
         sent = _stream_until_answered(
             sock, b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 4096, 8 << 20
@@ -94,7 +95,7 @@ def test_a_header_past_the_cap_is_answered_431_and_its_connection_closed(bounded
         assert sent < 8 << 20  # answered (or cut off) near the cap: the client never sent it all
         assert _status_or_closed(sock) == 431
     assert httpx.get(f"{bounded.url}/readyz").status_code == 200
-    assert _rejections(bounded)["head_too_large"] == before + 1
+    assert _closed_early(bounded)["head_too_large"] == before + 1
 
 
 def test_a_url_past_the_cap_is_answered_414(bounded: Server) -> None:
@@ -105,20 +106,22 @@ def test_a_url_past_the_cap_is_answered_414(bounded: Server) -> None:
 
 
 def test_a_head_that_stalls_is_answered_408_within_the_timeout(bounded: Server) -> None:
-    before = _rejections(bounded).get("head_timeout", 0)
+    before = _closed_early(bounded).get("head_timeout", 0)
     with _connect(bounded) as sock:
         started = time.monotonic()
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         assert _status_or_closed(sock, wait_s=HEAD_TIMEOUT_S + 10) == 408
         assert time.monotonic() - started < HEAD_TIMEOUT_S + 9  # bounded, not held open for ever
-    assert _rejections(bounded)["head_timeout"] == before + 1
+    assert _closed_early(bounded)["head_timeout"] == before + 1
 
 
 def test_a_connection_that_sends_nothing_is_closed(bounded: Server) -> None:
+    before = _closed_early(bounded).get("head_timeout", 0)
     with _connect(bounded) as sock:
         assert _status_or_closed(sock, wait_s=HEAD_TIMEOUT_S + 10) is None
         sock.settimeout(1)
         assert sock.recv(1) == b""  # closed (EOF), not a read timeout
+    assert _closed_early(bounded)["head_timeout"] == before + 1
 
 
 def test_heads_within_the_cap_and_kept_alive_connections_work(bounded: Server) -> None:
@@ -134,6 +137,7 @@ def test_a_body_no_route_reads_is_not_discarded_for_ever(bounded: Server) -> Non
     # and dropped whatever followed, 2.3 GB/s for as long as the client sent, half a core of the
     # event loop per connection. Now the connection closes once a body cap's worth is dropped.
     chunk = b"%x\r\n%s\r\n" % (65536, b"a" * 65536)
+    before = _closed_early(bounded).get("unread_body", 0)
     with _connect(bounded) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         sent, most = 0, 64 * MAX_BODY
@@ -143,6 +147,7 @@ def test_a_body_no_route_reads_is_not_discarded_for_ever(bounded: Server) -> Non
                 sent += len(chunk)
         assert sent < most
     assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+    assert _closed_early(bounded)["unread_body"] == before + 1
 
 
 def test_answers_to_a_client_that_stopped_reading_do_not_wait_for_ever(bounded: Server) -> None:
@@ -152,7 +157,7 @@ def test_answers_to_a_client_that_stopped_reading_do_not_wait_for_ever(bounded: 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small buffers fill fast
     host, port = bounded.url.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
-    asked = 0
+    asked, before = 0, _closed_early(bounded).get("write_timeout", 0)
     with sock:
         sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):
@@ -169,3 +174,4 @@ def test_answers_to_a_client_that_stopped_reading_do_not_wait_for_ever(bounded: 
     assert asked > 100
     assert received.count(b"HTTP/1.1 200") < asked // 2
     assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+    assert _closed_early(bounded)["write_timeout"] == before + 1
