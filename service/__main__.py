@@ -59,17 +59,17 @@ def uvicorn_config(
 
 
 def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio.Protocol]:
-    """httptools (the default) with the head bounded in bytes and time (service/http_protocol.py);
-    h11, for comparisons, bounds the head's bytes itself (h11_max_incomplete_event_size)."""
+    """httptools (the default) with each connection bounded in bytes and time (service/http_protocol.py);
+    h11, kept for comparisons, bounds only the head's bytes (h11_max_incomplete_event_size)."""
     if http == "h11":
         return http
-    rejections = app.state.catdog.metrics.connections_closed_early
+    closed_early = app.state.catdog.metrics.connections_closed_early
     return bounded_httptools_protocol(
         settings.max_head_bytes,
         settings.head_timeout_s,
         settings.max_body_bytes,
         settings.body_timeout_s,
-        lambda reason: rejections.labels(reason).inc(),
+        lambda reason: closed_early.labels(reason).inc(),
     )
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog-serve", description="Serve the cat/dog classifier.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    # auto: httptools (head bounded: service/http_protocol.py) and uvloop; h11, asyncio to compare.
+    # auto: httptools (bounded: service/http_protocol.py) and uvloop; h11 and asyncio to compare.
     parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)
