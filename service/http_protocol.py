@@ -102,7 +102,7 @@ class _BoundedConnection(HttpToolsProtocol):
         # has already cleared _reading_head, so only bytes of an unfinished head count.
         self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:
-            too_long_url = not self.headers and len(self.url) > self.max_head_bytes // 2
+            too_long_url = not self.headers  # no header finished: the bytes are the request line
             self._refuse(414 if too_long_url else 431, "head_too_large", "request line and headers too large")
 
     def on_message_begin(self) -> None:
