@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
+import contextlib
 import io
 import itertools
 import json
@@ -190,6 +192,9 @@ def send_worst_cases(
     record("30 uploads stalled at 19 of 20 MB", [a.split(" ")[1] if " " in a else a for a in answers])
     answers = endless_heads(30, 64 << 20, port)
     record("30 heads of 64 MiB (one header), at once", [a.split(" ")[1] if " " in a else a for a in answers])
+    n = 4 * settings.max_connections
+    answers = held_heads(n, settings.max_head_bytes - 1024, port)
+    record(f"{n} connections holding a head of {settings.max_head_bytes // 1024 - 1} KiB", answers)
     photo = write_bench_images(ROOT / "bench" / "results")["large"].read_bytes()
     bodies = [
         protocol_json_body(distinct(photo, next(serials)), settings.max_body_bytes, settings.max_files)
@@ -222,6 +227,33 @@ def endless_heads(n: int, most: int, port: int = PORT) -> list[str]:
             answers.append(sock.recv(64).split(b"\r\n")[0].decode() or "closed")
         except OSError as exc:
             answers.append(type(exc).__name__)
+        sock.close()
+    return answers
+
+
+def held_heads(n: int, head_bytes: int, port: int = PORT) -> list[str]:
+    """n connections opened at once, each sending an unfinished head of `head_bytes` (under the cap)
+    and holding it; what each has got a second later: "held" (open, nothing answered) or the status
+    (503 past the connection cap). Every open connection may hold that much until its head times out."""
+    head = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * head_bytes
+    sockets = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # refused at once: the answer is read below
+            sock.send(head)
+        sockets.append(sock)
+    time.sleep(1)
+    answers = []
+    for sock in sockets:
+        try:
+            first_line = sock.recv(64, socket.MSG_PEEK).split(b"\r\n")[0].decode()
+            answers.append(first_line.split(" ")[1] if " " in first_line else "closed")
+        except BlockingIOError:
+            answers.append("held")
+        except OSError as exc:
+            answers.append(type(exc).__name__)
+    for sock in sockets:
         sock.close()
     return answers
 
@@ -275,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "case": case,
                     "statuses": sorted({str(s) for s in statuses}),
+                    "counts": dict(collections.Counter(str(s) for s in statuses)),
                     "peak_rss_mib": round(kib_field(process.pid, "VmHWM"), 1),
                     "rss_now_mib": round(kib_field(process.pid, "VmRSS"), 1),
                 }

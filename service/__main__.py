@@ -65,6 +65,7 @@ def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio
         return http
     closed_early = app.state.catdog.metrics.connections_closed_early
     return bounded_httptools_protocol(
+        settings.max_connections,
         settings.max_head_bytes,
         settings.head_timeout_s,
         settings.max_body_bytes,

@@ -14,6 +14,11 @@ reads and drops whatever follows for as long as the client sends (2.3 GB/s, half
 loop per connection, here). The connection is closed once `max_unread_body_bytes` have been dropped.
 And for answers a client does not read: once the socket buffers are full uvicorn waits for it for
 ever; the connection is dropped when writing has been paused for `write_timeout_s`.
+
+Each of those bounds is per connection, and uvicorn accepts any number of connections: 15,000 of
+them, each holding an unfinished 60 KiB head, took the server from 816 to 1,830 MiB RSS. A
+connection past `max_connections` is answered 503 (Retry-After: 1) as soon as it opens, before it
+can send anything, and closed; so the heads held at once are bounded in bytes as well.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.errors import error_payload
 
 RejectionCounter = Callable[[str], None]
-"""Called with the reason ("head_too_large", "head_timeout", "unread_body", "write_timeout") of
-each connection closed early, for the metrics."""
+"""Called with the reason ("too_many_connections", "head_too_large", "head_timeout", "unread_body",
+"write_timeout") of each connection closed early, for the metrics."""
 
 
 def bounded_httptools_protocol(
+    max_connections: int,
     max_head_bytes: int,
     head_timeout_s: float,
     max_unread_body_bytes: int,
@@ -44,6 +50,7 @@ def bounded_httptools_protocol(
         "BoundedHttpToolsProtocol",
         (_BoundedConnection,),
         {
+            "max_connections": max_connections,
             "max_head_bytes": max_head_bytes,
             "head_timeout_s": head_timeout_s,
             "max_unread_body_bytes": max_unread_body_bytes,
@@ -54,6 +61,7 @@ def bounded_httptools_protocol(
 
 
 class _BoundedConnection(HttpToolsProtocol):
+    max_connections: int
     max_head_bytes: int
     head_timeout_s: float
     max_unread_body_bytes: int
@@ -69,7 +77,12 @@ class _BoundedConnection(HttpToolsProtocol):
         self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # joins uvicorn's set of this server's open connections
+        if len(self.connections) > self.max_connections:
+            # Refused at once, before it sends anything; it leaves the set when the close is done,
+            # so a flood of refused connections still counts against the cap meanwhile.
+            self._refuse(503, "too_many_connections", "too many open connections; retry", retry_after_s=1)
+            return
         self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -148,7 +161,7 @@ class _BoundedConnection(HttpToolsProtocol):
                 self.count_rejection("head_timeout")  # never sent a request at all
             self.transport.close()
 
-    def _refuse(self, status: int, reason: str, message: str) -> None:
+    def _refuse(self, status: int, reason: str, message: str, retry_after_s: int | None = None) -> None:
         self._stop_head_timer()
         self.count_rejection(reason)
         body = json.dumps(error_payload("", reason, message)).encode()
@@ -156,6 +169,7 @@ class _BoundedConnection(HttpToolsProtocol):
             b"".join(
                 [
                     STATUS_LINE[status],
+                    b"" if retry_after_s is None else b"retry-after: %d\r\n" % retry_after_s,
                     b"content-type: application/json\r\n",
                     b"content-length: %d\r\n" % len(body),
                     b"connection: close\r\n\r\n",
