@@ -16,25 +16,31 @@ And for answers a client does not read: once the socket buffers are full uvicorn
 ever; the connection is dropped when writing has been paused for `write_timeout_s`.
 
 Each of those bounds is per connection, and uvicorn accepts any number of connections: 15,000 of
-them, each holding an unfinished 60 KiB head, took the server from 816 to 1,830 MiB RSS. A
-connection past `max_connections` is answered 503 (Retry-After: 1) as soon as it opens, before it
-can send anything, and closed; so the heads held at once are bounded in bytes as well.
+them, each holding an unfinished 60 KiB head, took the server from 816 to 1,830 MiB RSS. So at most
+`max_connections` are open. A cap alone would let one client holding that many slow heads lock
+everyone else out (the kubelet's probes too), so a connection that opens at the cap closes the one
+that has waited longest for a request (idle, or its head still arriving: 503 with Retry-After: 1
+if it had begun one), the way nginx reuses idle connections when it runs out. Only when every
+connection is being answered is the new one refused, with the same 503, before it sends anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.errors import error_payload
 
+TOO_MANY_CONNECTIONS = "too many open connections; retry"
+
 RejectionCounter = Callable[[str], None]
-"""Called with the reason ("too_many_connections", "head_too_large", "head_timeout", "unread_body",
-"write_timeout") of each connection closed early, for the metrics."""
+"""Called with the reason ("evicted", "too_many_connections", "head_too_large", "head_timeout",
+"unread_body", "write_timeout") of each connection closed early, for the metrics."""
 
 
 def bounded_httptools_protocol(
@@ -56,6 +62,7 @@ def bounded_httptools_protocol(
             "max_unread_body_bytes": max_unread_body_bytes,
             "write_timeout_s": write_timeout_s,
             "count_rejection": staticmethod(count_rejection),
+            "waiting": collections.OrderedDict(),  # one per server: the class is made per server
         },
     )
 
@@ -67,6 +74,9 @@ class _BoundedConnection(HttpToolsProtocol):
     max_unread_body_bytes: int
     write_timeout_s: float
     count_rejection: RejectionCounter
+    # Connections with no request being answered (idle, or a head arriving), the longest-waiting
+    # first: the ones a new connection may close when the cap is reached.
+    waiting: ClassVar[collections.OrderedDict[_BoundedConnection, None]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,14 +88,36 @@ class _BoundedConnection(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # joins uvicorn's set of this server's open connections
-        if len(self.connections) > self.max_connections:
-            # Refused at once, before it sends anything; it leaves the set when the close is done,
-            # so a flood of refused connections still counts against the cap meanwhile.
-            self._refuse(503, "too_many_connections", "too many open connections; retry", retry_after_s=1)
+        # A connection closed here leaves the set only when its close is done, so a flood of
+        # connections still counts against the cap meanwhile.
+        if len(self.connections) > self.max_connections and not self._evict_longest_waiting():
+            self._refuse(503, "too_many_connections", TOO_MANY_CONNECTIONS, retry_after_s=1)
             return
+        self._wait_for_request()
+
+    def _evict_longest_waiting(self) -> bool:
+        while self.waiting:
+            oldest, _ = self.waiting.popitem(last=False)
+            if oldest.transport.is_closing():
+                continue
+            if oldest._reading_head:
+                oldest._refuse(
+                    503, "evicted", TOO_MANY_CONNECTIONS, retry_after_s=1, code="too_many_connections"
+                )
+            else:  # idle: nothing to answer; a keep-alive client reconnects
+                oldest._stop_head_timer()
+                oldest.count_rejection("evicted")
+                oldest.transport.close()
+            return True
+        return False
+
+    def _wait_for_request(self) -> None:
         self._start_head_timer()
+        self.waiting[self] = None
+        self.waiting.move_to_end(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.waiting.pop(self, None)
         self._stop_head_timer()
         if self._write_timer is not None:
             self._write_timer.cancel()
@@ -133,13 +165,16 @@ class _BoundedConnection(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        self.waiting.pop(self, None)  # being answered: not to be closed for a newcomer
         self._stop_head_timer()
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._start_head_timer()  # the next request's head on this kept-alive connection
+        # Waiting for the next request on this kept-alive connection, unless a pipelined one
+        # (its head already read) has just started.
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self._wait_for_request()
 
     def _start_head_timer(self) -> None:
         self._stop_head_timer()
@@ -161,10 +196,19 @@ class _BoundedConnection(HttpToolsProtocol):
                 self.count_rejection("head_timeout")  # never sent a request at all
             self.transport.close()
 
-    def _refuse(self, status: int, reason: str, message: str, retry_after_s: int | None = None) -> None:
+    def _refuse(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        retry_after_s: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        """Answer `status` with error `code` (the metric's `reason` unless given) and close."""
+        self.waiting.pop(self, None)
         self._stop_head_timer()
         self.count_rejection(reason)
-        body = json.dumps(error_payload("", reason, message)).encode()
+        body = json.dumps(error_payload("", code or reason, message)).encode()
         self.transport.write(
             b"".join(
                 [

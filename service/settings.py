@@ -53,8 +53,10 @@ class Settings(BaseSettings):
     """Classification requests handled at once; more get 503 with Retry-After before their body is
     read. Probes, /metrics and /models are never limited."""
     max_connections: int = Field(1024, ge=1, le=1_000_000)
-    """Open connections at once; one more is answered 503 (Retry-After: 1) and closed as it opens.
-    Each may hold an unfinished head of up to max_head_bytes, so this bounds their sum."""
+    """Open connections at once. One more closes the connection that has waited longest for a
+    request (idle, or its head still arriving: 503, Retry-After: 1), or is itself answered 503 and
+    closed if every one is being answered. Each may hold an unfinished head of up to
+    max_head_bytes, so this bounds their sum."""
     max_head_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """Request line and headers together (414 for a long URL, 431 otherwise; connection closed)."""
     head_timeout_s: float = Field(10.0, gt=0, le=600)
