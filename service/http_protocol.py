@@ -39,8 +39,8 @@ from service.errors import error_payload
 TOO_MANY_CONNECTIONS = "too many open connections; retry"
 
 RejectionCounter = Callable[[str], None]
-"""Called with the reason ("evicted", "too_many_connections", "head_too_large", "head_timeout",
-"unread_body", "write_timeout") of each connection closed early, for the metrics."""
+"""Called with the reason ("evicted", "too_many_connections", "invalid_request", "head_too_large",
+"head_timeout", "unread_body", "write_timeout") of each connection closed early, for the metrics."""
 
 
 def bounded_httptools_protocol(
@@ -195,6 +195,10 @@ class _BoundedConnection(HttpToolsProtocol):
             if self.cycle is None:
                 self.count_rejection("head_timeout")  # never sent a request at all
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, as the documented JSON error, counted."""
+        self._refuse(400, "invalid_request", msg)
 
     def _refuse(
         self,

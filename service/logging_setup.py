@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import threading
+import time
 from typing import Any
 
 
@@ -21,6 +23,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+class RepeatedWarnings(logging.Filter):
+    """Lets through one of each warning per `interval_s`, and says how many it held back. uvicorn
+    logs a warning per request it cannot parse or upgrade it does not support: a client could
+    otherwise grow the logs, and bury everything else in them, at its own request rate (the
+    requests are counted in the metrics either way)."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # message -> (last let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        now, key = time.monotonic(), str(record.msg)
+        with self._lock:
+            last, held = self._last.get(key, (-self.interval_s, 0))
+            if now - last < self.interval_s:
+                self._last[key] = (last, held + 1)
+                return False
+            self._last[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like it in the last {now - last:.1f} s not logged)"
+        return True
+
+
 def configure_logging(level: str = "info", as_json: bool = False) -> None:
     formatter = (
         {"()": JsonFormatter} if as_json else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
@@ -30,9 +59,16 @@ def configure_logging(level: str = "info", as_json: bool = False) -> None:
             "version": 1,
             "disable_existing_loggers": False,
             "formatters": {"default": formatter},
+            "filters": {"repeated_warnings": {"()": RepeatedWarnings}},
             "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
             "loggers": {
-                name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+                name: {
+                    "handlers": ["stderr"],
+                    "level": level.upper(),
+                    "propagate": False,
+                    # uvicorn's per-connection warnings come through uvicorn.error.
+                    "filters": ["repeated_warnings"] if name == "uvicorn.error" else [],
+                }
                 for name in ("service", "uvicorn", "uvicorn.error", "uvicorn.access")
             },
         }

@@ -295,3 +295,17 @@ def test_connections_past_the_cap_are_refused_while_every_one_is_being_answered(
     time.sleep(0.5)  # the server sees them go
     assert httpx.get(f"{few_connections.url}/readyz").status_code == 200
     assert _closed_early(few_connections)["too_many_connections"] == before + 1
+
+
+def test_malformed_requests_are_counted_and_do_not_flood_the_log(bounded: Server) -> None:
+    # uvicorn answers a request it cannot parse with 400 and logs a WARNING for each one: a client
+    # could grow the logs (and bury everything else in them) at its own request rate.
+    before = _closed_early(bounded).get("invalid_request", 0)
+    logged_before = bounded.log().count("Invalid HTTP request")
+    for _ in range(50):
+        with _connect(bounded) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert _status_or_closed(sock) == 400
+    assert httpx.get(f"{bounded.url}/readyz").status_code == 200
+    assert _closed_early(bounded)["invalid_request"] == before + 50
+    assert bounded.log().count("Invalid HTTP request") - logged_before <= 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.__main__ import uvicorn_config
 from service.app import create_app
+from service.logging_setup import RepeatedWarnings
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from tests.service import images
@@ -118,3 +121,19 @@ def test_the_shutdown_count_of_responses_adds_up_every_model() -> None:
     ]:
         metrics.requests.labels(model, outcome, status_class).inc()
     assert metrics.responses_by_outcome() == {"ok 2xx": 3, "overloaded 5xx": 1}
+
+
+def test_a_repeated_warning_is_let_through_once_per_interval_and_says_what_it_held_back() -> None:
+    repeated = RepeatedWarnings(interval_s=0.3)
+
+    def warning(message: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, __file__, 1, message, None, None)
+
+    assert repeated.filter(warning("Invalid HTTP request received."))
+    assert not any(repeated.filter(warning("Invalid HTTP request received.")) for _ in range(4))
+    assert repeated.filter(warning("Unsupported upgrade request."))  # another message: its own count
+    assert repeated.filter(warning("Invalid HTTP request received.", logging.ERROR))  # never held back
+    time.sleep(0.35)
+    record = warning("Invalid HTTP request received.")
+    assert repeated.filter(record)
+    assert "(4 more like it in the last " in record.getMessage()
