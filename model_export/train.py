@@ -43,8 +43,9 @@ class TrainConfig:
     # Xception itself trains on labels only. It gets one run: each epoch costs about 5 minutes.
     # The MobileNets' label-only runs (1e-4 for 3 epochs, 3e-5 for 4) were dropped after the build
     # of 2026-11-24, whose training.json records them: a distilled run beat both on validation for
-    # both models, the choice is the same without them (tests/model_export/test_stage_choice.py
-    # replays it), and they took about 23 of `make train`'s minutes.
+    # both models, and replaying the choice without them over that record gave the same one. The
+    # record committed since is today's grid's (tests/model_export/test_stage_choice.py checks
+    # that its choice follows from the grid).
     finetune_grid: dict[str, tuple[tuple[float, int, float], ...]] = field(
         default_factory=lambda: {
             "xception": ((3e-5, 2, 0.0),),

@@ -16,7 +16,7 @@ And for answers a client does not read: once the socket buffers are full uvicorn
 ever; the connection is dropped when writing has been paused for `write_timeout_s`.
 
 Each of those bounds is per connection, and uvicorn accepts any number of connections: 15,000 of
-them, each holding an unfinished 60 KiB head, took the server from 816 to 1,830 MiB RSS. So at most
+them, each holding an unfinished 60 KiB head, took the server from 797 to 1,787 MiB RSS. So at most
 `max_connections` are open. A cap alone would let one client holding that many slow heads lock
 everyone else out (the kubelet's probes too), so a connection that opens at the cap closes the one
 that has waited longest for a request (idle, or its head still arriving: 503 with Retry-After: 1

@@ -47,8 +47,9 @@ class ServiceMetrics:
         )
         self.connections_closed_early = Counter(
             "catdog_http_connections_closed_early_total",
-            "Connections the HTTP layer closed early: one past the connection cap, a head too large "
-            "or too slow, a body no route read, answers a client stopped reading.",
+            "Connections the HTTP layer closed early: at the connection cap (evicted to make room, or "
+            "refused), a request it could not parse, a head too large or too slow, a body no route "
+            "read, answers a client stopped reading.",
             ["reason"],
             registry=r,
         )

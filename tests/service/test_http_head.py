@@ -228,7 +228,7 @@ def _still_open_and_unanswered(sock: socket.socket) -> bool:
 
 def test_at_the_cap_the_connection_waiting_longest_makes_room(few_connections: Server) -> None:
     # Each open connection may hold an unfinished head of up to the head cap: 15,000 connections
-    # holding 60 KiB each took the server from 816 to 1,830 MiB RSS. So the count is capped; and so
+    # holding 60 KiB each took the server from 797 to 1,787 MiB RSS. So the count is capped; and so
     # that a client holding the cap's worth of slow heads does not lock everyone else out (probes
     # included), a new connection closes the one that has waited longest for a request.
     before = _closed_early(few_connections)

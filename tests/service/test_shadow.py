@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -45,14 +45,18 @@ def label(server: Server, model: str, photo: bytes) -> tuple[str, float]:
     return result["label"], result["confidence"]
 
 
-def wait_for(server: Server, outcome: str, count: float, timeout: float = 10.0) -> dict[str, float]:
+def wait_until(
+    server: Server, reached: Callable[[dict[str, float]], bool], timeout: float = 10.0
+) -> dict[str, float]:
+    """The samples once `reached` holds for them, or when `timeout` has passed."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        samples = shadow_samples(server)
-        if samples.get(outcome, 0) >= count:
-            return samples
+    while not reached(samples := shadow_samples(server)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return shadow_samples(server)
+    return samples
+
+
+def wait_for(server: Server, outcome: str, count: float) -> dict[str, float]:
+    return wait_until(server, lambda samples: samples.get(outcome, 0) >= count)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def test_agreements_and_disagreements_are_counted(shadowed: Server) -> None:
     assert label(shadowed, "fast", GRADIENT)[0] != label(shadowed, "slow", GRADIENT)[0]
     # The premise's two "fast" answers were sampled too: checked, or skipped if the "slow" call
     # behind each kept the lane busy (a loaded machine). Let both be counted, whichever it was.
-    before = wait_for_outcomes(shadowed, _outcomes(start) + 2)
+    before = wait_until(shadowed, lambda samples: _outcomes(samples) >= _outcomes(start) + 2)
     for i in range(3):
         label(shadowed, "fast", RED)
         wait_for(shadowed, "agree", before.get("agree", 0) + i + 1)
@@ -89,13 +93,6 @@ NOT_OUTCOMES = {"disagreement_confidence_count", "expected_agreement"}
 def _outcomes(samples: dict[str, float]) -> float:
     """Sampled answers accounted for, whatever the outcome (checked, skipped or failed)."""
     return sum(value for key, value in samples.items() if key not in NOT_OUTCOMES)
-
-
-def wait_for_outcomes(server: Server, count: float, timeout: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while _outcomes(samples := shadow_samples(server)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return samples
 
 
 def thread_nice_values(pid: int) -> list[int]:
