@@ -112,12 +112,14 @@ soak: models
 	$(PY) -m bench.soak --models-dir $(MODELS_DIR)
 
 # Developers only: retrain on the dataset, then fit temperatures, recompute int8 ranges and record the
-# evaluation. Xception first: the MobileNets distil from the int8 Xception built from its new weights.
+# evaluation. Xception first: the MobileNets distil from the int8 Xception built from its new weights
+# (only Xception is built for that, beside the models, so a failed run leaves no partial manifest).
+TEACHER_DIR ?= build/teacher
 train: $(VENV)/.installed
 	$(if $(DATA),,$(error no dataset: set DATA to one or more ImageFolder roots))
 	$(PY) -m model_export train --data $(DATA) --only xception
-	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --fit-temperatures --int8-ranges
-	$(PY) -m model_export train --data $(DATA) --only mobilenet mobilenet-160 --teacher $(MODELS_DIR)/xception-int8.onnx
+	$(PY) -m model_export build --out $(TEACHER_DIR) --data $(DATA) --fit-temperatures --int8-ranges --only xception
+	$(PY) -m model_export train --data $(DATA) --only mobilenet mobilenet-160 --teacher $(TEACHER_DIR)/xception-int8.onnx
 	$(PY) -m model_export build --out $(MODELS_DIR) --data $(DATA) --fit-temperatures --int8-ranges
 
 clean:

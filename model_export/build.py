@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,10 +239,16 @@ def build_all(
     threads: int,
     fit_temperatures: bool = False,
     int8_ranges: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Manifest:
     """fit_temperatures: fit each model's temperature on val (recorded in evaluation.json, never in
     the training record); int8_ranges: recompute the int8 activation ranges from train photos
-    (written to weights/*-int8.ranges.json). Both need the dataset."""
+    (written to weights/*-int8.ranges.json). Both need the dataset.
+
+    only: build just these models (with their int8 variants) and no cascade, for a teacher that
+    `make train` needs before the rest is trained; such a partial build records no evaluation."""
+    specs = _chosen_specs(only)
+    partial = len(specs) < len(MODEL_SPECS)
     record = read_training_record(TRAINING_RECORD)
     out.mkdir(parents=True, exist_ok=True)
     split = stratified_split(data, record.split.seed, record.split.fractions) if data else None
@@ -259,7 +266,7 @@ def build_all(
     int8_kept: dict[str, bool] = {}
     temperatures: dict[str, float] = {}
     built_models: dict[str, Built] = {}
-    for spec in MODEL_SPECS:
+    for spec in specs:
         trained = record.models[spec.name]
         probe = (
             evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES]
@@ -284,15 +291,16 @@ def build_all(
                 int8_range_samples(evaluation.sets["train"]), spec.input_size, "int8 range images"
             ).arrays
         int8 = export_int8(fp32, range_images, probe, fp32.temperature)
-        fp_entry = _entry(fp32, record, evaluation, previous, threads)
-        q_entry = _entry(int8, record, evaluation, previous, threads)
+        # A partial build feeds training, not users: its test figures would go unread (2 minutes).
+        fp_entry = _entry(fp32, record, evaluation, previous, threads, with_test=not partial)
+        q_entry = _entry(int8, record, evaluation, previous, threads, with_test=not partial)
         int8_kept[int8.name] = int8_is_kept(fp32, int8, fp_entry, q_entry, evaluation, previous)
         built_models[fp32.name], entries[fp32.name] = fp32, fp_entry
         if int8_kept[int8.name]:
             built_models[int8.name], entries[int8.name] = int8, q_entry
         else:
             int8.path.unlink()
-    cascades = [_cascade(entries, built_models, evaluation, previous)]
+    cascades = [] if partial else [_cascade(entries, built_models, evaluation, previous)]
     manifest = Manifest(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         models=entries,
@@ -301,10 +309,22 @@ def build_all(
         dataset=_dataset_info(split, data, record),
     )
     write_manifest(manifest, out / "manifest.json")
-    if evaluation is not None and (fit_temperatures or int8_ranges):
+    if evaluation is not None and (fit_temperatures or int8_ranges) and not partial:
         _record_evaluation(manifest, int8_kept, temperatures, record)
     log.info("wrote %s with %d models", out / "manifest.json", len(entries))
     return manifest
+
+
+def _chosen_specs(only: Sequence[str] | None) -> list[ModelSpec]:
+    if not only:
+        return list(MODEL_SPECS)
+    known = {spec.name for spec in MODEL_SPECS}
+    if unknown := sorted(set(only) - known):
+        raise ValueError(f"--only {', '.join(unknown)}: not a model (known: {', '.join(sorted(known))})")
+    if DEFAULT_MODEL not in only:
+        # A manifest names its default model; a partial build without it could not be served.
+        raise ValueError(f"--only must include the default model {DEFAULT_MODEL!r}")
+    return [spec for spec in MODEL_SPECS if spec.name in only]
 
 
 def _previous_evaluation(record: TrainingRecord) -> EvaluationRecord | None:
@@ -336,6 +356,7 @@ def _entry(
     evaluation: Evaluation | None,
     previous: EvaluationRecord | None,
     threads: int,
+    with_test: bool = True,
 ) -> ModelEntry:
     spec, trained = built.spec, record.models[built.spec.name]
     artifact = sources.ARTIFACTS[trained.source]
@@ -343,7 +364,7 @@ def _entry(
     test: QualityFigures | None = None
     if evaluation is not None:
         val = evaluation.metrics(built.member, "val", "val")
-        test = evaluation.metrics(built.member, "test", "test")
+        test = evaluation.metrics(built.member, "test", "test") if with_test else None
     elif previous is not None and built.name in previous.models:
         val, test = previous.models[built.name].val, previous.models[built.name].test
     sess = cpu_session(built.path, threads)

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         help="deprecated: both --fit-temperatures and --int8-ranges",
     )
     build.add_argument("--threads", type=int, default=2, help="intra-op threads for latency figures")
+    build.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="build only these models (and their int8 variants), no cascade, no evaluation record",
+    )
 
     verify = commands.add_parser("verify", help="re-check hashes and parity of built models")
     verify.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             fit_temperatures=args.fit_temperatures or args.calibrate,
             int8_ranges=args.int8_ranges or args.calibrate,
+            only=args.only,
         )
         return 0
     if args.command == "verify":
