@@ -62,6 +62,10 @@ def _protocol(app: FastAPI, settings: Settings, http: str) -> str | type[asyncio
     """httptools (the default) with each connection bounded in bytes and time (service/http_protocol.py);
     h11, kept for comparisons, bounds only the head's bytes (h11_max_incomplete_event_size)."""
     if http == "h11":
+        log.warning(
+            "--http h11: no connection cap (CATDOG_MAX_CONNECTIONS), no head or body timeouts; "
+            "for comparisons, not for serving untrusted clients"
+        )
         return http
     closed_early = app.state.catdog.metrics.connections_closed_early
     return bounded_httptools_protocol(

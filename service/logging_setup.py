@@ -7,6 +7,7 @@ import logging
 import logging.config
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 
@@ -27,13 +28,17 @@ class RepeatedWarnings(logging.Filter):
     """Lets through one of each warning per `interval_s`, and says how many it held back. uvicorn
     logs a warning per request it cannot parse or upgrade it does not support: a client could
     otherwise grow the logs, and bury everything else in them, at its own request rate (the
-    requests are counted in the metrics either way)."""
+    requests are counted in the metrics either way). It remembers at most `max_messages` messages
+    (the most recently seen): uvicorn's are fixed templates today, and a future one carrying client
+    text must not grow this filter without bound."""
 
-    def __init__(self, interval_s: float = 10.0) -> None:
+    def __init__(self, interval_s: float = 10.0, max_messages: int = 256) -> None:
         super().__init__()
         self.interval_s = interval_s
+        self.max_messages = max_messages
         self._lock = threading.Lock()
-        self._last: dict[str, tuple[float, int]] = {}  # message -> (last let through, held back since)
+        # message -> (last let through, held back since), least recently seen first
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
@@ -41,10 +46,13 @@ class RepeatedWarnings(logging.Filter):
         now, key = time.monotonic(), str(record.msg)
         with self._lock:
             last, held = self._last.get(key, (-self.interval_s, 0))
-            if now - last < self.interval_s:
-                self._last[key] = (last, held + 1)
-                return False
-            self._last[key] = (now, 0)
+            suppressed = now - last < self.interval_s
+            self._last[key] = (last, held + 1) if suppressed else (now, 0)
+            self._last.move_to_end(key)
+            if len(self._last) > self.max_messages:
+                self._last.popitem(last=False)
+        if suppressed:
+            return False
         if held:
             record.msg = f"{record.msg} ({held} more like it in the last {now - last:.1f} s not logged)"
         return True

@@ -123,12 +123,12 @@ def test_the_shutdown_count_of_responses_adds_up_every_model() -> None:
     assert metrics.responses_by_outcome() == {"ok 2xx": 3, "overloaded 5xx": 1}
 
 
+def warning(message: str, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.error", level, __file__, 1, message, None, None)
+
+
 def test_a_repeated_warning_is_let_through_once_per_interval_and_says_what_it_held_back() -> None:
     repeated = RepeatedWarnings(interval_s=0.3)
-
-    def warning(message: str, level: int = logging.WARNING) -> logging.LogRecord:
-        return logging.LogRecord("uvicorn.error", level, __file__, 1, message, None, None)
-
     assert repeated.filter(warning("Invalid HTTP request received."))
     assert not any(repeated.filter(warning("Invalid HTTP request received.")) for _ in range(4))
     assert repeated.filter(warning("Unsupported upgrade request."))  # another message: its own count
@@ -137,3 +137,11 @@ def test_a_repeated_warning_is_let_through_once_per_interval_and_says_what_it_he
     record = warning("Invalid HTTP request received.")
     assert repeated.filter(record)
     assert "(4 more like it in the last " in record.getMessage()
+
+
+def test_the_repeated_warnings_filter_remembers_a_bounded_number_of_messages() -> None:
+    repeated = RepeatedWarnings(interval_s=60, max_messages=3)
+    for n in range(1000):  # messages carrying client text would each be new
+        repeated.filter(warning(f"bad {n}"))
+    assert len(repeated._last) == 3
+    assert not repeated.filter(warning("bad 999"))  # the most recent are the ones kept: still held back
