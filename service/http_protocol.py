@@ -213,10 +213,14 @@ class _BoundedConnection(HttpToolsProtocol):
         self._stop_head_timer()
         self.count_rejection(reason)
         body = json.dumps(error_payload("", code or reason, message)).encode()
+        # The server's default headers (date, server) as on every other answer: RFC 9110 asks for
+        # a Date on 4xx answers from a server with a clock.
+        defaults = [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
         self.transport.write(
             b"".join(
                 [
                     STATUS_LINE[status],
+                    *defaults,
                     b"" if retry_after_s is None else b"retry-after: %d\r\n" % retry_after_s,
                     b"content-type: application/json\r\n",
                     b"content-length: %d\r\n" % len(body),

@@ -9,6 +9,8 @@ or nothing, was held open for ever.
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import json
 import select
 import socket
 import time
@@ -112,6 +114,22 @@ def test_a_head_that_stalls_is_answered_408_within_the_timeout(bounded: Server) 
         assert _status_or_closed(sock, wait_s=HEAD_TIMEOUT_S + 10) == 408
         assert time.monotonic() - started < HEAD_TIMEOUT_S + 9  # bounded, not held open for ever
     assert _closed_early(bounded)["head_timeout"] == before + 1
+
+
+def test_the_protocols_own_answers_carry_the_date_and_a_json_error(bounded: Server) -> None:
+    """408/414/431/400/503 are written by the protocol, not the app: the same headers (RFC 9110 asks
+    a server with a clock for a Date on 4xx) and the documented error body."""
+    with _connect(bounded) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        sock.settimeout(HEAD_TIMEOUT_S + 10)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    assert email.utils.parsedate_to_datetime(headers[b"date"].decode()).year >= 2026
+    assert headers[b"content-type"] == b"application/json"
+    assert json.loads(body)["error"]["code"] == "head_timeout"
 
 
 def test_a_connection_that_sends_nothing_is_closed(bounded: Server) -> None:
