@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from model_export.teacher import Teacher, blended_targets
 from model_export.train import TrainConfig
 from model_export.training_run import train_all
 from tests.support import write_tiny_models
+
+if TYPE_CHECKING:
+    from model_export.backbones import Backbone
 
 keras = pytest.importorskip("keras")
 
@@ -70,9 +74,8 @@ def test_training_a_distilled_model_without_a_teacher_fails_before_any_work(tmp_
         train_all([tmp_path / "no-such-root"], TrainConfig(), tmp_path, ["mobilenet"])
 
 
-def test_every_training_view_gets_the_teacher_answer_on_that_view(teacher: Teacher, tmp_path: Path) -> None:
+def _tiny_backbone_and_photos(tmp_path: Path) -> tuple[Backbone, list[Sample]]:
     from model_export.backbones import Backbone
-    from model_export.features import trunk_activations
 
     inputs = keras.Input((32, 32, 3))
     trunk = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=2)(inputs))
@@ -83,7 +86,13 @@ def test_every_training_view_gets_the_teacher_answer_on_that_view(teacher: Teach
         pixels = np.random.default_rng(index).integers(0, 60, (48, 64, 3)) + np.array(colour) // 2
         Image.fromarray(pixels.astype(np.uint8)).save(path)
         samples.append(Sample(path, index, "tiny"))
+    return backbone, samples
 
+
+def test_every_training_view_gets_the_teacher_answer_on_that_view(teacher: Teacher, tmp_path: Path) -> None:
+    from model_export.features import trunk_activations
+
+    backbone, samples = _tiny_backbone_and_photos(tmp_path)
     features = trunk_activations(backbone, samples, 2, 0, tmp_path / "cache", "tiny", 1, teacher=teacher)
 
     assert features.teacher_probs is not None
@@ -99,3 +108,27 @@ def test_every_training_view_gets_the_teacher_answer_on_that_view(teacher: Teach
     without = trunk_activations(backbone, samples, 2, 0, tmp_path / "cache", "tiny", 1)
     assert without.teacher_probs is None
     np.testing.assert_array_equal(without.activations, features.activations)
+
+
+def test_a_feature_cache_write_that_fails_halfway_leaves_nothing_to_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk stopped `make train` while it saved 4.7 GB of features: the 3 GB it had written
+    stayed under the cache's name, and the next run would have read them as the features."""
+    from model_export.features import trunk_activations
+
+    backbone, samples = _tiny_backbone_and_photos(tmp_path)
+    cache = tmp_path / "cache"
+
+    def disk_fills(file: Path, **arrays: np.ndarray) -> None:
+        Path(file).write_bytes(b"PK\x03\x04 the first bytes of a zip")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(np, "savez", disk_fills)
+        with pytest.raises(OSError, match="No space"):
+            trunk_activations(backbone, samples, 1, 0, cache, "tiny", 1)
+    assert list((cache / "features").iterdir()) == []
+    features = trunk_activations(backbone, samples, 1, 0, cache, "tiny", 1)
+    assert len(features.activations) == 4
+    assert [path.suffix for path in (cache / "features").iterdir()] == [".npz"]
