@@ -47,7 +47,7 @@ class TrainConfig:
     # distilled 1e-4 run for 5 epochs went after the build of 2026-11-25 (commit c7c80a4): 3e-5 for
     # 4 epochs had the lower validation loss for both models in both builds (mobilenet 0.0248
     # against 0.0262, mobilenet-160 0.0509 against 0.0616, which did not beat stage 1), and its 5
-    # epochs were about 17 of `make train`'s minutes. The record committed since is today's grid's
+    # epochs were 14.7 of `make train`'s minutes. The record committed since is today's grid's
     # (tests/model_export/test_stage_choice.py checks that its choice follows from the grid).
     finetune_grid: dict[str, tuple[tuple[float, int, float], ...]] = field(
         default_factory=lambda: {

@@ -32,7 +32,7 @@ def test_a_stage_with_higher_loss_or_lower_overall_accuracy_is_refused() -> None
 @pytest.mark.parametrize("name", ["mobilenet", "mobilenet-160"])  # the grids that shrank
 def test_todays_grid_chooses_what_the_committed_build_chose(name: str) -> None:
     """The committed record's choice follows from today's grid, in today's order (run over the
-    previous record of the full grid, this showed that the dropped label-only runs were never
+    previous records of larger grids, this showed that the dropped runs were never
     chosen); a grid entry the record lacks fails here: retrain."""
     record = read_training_record(TRAINING_RECORD).models[name]
     first, *tuned = [
