@@ -6,9 +6,9 @@ probabilities on the very same augmented view do: training MobileNet towards a b
 and the teacher's answer on each view ("a good teacher is patient and consistent", Beyer et al.,
 2022) passes on what Xception learnt from its larger trunk.
 
-The teacher is an ONNX model from a build (`models/xception-int8.onnx`: its int8 file answers like
-its fp32 one on validation at a third of the cost), read with its manifest temperature so the
-probabilities it hands on are calibrated.
+The teacher is an ONNX model from a build (`build/teacher/xception-int8.onnx` in `make train`: its
+int8 file answers like its fp32 one on validation at a third of the cost), read with its manifest
+temperature so the probabilities it hands on are calibrated.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def train_all(
         # Fail before hours of feature extraction, not after.
         raise ValueError(
             f"{', '.join(missing)} distil from a teacher: pass --teacher (make train passes "
-            "models/xception-int8.onnx, built from the Xception it trains first)"
+            "build/teacher/xception-int8.onnx, built from the Xception it trains first)"
         )
     split = stratified_split(data, cfg.seed)
     log.info("split %s: %s", split.sha256[:12], split.source_counts())
