@@ -85,6 +85,13 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "catdog_batch_size", "Images per inference batch.", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
+        self.lone_images = Counter(
+            "catdog_lone_images_total",
+            "Images that ran alone on an idle inference lane, by where: one worker's thread "
+            "(one_core) or a session with every core (every_core).",
+            ["model", "layout"],
+            registry=r,
+        )
         self.queue_depth = Gauge("catdog_queue_depth", "Images waiting per model.", ["model"], registry=r)
         self.in_flight = Gauge("catdog_in_flight_requests", "Requests being handled.", registry=r)
         self.model_info = Gauge(

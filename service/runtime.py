@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catdog_core.sessions import DEFAULT_SPINNING, Spinning, run_times_ms, session_options
+from catdog_core.sessions import (
+    DEFAULT_SPINNING,
+    Spinning,
+    register_shared_cpu_arena,
+    run_times_ms,
+    session_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,13 @@ def resolve_providers(choice: str) -> list[str]:
 def create_session(
     path: Path, providers: list[str], threads: int, spinning: Spinning = DEFAULT_SPINNING
 ) -> ort.InferenceSession:
-    session = ort.InferenceSession(str(path), session_options(threads, spinning), providers=providers)
+    # On CPU every session draws from one arena (register_shared_cpu_arena); CUDA sessions keep
+    # onnxruntime's own allocators, the layout their provider was tested with.
+    on_cpu = providers == ["CPUExecutionProvider"]
+    if on_cpu:
+        register_shared_cpu_arena()
+    options = session_options(threads, spinning, shared_arena=on_cpu)
+    session = ort.InferenceSession(str(path), options, providers=providers)
     if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime silently falls back to CPU when CUDA libraries fail to load.
         raise ProviderUnavailable(f"CUDA provider failed to initialise for {path}; see onnxruntime's log")

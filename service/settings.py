@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     """Whether idle inference threads busy-wait for work (onnxruntime's allow_spinning; within-runs
     stops between runs). Off: as fast on a quiet machine, faster when the CPU is shared or under a
     quota (README, "Performance under contention")."""
+    lone_image_on_every_core: bool = True
+    """With several inference workers (one thread each), a lone image on an idle lane may run on
+    a second session of its model with every worker's threads, whichever of the two layouts its
+    recent lone runs measured faster (README, "Performance under contention"). Off saves that
+    session's memory (163 MiB for the five models: idle RSS 684 against 847 MiB)."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
     max_batch_ms: float = Field(500.0, gt=0)
