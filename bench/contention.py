@@ -21,6 +21,7 @@ import base64
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,7 +38,7 @@ PORT = 18760
 URL = f"http://127.0.0.1:{PORT}"
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
-MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms")
+MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors")
 
 
 class CpuQuota:
@@ -210,13 +211,21 @@ def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], con
             for name, by_model in by_server.items():
                 if model not in by_model:
                     continue
-                cells = [
-                    f"{p['answered_per_s']:.1f}, {p['p50_ms']:.0f} / {p['p99_ms']:.0f}"
-                    for p in by_model[model]
-                ]
+                cells = [_cell(p) for p in by_model[model]]
                 lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(point: dict[str, Any]) -> str:
+    """Answered req/s, p50 / p99 ms; the errors (timeouts, error statuses) said, since wrk's
+    percentiles cover only the answered requests."""
+    errors = point.get("errors", 0)
+    if point["answered_per_s"] == 0:
+        # A server that runs every request at once can finish none within the point's seconds.
+        return f"none answered ({errors} errors)" if errors else "none finished in the run"
+    text = f"{point['answered_per_s']:.1f}, {point['p50_ms']:.0f} / {point['p99_ms']:.0f}"
+    return f"{text} ({errors} errors)" if errors else text
 
 
 def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
@@ -226,6 +235,15 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
     import matplotlib.pyplot as plt
 
     conditions = list(results)
+    concurrencies = sorted(
+        {
+            p["concurrency"]
+            for by_server in results.values()
+            for m in by_server.values()
+            for ps in m.values()
+            for p in ps
+        }
+    )
     # One colour per server in every panel, whatever order a condition ran them in.
     names = sorted({name for by_server in results.values() for name in by_server})
     colour = {name: f"C{i}" for i, name in enumerate(names)}
@@ -241,13 +259,17 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
                 c = [p["concurrency"] for p in points]
                 style = {"color": colour[name], "label": name, "marker": "o"}
                 axes[row][col].plot(c, [p["answered_per_s"] for p in points], **style)
-                axes[row + len(MODELS)][col].plot(c, [p["p99_ms"] for p in points], **style)
+                # A point where nothing was answered has no latency to plot (a gap, not a zero).
+                p99 = [p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in points]
+                axes[row + len(MODELS)][col].plot(c, p99, **style)
             axes[row][col].set(
                 title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
             )
             axes[row + len(MODELS)][col].set(
                 title=f"{where}: {model}", xscale="log", yscale="log", ylabel="p99 ms", xlabel="concurrency"
             )
+            for axis in (axes[row][col], axes[row + len(MODELS)][col]):
+                axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
     axes[0][0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from bench.contention import median_of_rounds
+from bench.contention import _cell, median_of_rounds
 
 
 def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
-    return {"concurrency": concurrency, "answered_per_s": rate, "p50_ms": p99 / 2, "p99_ms": p99}
+    return {"concurrency": concurrency, "answered_per_s": rate, "p50_ms": p99 / 2, "p99_ms": p99, "errors": 0}
 
 
 def test_each_point_is_the_median_of_its_rounds_and_keeps_them() -> None:
@@ -18,3 +18,10 @@ def test_each_point_is_the_median_of_its_rounds_and_keeps_them() -> None:
     assert merged["concurrency"] == 8
     assert (merged["answered_per_s"], merged["p99_ms"], merged["p50_ms"]) == (90.0, 120.0, 60.0)
     assert [r["answered_per_s"] for r in merged["rounds"]] == [90.0, 60.0, 95.0]
+
+
+def test_a_cell_says_what_wrk_left_out_of_its_percentiles() -> None:
+    assert _cell(point(8, 90.0, 120.0)) == "90.0, 60 / 120"
+    assert _cell({**point(32, 2.5, 9995.0), "errors": 12}) == "2.5, 4998 / 9995 (12 errors)"
+    assert _cell(point(32, 0.0, 0.0)) == "none finished in the run"
+    assert _cell({**point(32, 0.0, 0.0), "errors": 40}) == "none answered (40 errors)"
