@@ -51,13 +51,16 @@ def test_escalation_is_strictly_below_the_threshold() -> None:
 
 @pytest.fixture(scope="module")
 def server(slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The queue-wait cap is lifted: these tests build a queue on purpose, to watch auto react.
+    # The queue-wait cap is lifted: these tests build a queue on purpose, to watch auto react. So
+    # is the request cap: a burst of 16 plus the request under test must all be admitted (at the
+    # default 16 the last one got 503 whenever none of the burst had finished yet).
     with run_server(
         slower_models_dir,
         tmp_path_factory.mktemp("selection"),
         max_batch_size="2",
         queue_size="64",
         max_queue_wait_ms="60000",
+        max_concurrent_requests="32",
     ) as live:
         yield live
 
