@@ -220,12 +220,13 @@ def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], con
 def _cell(point: dict[str, Any]) -> str:
     """Answered req/s, p50 / p99 ms; the errors (timeouts, error statuses) said, since wrk's
     percentiles cover only the answered requests."""
-    errors = point.get("errors", 0)
+    errors = f"{point.get('errors', 0):g}"  # a median of rounds may be a half
+    has_errors = errors != "0"
     if point["answered_per_s"] == 0:
         # A server that runs every request at once can finish none within the point's seconds.
-        return f"none answered ({errors} errors)" if errors else "none finished in the run"
+        return f"none answered ({errors} errors)" if has_errors else "none finished in the run"
     text = f"{point['answered_per_s']:.1f}, {point['p50_ms']:.0f} / {point['p99_ms']:.0f}"
-    return f"{text} ({errors} errors)" if errors else text
+    return f"{text} ({errors} errors)" if has_errors else text
 
 
 def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:

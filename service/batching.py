@@ -129,8 +129,9 @@ ONE_CORE, EVERY_CORE = "one_core", "every_core"
 class LoneImageLayout:
     """Where a lone image runs when the lane is idle: on a worker's one thread, or on a session
     with every core. With several one-thread workers a batch that loses its core slows only
-    itself, but a lone image on a quiet machine then leaves the other cores idle (MobileNet 18
-    against 13 ms p50, Xception 192 against 102 ms at concurrency 1, README). Which is faster
+    itself, but a lone image on a quiet machine then leaves the other cores idle (at concurrency 1,
+    one core against every core: MobileNet 28 against 22 ms p50, Xception 292 against 157 ms;
+    README, "Performance under contention"). Which is faster
     depends on what else the machine does (with a core taken, every core can be slower), so it is
     measured, not assumed: the layout with the lower median of its recent lone runs wins, and the
     other runs one lone image once `explore_after_s` have passed since it last ran, so that a

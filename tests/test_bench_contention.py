@@ -25,3 +25,4 @@ def test_a_cell_says_what_wrk_left_out_of_its_percentiles() -> None:
     assert _cell({**point(32, 2.5, 9995.0), "errors": 12}) == "2.5, 4998 / 9995 (12 errors)"
     assert _cell(point(32, 0.0, 0.0)) == "none finished in the run"
     assert _cell({**point(32, 0.0, 0.0), "errors": 40}) == "none answered (40 errors)"
+    assert _cell({**point(32, 1.0, 10.0), "errors": 2.5}) == "1.0, 5 / 10 (2.5 errors)"  # median of rounds

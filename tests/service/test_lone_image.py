@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.batching import EVERY_CORE, ONE_CORE, Batcher, InferenceLane, LoneImageLayout
+from tests.service import images as encoded
 from tests.service.test_batching import RecordingSession, images
+from tests.support import run_server
 
 
 def test_the_faster_layout_wins_and_the_other_is_tried_now_and_then() -> None:
@@ -101,3 +107,33 @@ def test_an_image_with_others_decoding_behind_it_is_not_lone() -> None:
             assert narrow.batch_sizes == [1] and wide.batch_sizes == [] and counted == []
 
     asyncio.run(test())
+
+
+def test_a_real_server_with_two_workers_answers_lone_images_alike_on_either_layout(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    """The second session is built and used by the real server, both layouts give the same
+    answer, and every lone image is counted once. Lone images for a little over 2 s: the slower
+    layout is then tried at least once, whichever it is."""
+    with run_server(tiny_models_dir, tmp_path, inference_workers="2") as server:
+        answers, started = [], time.monotonic()
+        while time.monotonic() - started < 2.5:
+            response = httpx.post(
+                f"{server.url}/classify?model=fast",
+                content=encoded.jpeg(),
+                headers={"Content-Type": "image/jpeg"},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["results"][0]["confidence"])
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    counts = {
+        sample.labels["layout"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "catdog_lone_images"
+        for sample in family.samples
+        if sample.name == "catdog_lone_images_total" and sample.labels["model"] == "fast"
+    }
+    assert counts[ONE_CORE] >= 1 and counts[EVERY_CORE] >= 1, counts
+    assert counts[ONE_CORE] + counts[EVERY_CORE] == len(answers)
+    assert max(answers) - min(answers) < 1e-5
