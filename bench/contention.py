@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = dict(item.split("=", 1) for item in assignments.split(",") if item)
         specs[label] = {**specs["catdog-serve"], "env": {**specs["catdog-serve"]["env"], **extra}}
     names = args.servers or list(specs)
+    if unknown := [name for name in names if name not in specs]:
+        parser.error(f"unknown server {unknown[0]!r}; known: {', '.join(map(repr, specs))} and any --variant")
     rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []
     for round_index in range(args.rounds):
         rounds.append({})

@@ -1,8 +1,13 @@
-"""The contention benchmark's arithmetic (the benchmark itself is a make target, not a test)."""
+"""The contention benchmark's arithmetic and command line (the benchmark itself is a make target,
+not a test)."""
 
 from __future__ import annotations
 
-from bench.contention import _cell, median_of_rounds
+from pathlib import Path
+
+import pytest
+
+from bench.contention import _cell, main, median_of_rounds
 
 
 def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
@@ -26,3 +31,14 @@ def test_a_cell_says_what_wrk_left_out_of_its_percentiles() -> None:
     assert _cell(point(32, 0.0, 0.0)) == "none finished in the run"
     assert _cell({**point(32, 0.0, 0.0), "errors": 40}) == "none answered (40 errors)"
     assert _cell({**point(32, 1.0, 10.0), "errors": 2.5}) == "1.0, 5 / 10 (2.5 errors)"  # median of rounds
+
+
+def test_an_unknown_server_name_is_a_usage_error_naming_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--conditions", "quiet", "--servers", "plain", "--out", str(tmp_path / "c.json")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "unknown server 'plain'" in error and "'plain FastAPI'" in error
+    assert not (tmp_path / "c.json").exists()  # nothing ran
