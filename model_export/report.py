@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog_core.sessions import cpu_session, latency_p50_ms
+from model_export.onnx_tools import machine_description
 from service.manifest import Manifest, QualityFigures, load_manifest
 
 
@@ -112,7 +113,10 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, rounds: in
             f"{name}: {q_ms:.2f} ms vs {entry.derived_from} {fp_ms:.2f} ms at batch 1 "
             f"-> {fp_ms / q_ms:.2f}x faster ({threads} threads, measured now)"
         )
-    return "\n".join(rows) if rows else "no int8 variants in the manifest"
+    if not rows:
+        return "no int8 variants in the manifest"
+    # The speed-up is mostly the CPU's: with VNNI int8 gains about 3x here, with AVX2 alone far less.
+    return "\n".join([*rows, f"measured on {machine_description()}"])
 
 
 def plot_frontier(manifest: Manifest, path: Path) -> None:
