@@ -132,7 +132,10 @@ def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray,
     reference = onnx_tools.run_batches(cpu_session(fp32.path, 2), probe)
     actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
     parity = compare(reference, actual, 1.0, f"{fp32.name} fp32 onnx")
-    exporter = f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile"
+    exporter = (
+        f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile, "
+        "7-bit weights (depthwise 8-bit)"
+    )
     return Built(
         fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature
     )

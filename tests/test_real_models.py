@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -82,13 +83,10 @@ def test_manifest_carries_per_source_figures_for_the_documented_split(
     assert {"xception", "mobilenet", "mobilenet-160"} <= set(manifest.models)
 
 
-@pytest.mark.slow
-def test_recorded_figures_are_what_the_built_model_measures(manifest: Manifest, split: Split) -> None:
-    """`make models` takes its accuracy figures from the evaluation recorded with the weights; the
-    model built here must reproduce them on the test split (MobileNet-160: the quickest to check)."""
-    entry = manifest.models["mobilenet-160"]
+def _assert_reproduces_the_record(manifest: Manifest, split: Split, name: str) -> None:
+    entry = manifest.models[name]
     assert entry.test is not None
-    loaded = load_images(split.samples["test"], entry.input.width, "test photos")
+    loaded = load_images(split.samples["test"], entry.input.width, f"{name} test photos")
     measured = metrics(
         logits_on(BUILT_MODELS / entry.file, loaded.arrays),
         loaded.labels,
@@ -97,10 +95,69 @@ def test_recorded_figures_are_what_the_built_model_measures(manifest: Manifest, 
         np.asarray(loaded.sources),
     )
     assert measured.n_images == entry.test.n_images
-    assert measured.accuracy == pytest.approx(entry.test.accuracy, abs=1e-9)
+    # fp32 reproduces the record exactly; an int8 variant within one photo per source, as its
+    # requantization rounding may differ between CPU kernels.
+    exact = entry.precision == "fp32"
     for source, figures in entry.test.by_source.items():
-        assert measured.by_source[source].accuracy == pytest.approx(figures.accuracy, abs=1e-9), source
-        assert measured.by_source[source].log_loss == pytest.approx(figures.log_loss, rel=1e-3), source
+        one_photo = 1.0 / figures.n_images
+        got = measured.by_source[source]
+        assert got.accuracy == pytest.approx(figures.accuracy, abs=1e-9 if exact else 1.01 * one_photo), (
+            name,
+            source,
+        )
+        assert got.log_loss == pytest.approx(figures.log_loss, rel=1e-3 if exact else 0.05), (name, source)
+
+
+@pytest.mark.slow
+def test_recorded_figures_are_what_the_built_model_measures(manifest: Manifest, split: Split) -> None:
+    """`make models` takes its accuracy figures from the evaluation recorded with the weights; the
+    model built here must reproduce them on the test split (MobileNet-160: the quickest to check)."""
+    _assert_reproduces_the_record(manifest, split, "mobilenet-160")
+
+
+@pytest.mark.slow
+def test_int8_variants_keep_their_recorded_figures_on_this_cpu(manifest: Manifest, split: Split) -> None:
+    """int8 kernels differ by CPU: built with 8-bit weights, mobilenet-int8 measured 98.4 % on test
+    on a CPU with VNNI and 95.7 % on one without (AVX2 sums saturate), while the manifest promised
+    the first. Every int8 variant in the manifest must measure its recorded figures here too."""
+    variants = [name for name, entry in manifest.models.items() if entry.precision == "int8"]
+    assert variants, "no int8 variant in the manifest"
+    for name in variants:
+        _assert_reproduces_the_record(manifest, split, name)
+
+
+def int8_kernel_drift(path: Path, images: np.ndarray) -> float:
+    """Largest probability difference between the int8 model as served (fused integer kernels)
+    and its QDQ graph run as written (dequantize, fp32 operator, quantize: no integer sums)."""
+
+    def probabilities(level: ort.GraphOptimizationLevel) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return softmax(
+            np.concatenate(
+                [session.run(None, {name: images[i : i + 8]})[0] for i in range(0, len(images), 8)]
+            )
+        )
+
+    served = probabilities(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    as_written = probabilities(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return float(np.abs(served - as_written).max())
+
+
+def test_int8_kernels_on_this_cpu_compute_what_the_graph_says(
+    manifest: Manifest, test_samples: list[Sample]
+) -> None:
+    """Without VNNI, onnxruntime's uint8 x int8 kernels saturate int16 sums of 8-bit weights: the
+    old mobilenet-int8 drifted by up to 0.72 in probability from its own graph on an AVX2 CPU
+    (0.04 with today's 7-bit weights). On a CPU with VNNI this holds either way."""
+    for name, entry in manifest.models.items():
+        if entry.precision != "int8":
+            continue
+        images = load_images(test_samples, entry.input.width, name).arrays
+        drift = int8_kernel_drift(BUILT_MODELS / entry.file, images)
+        assert drift <= 0.1, f"{name}: served int8 differs from its graph by {drift:.3f} in probability"
 
 
 def test_every_model_answers_correctly_on_real_photos_and_matches_the_build(
