@@ -7,6 +7,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,47 @@ def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
 
 def random_batch(batch: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class PairedTimes:
+    first_ms: float  # median wall time of one call
+    second_ms: float
+    ratio: float  # median over pairs of first / second: how many times faster the second is
+
+
+def paired_times_ms(
+    first: Callable[[], object],
+    second: Callable[[], object],
+    pairs: int = 60,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> PairedTimes:
+    """Time two calls alternately, one call of each per pair, the order swapped every pair.
+
+    A shared VM's speed moves within seconds; blocks of 20 runs of one then 20 of the other put a
+    neighbour's burst on one side only (MobileNet int8's speed-up read 1.38-1.91x between runs).
+    Adjacent calls share the machine's state, so the median of the pairs' ratios cancels it.
+    """
+    for _ in range(warmup):
+        first()
+        second()
+
+    def timed(run: Callable[[], object]) -> float:
+        start = clock()
+        run()
+        return (clock() - start) * 1000
+
+    a_times, b_times = [], []
+    for index in range(pairs):
+        if index % 2:
+            b_times.append(timed(second))
+            a_times.append(timed(first))
+        else:
+            a_times.append(timed(first))
+            b_times.append(timed(second))
+    ratios = [a / b for a, b in zip(a_times, b_times, strict=True)]
+    return PairedTimes(statistics.median(a_times), statistics.median(b_times), statistics.median(ratios))
 
 
 def run_times_ms(

@@ -3,11 +3,11 @@ afresh, and the accuracy/latency frontier as a PNG."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from catdog_core.sessions import cpu_session, latency_p50_ms
+from catdog_core.sessions import cpu_session, paired_times_ms, random_batch
 from model_export.onnx_tools import machine_description
 from service.manifest import Manifest, QualityFigures, load_manifest
 
@@ -97,21 +97,25 @@ def source_table(manifest: Manifest) -> str:
     return "\n".join(rows)
 
 
-def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, rounds: int = 5) -> str:
-    """Each int8 variant's batch-1 speed-up over its fp32 model, both measured now, interleaved
-    (fp32, int8, fp32, ...) so that a noisy neighbour slows both alike."""
+def _batch1_call(path: Path, size: int, threads: int) -> Callable[[], object]:
+    session = cpu_session(path, threads)
+    return functools.partial(session.run, None, {session.get_inputs()[0].name: random_batch(1, size)})
+
+
+def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int = 60) -> str:
+    """Each int8 variant's batch-1 speed-up over its fp32 model, both measured now, one call of
+    each in turn (catdog_core.sessions.paired_times_ms), so that a noisy neighbour slows both alike."""
     rows = []
     for name, entry in manifest.models.items():
         if entry.derived_from is None:
             continue
         size = entry.input.width
-        fp = cpu_session(folder / manifest.models[entry.derived_from].file, threads)
-        q = cpu_session(folder / entry.file, threads)
-        pairs = [(latency_p50_ms(fp, size, 1), latency_p50_ms(q, size, 1)) for _ in range(rounds)]
-        fp_ms, q_ms = (float(np.median(column)) for column in zip(*pairs, strict=True))
+        fp = _batch1_call(folder / manifest.models[entry.derived_from].file, size, threads)
+        q = _batch1_call(folder / entry.file, size, threads)
+        times = paired_times_ms(fp, q, pairs)
         rows.append(
-            f"{name}: {q_ms:.2f} ms vs {entry.derived_from} {fp_ms:.2f} ms at batch 1 "
-            f"-> {fp_ms / q_ms:.2f}x faster ({threads} threads, measured now)"
+            f"{name}: {times.second_ms:.2f} ms vs {entry.derived_from} {times.first_ms:.2f} ms at batch 1 "
+            f"-> {times.ratio:.2f}x faster ({threads} threads, {pairs} alternating pairs, measured now)"
         )
     if not rows:
         return "no int8 variants in the manifest"

@@ -1,0 +1,32 @@
+"""`make report`'s int8 lines: each variant against its fp32 model, and the CPU they ran on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from model_export.report import int8_speedups
+from tests.support import write_tiny_models
+
+
+def test_each_int8_variant_is_timed_against_its_fp32_model_and_the_cpu_is_named(tmp_path: Path) -> None:
+    manifest = write_tiny_models(tmp_path, heavy_layers=2)
+    # A stand-in int8 variant of "fast" (the same file: what is checked here is the report's shape).
+    manifest.models["fast-int8"] = manifest.models["fast"].model_copy(
+        update={"name": "fast-int8", "precision": "int8", "derived_from": "fast"}
+    )
+    lines = int8_speedups(manifest, tmp_path, threads=1, pairs=6).splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(
+        r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x faster "
+        r"\(1 threads, 6 alternating pairs, measured now\)",
+        lines[0],
+    ), lines[0]
+    assert lines[1].startswith("measured on ") and "logical CPUs, onnxruntime" in lines[1]
+
+
+def test_a_manifest_without_int8_variants_says_so(tmp_path: Path) -> None:
+    assert (
+        int8_speedups(write_tiny_models(tmp_path, heavy_layers=2), tmp_path)
+        == "no int8 variants in the manifest"
+    )
