@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from bench.images import write_bench_images
 from bench.load import server, wrk
+from catdog_core.machine import cpu_description
 from catdog_core.sessions import cpu_session, random_batch, run_times_ms
 from service.imaging import preprocess
 from service.manifest import load_manifest
@@ -196,7 +197,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     images = write_bench_images(args.out / "images")
     results: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}",
+        "machine": f"{platform.machine()} {cpu_description()}, {os.cpu_count()} CPUs, "
+        f"onnxruntime {ort.__version__}",
         "threads": args.threads,
         "seconds": args.seconds,
         "bare": {},

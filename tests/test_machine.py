@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model_export.onnx_tools import cpu_description
+from catdog_core.machine import cpu_description
 
 AMD_AVX2 = """processor\t: 0
 model name\t: AMD EPYC
