@@ -14,8 +14,6 @@ import argparse
 import base64
 import importlib.util
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -24,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from bench.images import write_bench_images
 from bench.load import server, wrk
-from catdog_core.machine import cpu_description
+from catdog_core.machine import machine_description
 from catdog_core.sessions import cpu_session, random_batch, run_times_ms
 from service.imaging import preprocess
 from service.manifest import load_manifest
@@ -197,8 +194,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     images = write_bench_images(args.out / "images")
     results: dict[str, Any] = {
-        "machine": f"{platform.machine()} {cpu_description()}, {os.cpu_count()} CPUs, "
-        f"onnxruntime {ort.__version__}",
+        "machine": machine_description(),
         "threads": args.threads,
         "seconds": args.seconds,
         "bare": {},

@@ -3,7 +3,11 @@ benchmarks."""
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
+
+import onnxruntime as ort
 
 # The x86 instruction sets onnxruntime's int8 kernels use, best first. Whether a CPU has VNNI
 # (one instruction per int8 dot product) decides most of what int8 gains: on an AMD EPYC with AVX2
@@ -31,3 +35,10 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     vnni = any("vnni" in flag or flag == "amx_int8" for flag in found)
     listed = " ".join(found) or "none of " + "/".join(INT8_INSTRUCTIONS)
     return f"{name} (int8: {listed}{'' if vnni else ', no VNNI'})"
+
+
+def machine_description() -> str:
+    """Architecture, CPU with its int8 instructions, logical CPUs and onnxruntime's version: what a
+    latency figure needs beside it to be compared."""
+    cpus = os.cpu_count()
+    return f"{platform.machine()} {cpu_description()}, {cpus} logical CPUs, onnxruntime {ort.__version__}"

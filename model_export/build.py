@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog_core.hashing import sha256_file
+from catdog_core.machine import machine_description
 from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms
 from model_export import backbones, onnx_tools, sources
 from model_export.data import Sample, Split, load_images, stratified_split
@@ -396,7 +397,7 @@ def _entry(
             p50_ms_batch1=latency_p50_ms(sess, spec.input_size, 1),
             p50_ms_batch8=latency_p50_ms(sess, spec.input_size, 8),
             intra_op_threads=threads,
-            machine=onnx_tools.machine_description(),
+            machine=machine_description(),
             session_profile=SESSION_PROFILE,
         ),
         parameters=built.parameters,

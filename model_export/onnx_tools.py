@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import platform
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from catdog_core.machine import cpu_description
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +186,3 @@ def run_batches(sess: ort.InferenceSession, images: np.ndarray, batch: int = 16)
     name = sess.get_inputs()[0].name
     outputs = [sess.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
-
-
-def machine_description() -> str:
-    import os
-
-    cpus = os.cpu_count()
-    return f"{platform.machine()} {cpu_description()}, {cpus} logical CPUs, onnxruntime {ort.__version__}"

@@ -7,8 +7,8 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+from catdog_core.machine import machine_description
 from catdog_core.sessions import cpu_session, paired_times_ms, random_batch
-from model_export.onnx_tools import machine_description
 from service.manifest import Manifest, QualityFigures, load_manifest
 
 
