@@ -25,7 +25,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
-from service.runtime import inference_layout, resolve_providers
+from service.runtime import balance_batches, cgroup_cpu_limit, inference_layout, resolve_providers
 from service.settings import Settings
 from service.shadow import ShadowWatch, default_large_model, shadow_session
 from service.state import AppState
@@ -121,13 +121,15 @@ def create_app(
         providers = resolve_providers(settings.providers)
         workers, threads = inference_layout(settings.inference_workers, settings.intra_op_threads, providers)
         manifest, paths = check_models(settings)
-        state.inference = InferenceLane(workers)
+        balanced = balance_batches(settings.balance_batches, workers, cgroup_cpu_limit())
+        state.inference = InferenceLane(workers, balanced)
         log.info(
-            "providers %s, %d inference workers of %d intra-op threads (spinning %s), %d models",
+            "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), %d models",
             providers,
             workers,
             threads,
             settings.intra_op_spinning,
+            "shared between workers" if balanced else "taken whole",
             len(paths),
         )
         if settings.metrics_port:

@@ -43,8 +43,10 @@ class InferenceLane:
     workers of one intra-op thread each keep running when a core is taken away (README,
     "Performance under contention")."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, balanced: bool = True) -> None:
         self.workers = workers
+        # A freed worker takes its share of a model's queue, not all of it (Batcher.share_of_queue).
+        self.balanced = balanced
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="inference")
         self.submitted = 0  # batches claimed and not yet finished
         self._listeners: list[asyncio.Event] = []
@@ -329,15 +331,44 @@ class Batcher:
 
     def _dispatch(self, images: int, free_in: list[float]) -> list[float]:
         """The workers' free times after `images` queued images have run, dispatched as the
-        worker loop does: whichever worker frees first takes up to batch_limit of them."""
+        worker loop does: balanced, each image to the worker that would finish it first;
+        otherwise whichever worker frees first takes up to batch_limit of them."""
         heap = list(free_in)
         heapq.heapify(heap)
         limit = self.batch_limit
+        if self._lane.balanced and images:
+            per_image = self.stats.seconds_for(min(images, limit), self.fallback_seconds) / min(images, limit)
+            for _ in range(images):
+                heapq.heapreplace(heap, heap[0] + per_image)
+            return heap
         while images > 0:
             size = min(images, limit)
             images -= size
             heapq.heappush(heap, heapq.heappop(heap) + self.stats.seconds_for(size, self.fallback_seconds))
         return heap
+
+    def share_of_queue(self, limit: int) -> int:
+        """How many queued images a freed worker takes: its share when they are dealt out one by
+        one, each to the worker that would finish it first (this model's busy workers count from
+        when their batch is predicted to end; workers busy with another model's batch not at all).
+        Taking the whole queue leaves the other workers idle while this one runs the lot, and on
+        one thread per image a bigger batch saves nothing while every image in it waits for the
+        last (README, "Performance under contention")."""
+        size = max(1, min(self.pending, limit))
+        per_image = self.stats.seconds_for(size, self.fallback_seconds) / size
+        now = time.monotonic()
+        others = [max(0.0, b.predicted - (now - b.began)) for b in self._running_batches if b.workers == 1]
+        others += [0.0] * max(0, self._lane.workers - self._lane.submitted - 1)
+        heapq.heapify(others)
+        mine = 0.0
+        taken = 0
+        for _ in range(self.pending):
+            if others and others[0] < mine:
+                heapq.heapreplace(others, others[0] + per_image)
+            else:
+                mine += per_image
+                taken += 1
+        return max(1, min(taken, limit))
 
     def next_batch_seconds(self) -> float:
         """Predicted run time of the batch this model will run next (0 when idle): images still
@@ -455,7 +486,8 @@ class Batcher:
             if self.pending < limit and delay > 0 and not self._lane.idle and not self._closing:
                 await self._sleep(delay)
                 continue
-            self._start_batch([self._queue.popleft() for _ in range(min(self.pending, limit))])
+            take = self.share_of_queue(limit) if self._lane.balanced else min(self.pending, limit)
+            self._start_batch([self._queue.popleft() for _ in range(take)])
         if self._batches:
             await asyncio.wait(self._batches)
 

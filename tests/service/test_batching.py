@@ -11,7 +11,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from service.batching import Batcher, InferenceLane, Window
+from service.batching import Batcher, InferenceLane, Window, _Job, _Running
 from service.errors import ModelUnavailable, Overloaded
 from service.registry import ModelRegistry
 
@@ -294,6 +294,58 @@ def test_a_lane_of_two_workers_runs_two_batches_at_once_and_never_a_third() -> N
     asyncio.run(test())
 
 
+@pytest.mark.parametrize("balance", [True, False])
+def test_a_queue_is_shared_between_free_workers_instead_of_one_taking_it_all(balance: bool) -> None:
+    # Six images queued at once on an idle lane of two one-thread workers: as two batches of three
+    # side by side, each image answered after three runs' time, not one worker running all six
+    # while the other idles (the tail that balancing removes; README, "Performance under
+    # contention"). Without balancing, one batch of six.
+    async def test() -> None:
+        session, lane = ConcurrencySession(), InferenceLane(workers=2)
+        batcher = make_batcher(session, lane, max_wait_s=0.0)
+        lane.balanced = balance
+        batcher.start()
+        try:
+            request = asyncio.create_task(batcher.infer(images(*range(6)), None))
+            await asyncio.to_thread(session.entered.wait, 10)
+            await asyncio.sleep(0.1)  # time for a second batch to start, if there is one
+            assert session.inside == (2 if balance else 1)
+            session.gate.set()
+            answers = await asyncio.wait_for(request, 10)
+            assert [r.logits[0] for r in answers] == list(range(6))  # in upload order
+            assert sorted(session.batch_sizes) == ([3, 3] if balance else [6])
+        finally:
+            session.gate.set()
+            await batcher.close()
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
+@pytest.mark.parametrize(("busy_for_s", "taken"), [(0.0, 2), (0.15, 3), (1.0, 4)])
+def test_a_freed_worker_leaves_a_busy_workers_share_for_it(busy_for_s: float, taken: int) -> None:
+    # Four images queued at 0.1 s each; worker B is free now, worker A busy for `busy_for_s` more.
+    # Dealt out by predicted finish: A free now too, two each; A free in 0.15 s, it takes the
+    # third image (done at 0.25 s, where B would finish it at 0.3); A busy for a second, B all four.
+    async def test() -> None:
+        lane = InferenceLane(workers=2)
+        batcher = make_batcher(RecordingSession(), lane, max_wait_s=0.0)
+        batcher.stats.batch_seconds[4] = Window()
+        batcher.stats.batch_seconds[4].update(0.4)
+        lane.claim(1)  # worker A's batch, as _start_batch records it
+        batcher._running_batches.append(_Running(1, time.monotonic(), busy_for_s))
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        batcher._queue.extend(_Job(a, loop.create_future(), now, None) for a in images(1, 2, 3, 4))
+        try:
+            assert batcher.share_of_queue(limit=8) == taken
+            assert batcher.share_of_queue(limit=3) == min(taken, 3)
+        finally:
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
 def test_a_batch_that_fails_after_inference_fails_its_own_requests_instead_of_hanging() -> None:
     async def test() -> None:
         session, lane = RecordingSession(), InferenceLane(workers=2)
@@ -326,18 +378,27 @@ def test_predicted_waits_follow_the_workers_dispatch() -> None:
         for size, seconds in ((8, 1.0), (4, 0.6)):
             batcher.stats.batch_seconds[size] = Window()
             batcher.stats.batch_seconds[size].update(seconds)
+        with batcher.reservation(7):  # 4 and 3 side by side
+            assert batcher.backlog_seconds() == pytest.approx(3 * 0.125)
+        with batcher.reservation(20):  # dealt out one by one: 10 on each worker, 1/8 s each
+            assert batcher.backlog_seconds() == pytest.approx(1.25)
+        assert batcher.inference_seconds(20) == pytest.approx(1.25)
+        lane.balanced = False  # a freed worker takes up to eight of what is queued
         with batcher.reservation(7):  # one batch of seven on one worker, the other free
             assert batcher.backlog_seconds() == 0.0
         with batcher.reservation(20):  # 8 and 8 side by side, then 4 on whichever frees first
             assert batcher.backlog_seconds() == pytest.approx(1.0)
         assert batcher.inference_seconds(20) == pytest.approx(1.6)
+        lane.balanced = True
         batcher.start()
         try:  # a running batch counts for what it has left, not for its whole time
             running = asyncio.create_task(batcher.infer(images(*range(8)), None))
             await asyncio.to_thread(session.entered.wait, 10)
             await asyncio.sleep(0.2)
             with batcher.reservation(8):
-                assert batcher.backlog_seconds() <= 0.81  # 1.0 if its whole time counted
+                # Two batches of four (0.6 s each) with at most 0.4 s left, then four more images
+                # on each worker (0.5 s): 0.9, or 1.1 if their whole time counted.
+                assert batcher.backlog_seconds() <= 0.91
         finally:
             session.gate.set()
             await asyncio.wait_for(running, 10)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service import runtime
-from service.runtime import cgroup_cpu_limit, inference_layout
+from service.runtime import balance_batches, cgroup_cpu_limit, inference_layout
 
 
 def _v2(root: Path, group: str, cpu_max: str) -> None:
@@ -69,3 +69,20 @@ def test_inference_layout(
 ) -> None:
     monkeypatch.setattr(runtime, "default_threads", lambda: cpus)
     assert inference_layout(workers, threads, providers) == layout
+
+
+@pytest.mark.parametrize(
+    ("setting", "workers", "cpu_limit", "balanced"),
+    [
+        (None, 2, None, True),  # no quota: a core per worker
+        (None, 2, 2.0, True),
+        (None, 2, 1.5, False),  # the two workers cannot run side by side: one takes the queue
+        (None, 1, 1.0, True),  # one worker: nothing to share (and nothing changes)
+        (False, 2, None, False),  # what is set wins
+        (True, 2, 1.5, True),
+    ],
+)
+def test_queues_are_shared_between_workers_when_the_quota_leaves_a_cpu_for_each(
+    setting: bool | None, workers: int, cpu_limit: float | None, balanced: bool
+) -> None:
+    assert balance_batches(setting, workers, cpu_limit) is balanced
