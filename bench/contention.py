@@ -271,6 +271,8 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
             )
             for axis in (axes[row][col], axes[row + len(MODELS)][col]):
                 axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+                # Under a decade apart, a log axis labels its minor ticks too (over the majors).
+                axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
