@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--write", action="store_true", help="store the figures in the manifest")
     evaluate.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
 
+    shift = commands.add_parser(
+        "source-shift",
+        help="developers: what an unseen photo source costs (leave one source out, head only)",
+    )
+    shift.add_argument("--data", type=Path, nargs="+", required=True, help="ImageFolder roots (cat/, dog/)")
+    shift.add_argument(
+        "--models", nargs="+", default=["mobilenet", "xception"], help="backbones by model name"
+    )
+    shift.add_argument(
+        "--train-every", type=int, default=1, help="use every N-th training photo (features cost time)"
+    )
+    shift.add_argument("--threads", type=int, default=2)
+
     fetch = commands.add_parser("fetch", help="download and verify pretrained weight sources")
     fetch.add_argument("--source", action="append", help="artifact key (default: the defaults)")
     fetch.add_argument("--source-digest", default=None, help="expected hash for an unpinned source")
@@ -159,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             plot_frontier(manifest, args.plot)
         if args.write and not args.all_images:
             write_manifest(manifest, args.out / "manifest.json")
+        return 0
+    if args.command == "source-shift":
+        from model_export import source_shift
+        from model_export.records import read_training_record
+        from model_export.specs import TRAINING_RECORD
+
+        seed = read_training_record(TRAINING_RECORD).split.seed
+        for name in args.models:
+            shifts = source_shift.measure(name, args.data, seed, cache_dir, args.threads, args.train_every)
+            print(source_shift.table(name, shifts), flush=True)
         return 0
     if args.command == "report":
         from model_export.report import print_report
