@@ -43,7 +43,7 @@ class InferenceLane:
     workers of one intra-op thread each keep running when a core is taken away (README,
     "Performance under contention")."""
 
-    def __init__(self, workers: int = 1, balanced: bool = True) -> None:
+    def __init__(self, workers: int = 1, balanced: bool = False) -> None:
         self.workers = workers
         # A freed worker takes its share of a model's queue, not all of it (Batcher.share_of_queue).
         self.balanced = balanced

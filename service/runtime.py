@@ -87,14 +87,12 @@ def inference_layout(workers: int | None, threads: int | None, providers: list[s
     return workers, threads or max(1, cpus // workers)
 
 
-def balance_batches(setting: bool | None, workers: int, cpu_limit: float | None) -> bool:
-    """Whether freed workers take a share of the queue (not all of it): as set, else whenever the
-    CPU quota leaves a whole CPU per worker. Under a smaller quota the workers cannot run side by
-    side anyway; there sharing measured no better than one worker taking the queue, and a little
-    slower (README, "Performance under contention")."""
-    if setting is not None:
-        return setting
-    return cpu_limit is None or cpu_limit >= workers
+def balance_batches(setting: bool, workers: int, cpu_limit: float | None) -> bool:
+    """Whether freed workers take a share of the queue (not all of it): when set, and the CPU
+    quota leaves a whole CPU per worker. Under a smaller quota the workers cannot run side by side
+    anyway; there sharing measured slower than one worker taking the queue. Off by default: under
+    open-loop overload it measured less goodput (README, "Performance under contention")."""
+    return setting and (cpu_limit is None or cpu_limit >= workers)
 
 
 def resolve_providers(choice: str) -> list[str]:

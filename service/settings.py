@@ -45,11 +45,11 @@ class Settings(BaseSettings):
     """Longest predicted run time of one batch: a model whose measured batch times pass it runs
     smaller batches (never below one image), so an admitted request is not held for seconds by
     the images batched with it."""
-    balance_batches: bool | None = None
+    balance_batches: bool = False
     """A freed inference worker takes its share of the queued images (each image dealt to the
-    worker predicted to finish it first), not the whole queue up to max_batch_size. Unset: on,
-    unless a CPU quota leaves less than one CPU per inference worker (README, "Performance under
-    contention")."""
+    worker predicted to finish it first), not the whole queue up to max_batch_size; ignored when a
+    CPU quota leaves less than one CPU per inference worker. Shorter tails below capacity, less
+    goodput under overload (README, "Performance under contention")."""
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     """While the inference thread is busy, how long a request may wait for others to join its batch
     (never past its deadline); when it is idle, a batch runs at once."""

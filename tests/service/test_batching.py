@@ -373,7 +373,7 @@ def test_predicted_waits_follow_the_workers_dispatch() -> None:
     # With two workers and one free, new work starts at once: predicting the images ahead as if
     # they ran one after another would refuse requests (queue-wait cap) that start in time.
     async def test() -> None:
-        session, lane = ConcurrencySession(), InferenceLane(workers=2)
+        session, lane = ConcurrencySession(), InferenceLane(workers=2, balanced=True)
         batcher = make_batcher(session, lane, 0.0)
         for size, seconds in ((8, 1.0), (4, 0.6)):
             batcher.stats.batch_seconds[size] = Window()

@@ -74,15 +74,15 @@ def test_inference_layout(
 @pytest.mark.parametrize(
     ("setting", "workers", "cpu_limit", "balanced"),
     [
-        (None, 2, None, True),  # no quota: a core per worker
-        (None, 2, 2.0, True),
-        (None, 2, 1.5, False),  # the two workers cannot run side by side: one takes the queue
-        (None, 1, 1.0, True),  # one worker: nothing to share (and nothing changes)
-        (False, 2, None, False),  # what is set wins
-        (True, 2, 1.5, True),
+        (True, 2, None, True),  # no quota: a core per worker
+        (True, 2, 2.0, True),
+        (True, 2, 1.5, False),  # the two workers cannot run side by side: one takes the queue
+        (True, 1, 1.0, True),  # one worker: nothing to share (and nothing changes)
+        (False, 2, None, False),  # off unless set
+        (False, 2, 1.5, False),
     ],
 )
-def test_queues_are_shared_between_workers_when_the_quota_leaves_a_cpu_for_each(
-    setting: bool | None, workers: int, cpu_limit: float | None, balanced: bool
+def test_queues_are_shared_when_set_and_the_quota_leaves_a_cpu_per_worker(
+    setting: bool, workers: int, cpu_limit: float | None, balanced: bool
 ) -> None:
     assert balance_batches(setting, workers, cpu_limit) is balanced
