@@ -11,7 +11,6 @@ prediction to the photo (README, "Which figure to trust").
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from model_export import onnx_tools
 from model_export.data import Sample, load_images, stratified_split
 from model_export.specs import LABELS, SPECS_BY_NAME
 
-log = logging.getLogger(__name__)
 L2_GRID = (1.0, 10.0, 100.0, 1000.0)
 
 
@@ -83,10 +81,9 @@ def fit_logistic(split: Split, l2: float, iterations: int = 50) -> LogisticHead:
     return LogisticHead(mean, scale, w)
 
 
-def fit_chosen_on_val(train: Split, val: Split) -> tuple[LogisticHead, float]:
-    """The head whose L2 strength gave the lowest validation log loss, and that strength."""
-    fitted = [(fit_logistic(train, l2), l2) for l2 in L2_GRID]
-    return min(fitted, key=lambda pair: pair[0].log_loss(val))
+def fit_chosen_on_val(train: Split, val: Split) -> LogisticHead:
+    """The head whose L2 strength gave the lowest validation log loss."""
+    return min((fit_logistic(train, l2) for l2 in L2_GRID), key=lambda head: head.log_loss(val))
 
 
 @dataclass(frozen=True)
@@ -102,10 +99,10 @@ class SourceShift:
 
 
 def leave_one_source_out(train: Split, val: Split, test: Split) -> list[SourceShift]:
-    seen_head, _ = fit_chosen_on_val(train, val)
+    seen_head = fit_chosen_on_val(train, val)
     shifts = []
     for source in sorted(set(test.sources.tolist())):
-        others = fit_chosen_on_val(train.where(train.sources != source), val.where(val.sources != source))[0]
+        others = fit_chosen_on_val(train.where(train.sources != source), val.where(val.sources != source))
         mine = test.where(test.sources == source)
         shifts.append(
             SourceShift(
