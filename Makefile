@@ -14,7 +14,7 @@ PORT ?= 8000
 CHECKOV_VENV ?= .venv-checkov
 KSERVE_VENV ?= .venv-kserve
 
-.PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-features soak overload hostile-memory train clean
+.PHONY: install models verify report serve test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-gpu bench-features soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -94,11 +94,16 @@ bench-contention: models
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.contention --models-dir $(MODELS_DIR)
 
-# Open-loop overload (Locust in its own process) at 1x/2x/3x the capacity measured in the same run.
+# Each model on the CUDA provider against this machine's CPU: latency, first run per batch size,
+# agreement on photos. Needs onnxruntime-gpu in place of onnxruntime and a GPU (README, "GPU").
+bench-gpu: models
+	$(PY) -m bench.gpu --models-dir $(MODELS_DIR) $(if $(DATA),--photos $(firstword $(DATA)))
+
 # The response cache (hit rate 0/50/90 %) and the shadow watch at 10 %, against both off.
 bench-features: models
 	$(PY) -m bench.features --models-dir $(MODELS_DIR)
 
+# Open-loop overload (Locust in its own process) at 1x/2x/3x the capacity measured in the same run.
 overload: models
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.overload --models-dir $(MODELS_DIR)

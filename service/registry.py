@@ -94,6 +94,14 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
     return manifest, paths
 
 
+def warm_batch_sizes(device: str, max_batch: int) -> list[int]:
+    """The batch sizes run once before /readyz. On CUDA every size a batch can have: cuDNN picks
+    each convolution's algorithm by timing candidates the first time it sees an input shape, and
+    a request should not pay for that mid-traffic. On CPU one and the largest: no per-shape tuning
+    there, only the arena growing to the largest batch."""
+    return list(range(1, max_batch + 1)) if device == "cuda" else sorted({1, max_batch})
+
+
 def load_registry(
     settings: Settings,
     manifest: Manifest,
@@ -113,7 +121,7 @@ def load_registry(
             entry.input.name,
             entry.input.height,
             entry.input.width,
-            sorted({1, settings.max_batch_size}),
+            warm_batch_sizes(device_of(session), settings.max_batch_size),
         )
         histogram = metrics.batch_size.labels(name)
         inference = metrics.inference_seconds.labels(name)

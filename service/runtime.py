@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -105,8 +107,25 @@ def resolve_providers(choice: str) -> list[str]:
             "or set CATDOG_PROVIDERS=cpu"
         )
     if choice == "cuda" or (choice == "auto" and has_cuda):
+        load_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN before the first CUDA session. onnxruntime-gpu does not search the
+    nvidia-* wheels that its `cuda` and `cudnn` extras install (the gpu image's layout):
+    `preload_dlls` loads them from there, else from the system's library path (a CUDA base image).
+    It prints what it could not load; that goes to the log, and create_session then refuses the
+    CPU fallback that follows."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21 only
+    if preload is None:
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        preload()
+    for line in printed.getvalue().splitlines():
+        log.warning("loading CUDA libraries: %s", line)
 
 
 def create_session(

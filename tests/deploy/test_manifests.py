@@ -80,10 +80,19 @@ def test_dockerfile_copies_every_package_the_project_installs() -> None:
     for package in packages:
         assert (ROOT / package / "__init__.py").is_file()
         assert f"COPY {package}/ {package}/" in dockerfile, f"the builder stage does not copy {package}/"
-        assert f"COPY --from=builder /src/{package} /src/{package}" in dockerfile, (
-            f"the gpu stage does not copy {package}/"
-        )
         assert package not in ignored, f".dockerignore leaves {package}/ out of the build context"
+
+
+def test_gpu_image_is_the_runtime_image_with_the_gpu_wheel() -> None:
+    # Built on the runtime stage, it serves the same venv and models; only onnxruntime differs,
+    # and with the CUDA and cuDNN wheels it needs no CUDA base image (README, "GPU").
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    gpu_stage = dockerfile[dockerfile.index(" AS gpu") :]
+    assert "FROM runtime AS gpu" in dockerfile
+    assert "pip uninstall -y onnxruntime" in gpu_stage
+    assert '"onnxruntime-gpu[cuda,cudnn]==' in gpu_stage
+    instructions = [line for line in gpu_stage.split("\nFROM ")[0].splitlines() if not line.startswith("#")]
+    assert instructions[-2:] == ["USER 10001:10001", ""], "the gpu image must not run as root"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
