@@ -60,9 +60,11 @@ ENV CATDOG_PROVIDERS=cuda NVIDIA_DRIVER_CAPABILITIES=compute,utility \
 USER 0
 # The CPU and GPU wheels of onnxruntime install the same module: swap one for the other. The GPU
 # wheel trails the CPU one by a release; tests/service/test_cuda.py passed on this one (README, GPU).
+COPY deploy/gpu-requirements.txt /tmp/
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip uninstall -y onnxruntime \
-    && pip install --find-links "${PIP_FIND_LINKS}" "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+    && pip install --find-links "${PIP_FIND_LINKS}" -r /tmp/gpu-requirements.txt \
+    && rm /tmp/gpu-requirements.txt
 USER 10001:10001
 
 # Default target: the CPU image.

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${IMAGE:-localhost/catdog-serve:dev}
+TARGET=${TARGET:-runtime}  # or gpu: the runtime image with onnxruntime-gpu (README, "GPU")
+IMAGE=${IMAGE:-localhost/catdog-serve:dev$([ "$TARGET" = gpu ] && echo -gpu)}
 BASE=${BASE:-localhost/catdog-base:bookworm-py311}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PY=${PY:-.venv/bin/python}
@@ -29,12 +30,15 @@ fi
 
 echo "== wheelhouse deploy/wheels (runtime + export stack + build backend)"
 "$PY" -m pip download --quiet --dest deploy/wheels '.[export]' 'setuptools>=77' wheel pip
+if [ "$TARGET" = gpu ]; then
+  "$PY" -m pip download --quiet --dest deploy/wheels -r deploy/gpu-requirements.txt
+fi
 echo "== pretrained weight sources into deploy/cache"
 "$PY" -m model_export --cache-dir deploy/cache fetch
 
 echo "== image $IMAGE"
 buildah build --layers --format docker --build-arg "PYTHON_IMAGE=$BASE" --build-arg PIP_NO_INDEX=1 \
   --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-  --target runtime -t "$IMAGE" .
+  --target "$TARGET" -t "$IMAGE" .
 podman image inspect "$IMAGE" --format 'built {{.Id}}: user {{.Config.User}}, entrypoint {{.Config.Entrypoint}}'
 podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "size: %.0f MB\n", $1 / 1e6}'

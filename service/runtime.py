@@ -118,7 +118,7 @@ def load_cuda_libraries() -> None:
     `preload_dlls` loads them from there, else from the system's library path (a CUDA base image).
     It prints what it could not load; that goes to the log, and create_session then refuses the
     CPU fallback that follows."""
-    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21 only
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
     if preload is None:
         return
     printed = io.StringIO()

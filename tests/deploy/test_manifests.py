@@ -90,7 +90,10 @@ def test_gpu_image_is_the_runtime_image_with_the_gpu_wheel() -> None:
     gpu_stage = dockerfile[dockerfile.index(" AS gpu") :]
     assert "FROM runtime AS gpu" in dockerfile
     assert "pip uninstall -y onnxruntime" in gpu_stage
-    assert '"onnxruntime-gpu[cuda,cudnn]==' in gpu_stage
+    assert 'pip install --find-links "${PIP_FIND_LINKS}" -r /tmp/gpu-requirements.txt' in gpu_stage
+    lines = (ROOT / "deploy" / "gpu-requirements.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert [p.split("==")[0] for p in pins] == ["onnxruntime-gpu[cuda,cudnn]"]
     instructions = [line for line in gpu_stage.split("\nFROM ")[0].splitlines() if not line.startswith("#")]
     assert instructions[-2:] == ["USER 10001:10001", ""], "the gpu image must not run as root"
 
