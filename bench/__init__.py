@@ -1,0 +1,1 @@
+import catdog_core  # noqa: F401  (first: it turns onnxruntime telemetry off before onnxruntime loads)

@@ -1,1 +1,3 @@
 """catdog-serve: the HTTP inference service."""
+
+import catdog_core  # noqa: F401  (first: it turns onnxruntime telemetry off before onnxruntime loads)

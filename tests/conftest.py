@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import catdog_core  # noqa: F401  (first: onnxruntime telemetry off before any test imports onnxruntime)
 from tests.support import Server, run_server, write_tiny_models
 
 
