@@ -168,6 +168,19 @@ class LoneImageLayout:
         self.seconds[layout].update(seconds)
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a padded batch can have: powers of two below max_batch, and max_batch."""
+    sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch]
+    return [*sizes, max_batch]
+
+
+def pad_batch(batch: np.ndarray, buckets: list[int]) -> np.ndarray:
+    """The batch with blank images appended up to the smallest bucket that holds it."""
+    size = next(b for b in buckets if b >= len(batch))
+    blanks = np.zeros((size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+    return np.concatenate([batch, blanks]) if len(blanks) else batch
+
+
 @dataclass
 class BatchStats:
     batch_seconds: dict[int, Window] = field(default_factory=dict)  # per batch size
@@ -209,7 +222,10 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         every_core: tuple[ort.InferenceSession, LoneImageLayout] | None = None,
         on_lone_image: Callable[[str], None] | None = None,
+        batch_buckets: list[int] | None = None,
     ) -> None:
+        """batch_buckets: pad every batch with blank images up to the next of these sizes (on
+        CUDA, where the first run at a new shape is slow: only the warmed sizes ever run)."""
         self.name = name
         self._session = session
         self._input = input_name
@@ -235,6 +251,7 @@ class Batcher:
         # A session of the same model with every core as intra-op threads, for lone images.
         self._every_core = every_core
         self._on_lone_image = on_lone_image
+        self._buckets = batch_buckets
 
     @property
     def batch_limit(self) -> int:
@@ -539,8 +556,10 @@ class Batcher:
             # Timed here, in the inference thread: time spent waiting for the lane (another
             # model's batch) is queue time, not this model's inference time.
             batch = np.stack([job.array for job in live])
+            if self._buckets:
+                batch = pad_batch(batch, self._buckets)
             began = time.monotonic()
-            out = session.run(self._outputs, {self._input: batch})[0]
+            out = session.run(self._outputs, {self._input: batch})[0][: len(live)]
             return out, began, time.monotonic() - began
 
         try:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from prometheus_client import Histogram
 
 from catdog_core.hashing import sha256_file
-from service.batching import Batcher, InferenceLane, LoneImageLayout, Reservation
+from service.batching import Batcher, InferenceLane, LoneImageLayout, Reservation, batch_buckets
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
@@ -94,12 +94,18 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
     return manifest, paths
 
 
+def padded_batch_sizes(device: str, max_batch: int) -> list[int] | None:
+    """On CUDA the sizes batches are padded to (None: no padding, on CPU, where an image costs
+    the same in any batch). The first run at an input shape not seen before took 1.5-6.4 s for
+    Xception on an H200 (cuDNN choosing kernels, CUDA loading them; README, "GPU"): with padding
+    only these few shapes ever run, and all of them are warmed before /readyz."""
+    return batch_buckets(max_batch) if device == "cuda" else None
+
+
 def warm_batch_sizes(device: str, max_batch: int) -> list[int]:
-    """The batch sizes run once before /readyz. On CUDA every size a batch can have: the first run
-    at an input shape not seen before took 1.5-6.4 s for Xception on an H200 (cuDNN choosing
-    kernels, CUDA loading them; README, "GPU"), which a request should not pay mid-traffic. On CPU
-    one and the largest: no per-shape tuning there, only the arena growing to the largest batch."""
-    return list(range(1, max_batch + 1)) if device == "cuda" else sorted({1, max_batch})
+    """The batch sizes run once before /readyz: every padded size on CUDA; on CPU one and the
+    largest (no per-shape tuning there, only the arena growing to the largest batch)."""
+    return padded_batch_sizes(device, max_batch) or sorted({1, max_batch})
 
 
 def load_registry(
@@ -116,12 +122,13 @@ def load_registry(
     for name, entry in manifest.models.items():
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
+        device = device_of(session)
         one_image_s = warm(
             session,
             entry.input.name,
             entry.input.height,
             entry.input.width,
-            warm_batch_sizes(device_of(session), settings.max_batch_size),
+            warm_batch_sizes(device, settings.max_batch_size),
         )
         histogram = metrics.batch_size.labels(name)
         inference = metrics.inference_seconds.labels(name)
@@ -144,10 +151,10 @@ def load_registry(
             on_batch=on_batch,
             every_core=every_core,
             on_lone_image=partial(_count_lone_image, metrics, name),
+            batch_buckets=padded_batch_sizes(device, settings.max_batch_size),
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.
         metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "pending"))
-        device = device_of(session)
         models[name] = LoadedModel(entry, session, batcher, device)
         metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)
         log.info("loaded %s (%s, %s) on %s", name, entry.version, entry.precision, device)

@@ -11,7 +11,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from service.batching import Batcher, InferenceLane, Window, _Job, _Running
+from service.batching import Batcher, InferenceLane, Window, _Job, _Running, batch_buckets, pad_batch
 from service.errors import ModelUnavailable, Overloaded
 from service.registry import ModelRegistry
 
@@ -37,7 +37,7 @@ class RecordingSession:
 
 
 def make_batcher(
-    session: RecordingSession, lane: InferenceLane, max_wait_s: float, capacity: int = 64
+    session: RecordingSession, lane: InferenceLane, max_wait_s: float, capacity: int = 64, **options: Any
 ) -> Batcher:
     return Batcher(
         "m",
@@ -49,6 +49,7 @@ def make_batcher(
         capacity=capacity,
         lane=lane,
         fallback_seconds=0.001,
+        **options,
     )
 
 
@@ -91,6 +92,39 @@ def test_requests_arriving_while_the_lane_is_busy_share_one_batch_in_order() -> 
         assert [r[0].logits[0] for r in results] == [1, 2, 3, 4]
 
     asyncio.run(_with_batcher(test, max_wait_s=0.01))
+
+
+def test_padded_batches_run_at_bucket_sizes_and_answer_only_the_real_images() -> None:
+    session, lane = RecordingSession(), InferenceLane()
+    batcher = make_batcher(session, lane, max_wait_s=0.01, batch_buckets=[1, 2, 4, 8])
+
+    async def test() -> None:
+        batcher.start()
+        session.gate.clear()
+        first = asyncio.create_task(batcher.infer(images(1), None))
+        await asyncio.to_thread(session.entered.wait, 10)
+        later = [asyncio.create_task(batcher.infer(images(v), None)) for v in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        session.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+        assert session.batch_sizes == [1, 4]  # three images, one blank
+        assert [r[0].logits[0] for r in results] == [1, 2, 3, 4]
+        assert [r[0].batch_size for r in results] == [1, 3, 3, 3]
+        await batcher.close()
+
+    try:
+        asyncio.run(test())
+    finally:
+        lane.shutdown()
+
+
+def test_pad_batch_fills_to_the_next_bucket_with_blanks() -> None:
+    batch = np.ones((5, 2, 2, 3), dtype=np.uint8)
+    padded = pad_batch(batch, batch_buckets(8))
+    assert padded.shape == (8, 2, 2, 3) and padded.dtype == np.uint8
+    assert (padded[:5] == 1).all() and (padded[5:] == 0).all()
+    assert len(pad_batch(batch[:4], [1, 2, 4, 8])) == 4
+    assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(5) == [1, 2, 4, 5] and batch_buckets(1) == [1]
 
 
 def test_full_queue_is_refused_with_retry_after() -> None:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from service.manifest import load_manifest
-from service.registry import warm_batch_sizes
+from service.registry import padded_batch_sizes, warm_batch_sizes
 from service.runtime import resolve_providers
 from tests.service.images import encode, gradient, jpeg
 from tests.support import BUILT_MODELS, Server, run_server, shared_photos
@@ -59,8 +59,11 @@ def test_an_onnxruntime_without_preload_dlls_still_resolves(monkeypatch: pytest.
     assert resolve_providers("cuda")[0] == "CUDAExecutionProvider"
 
 
-def test_cuda_warms_every_batch_size_cpu_the_ends() -> None:
-    assert warm_batch_sizes("cuda", 8) == [1, 2, 3, 4, 5, 6, 7, 8]
+def test_cuda_pads_batches_to_few_sizes_and_warms_each_cpu_neither() -> None:
+    assert padded_batch_sizes("cuda", 8) == warm_batch_sizes("cuda", 8) == [1, 2, 4, 8]
+    assert padded_batch_sizes("cuda", 12) == [1, 2, 4, 8, 12]
+    assert padded_batch_sizes("cuda", 1) == [1]
+    assert padded_batch_sizes("cpu", 8) is None
     assert warm_batch_sizes("cpu", 8) == [1, 8]
     assert warm_batch_sizes("cpu", 1) == [1]
 
