@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -150,6 +151,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def spread(paths: list[Path], limit: int) -> list[Path]:
+    """At most `limit` of the paths, every k-th: every class folder has its share."""
+    return paths[:: max(1, math.ceil(len(paths) / limit))][:limit]
+
+
 def gpu_name() -> str:
     try:
         return subprocess.run(
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--models", nargs="*", help="default: every model in the manifest")
     parser.add_argument("--photos", type=Path, help="a folder of photos (recursive) for the agreement")
+    parser.add_argument("--max-photos", type=int, default=400, help="spread evenly over the folder")
     parser.add_argument("--seconds", type=float, default=1.5, help="per steady batch size")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu"))
     args = parser.parse_args(argv)
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if CUDA not in ort.get_available_providers():
         parser.error(f"onnxruntime offers {ort.get_available_providers()}: install onnxruntime-gpu")
     manifest = load_manifest(args.models_dir / "manifest.json")
-    photos = sorted(args.photos.rglob("*.jpg")) if args.photos else []
+    photos = spread(sorted(args.photos.rglob("*.jpg")), args.max_photos) if args.photos else []
     threads = len(os.sched_getaffinity(0))
     results: dict[str, Any] = {
         "machine": machine_description(),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from bench.gpu import agreement, markdown
+from bench.gpu import agreement, markdown, spread
 
 
 def test_agreement_counts_label_flips_and_the_largest_difference() -> None:
@@ -38,3 +40,10 @@ def test_table_has_a_row_per_model_and_provider() -> None:
         "| tiny | cpu | 1.0 | 8.0 | 32.0 | 100.0 | - | - | - |",
         "| tiny | cuda | 1.0 | 8.0 | 32.0 | 100.0 | 5.0 / 6.0 / 7.0 | 1.0e-04 | 0 of 10 |",
     ]
+
+
+def test_photos_are_spread_over_the_folder_not_taken_from_its_start() -> None:
+    paths = [Path(f"cat/{i}.jpg") for i in range(10)] + [Path(f"dog/{i}.jpg") for i in range(10)]
+    chosen = spread(paths, 4)
+    assert len(chosen) == 4 and {p.parent.name for p in chosen} == {"cat", "dog"}
+    assert spread(paths, 100) == paths
