@@ -168,6 +168,19 @@ class LoneImageLayout:
         self.seconds[layout].update(seconds)
 
 
+def deal(free_in: list[float], images: int, per_image: float) -> tuple[list[float], list[int]]:
+    """Images dealt one by one, each to the worker that would finish it first (ties: the earlier
+    in the list): the workers' free times afterwards, and how many images each got."""
+    heap = [(free, worker) for worker, free in enumerate(free_in)]
+    heapq.heapify(heap)
+    counts = [0] * len(free_in)
+    for _ in range(images):
+        free, worker = heap[0]
+        heapq.heapreplace(heap, (free + per_image, worker))
+        counts[worker] += 1
+    return [free for free, _ in heap], counts
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """The batch sizes a padded batch can have: powers of two below max_batch, and max_batch."""
     sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch]
@@ -350,14 +363,11 @@ class Batcher:
         """The workers' free times after `images` queued images have run, dispatched as the
         worker loop does: balanced, each image to the worker that would finish it first;
         otherwise whichever worker frees first takes up to batch_limit of them."""
-        heap = list(free_in)
-        heapq.heapify(heap)
         limit = self.batch_limit
         if self._lane.balanced and images:
-            per_image = self.stats.seconds_for(min(images, limit), self.fallback_seconds) / min(images, limit)
-            for _ in range(images):
-                heapq.heapreplace(heap, heap[0] + per_image)
-            return heap
+            return deal(free_in, images, self._seconds_per_image(min(images, limit)))[0]
+        heap = list(free_in)
+        heapq.heapify(heap)
         while images > 0:
             size = min(images, limit)
             images -= size
@@ -371,21 +381,15 @@ class Batcher:
         Taking the whole queue leaves the other workers idle while this one runs the lot, and on
         one thread per image a bigger batch saves nothing while every image in it waits for the
         last (README, "Performance under contention")."""
-        size = max(1, min(self.pending, limit))
-        per_image = self.stats.seconds_for(size, self.fallback_seconds) / size
         now = time.monotonic()
         others = [max(0.0, b.predicted - (now - b.began)) for b in self._running_batches if b.workers == 1]
         others += [0.0] * max(0, self._lane.workers - self._lane.submitted - 1)
-        heapq.heapify(others)
-        mine = 0.0
-        taken = 0
-        for _ in range(self.pending):
-            if others and others[0] < mine:
-                heapq.heapreplace(others, others[0] + per_image)
-            else:
-                mine += per_image
-                taken += 1
-        return max(1, min(taken, limit))
+        per_image = self._seconds_per_image(max(1, min(self.pending, limit)))
+        _, taken = deal([0.0, *others], self.pending, per_image)  # this worker first: it wins ties
+        return max(1, min(taken[0], limit))
+
+    def _seconds_per_image(self, batch: int) -> float:
+        return self.stats.seconds_for(batch, self.fallback_seconds) / batch
 
     def next_batch_seconds(self) -> float:
         """Predicted run time of the batch this model will run next (0 when idle): images still
