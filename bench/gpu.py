@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from catdog_core.machine import machine_description
 from catdog_core.probabilities import softmax
-from catdog_core.sessions import cpu_session, random_batch, run_times_ms, session_options
+from catdog_core.sessions import cpu_session, random_batch, run_batches, run_times_ms, session_options
 from service.imaging import preprocess
 from service.manifest import ModelEntry, load_manifest
 from service.runtime import load_cuda_libraries
@@ -77,8 +77,7 @@ def steady(session: ort.InferenceSession, entry: ModelEntry, seconds: float) -> 
 
 
 def probabilities(session: ort.InferenceSession, entry: ModelEntry, images: np.ndarray) -> np.ndarray:
-    rows = [session.run(None, {entry.input.name: images[i : i + 8]})[0] for i in range(0, len(images), 8)]
-    return softmax(np.concatenate(rows), entry.temperature)
+    return softmax(run_batches(session, images, batch=8), entry.temperature)
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from catdog_core.hashing import sha256_file
 from catdog_core.machine import machine_description
-from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms
+from catdog_core.sessions import SESSION_PROFILE, cpu_session, latency_p50_ms, run_batches
 from model_export import backbones, onnx_tools, sources
 from model_export.data import Sample, Split, load_images, stratified_split
 from model_export.evaluate import Evaluation, Member, measure_cascade
@@ -116,7 +116,7 @@ def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, 
     exporter = onnx_tools.export_keras(model, path)
     log.info("%s: exported, ops %s", spec.name, onnx_tools.check(path))
     expected = model.predict(probe, batch_size=8, verbose=0)
-    actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
+    actual = run_batches(cpu_session(path, 2), probe)
     parity = compare(expected, actual, 1.0, "keras (tensorflow backend)")
     if parity.max_abs_diff_probability > PARITY_TOLERANCE:
         raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
@@ -130,8 +130,8 @@ def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray,
     if range_images is not None:
         _slim_int8_ranges(fp32.spec.int8_ranges_file)
     onnx_tools.check(path)
-    reference = onnx_tools.run_batches(cpu_session(fp32.path, 2), probe)
-    actual = onnx_tools.run_batches(cpu_session(path, 2), probe)
+    reference = run_batches(cpu_session(fp32.path, 2), probe)
+    actual = run_batches(cpu_session(path, 2), probe)
     parity = compare(reference, actual, 1.0, f"{fp32.name} fp32 onnx")
     exporter = (
         f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile, "

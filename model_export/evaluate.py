@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog_core.probabilities import softmax
-from catdog_core.sessions import cpu_session
-from model_export import onnx_tools
+from catdog_core.sessions import cpu_session, run_batches
 from model_export.data import Sample, all_samples, load_images, stratified_split
 from model_export.quality import (
     choose_cascade_threshold,
@@ -44,7 +43,7 @@ class Member:
 
 
 def logits_on(path: Path, images: np.ndarray) -> np.ndarray:
-    return onnx_tools.run_batches(cpu_session(path, 2), images)
+    return run_batches(cpu_session(path, 2), images)
 
 
 def metrics(

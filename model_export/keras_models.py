@@ -11,9 +11,14 @@ from model_export.specs import LABELS, ModelSpec
 from model_export.weights_io import load_weights
 
 
-def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone, sources.Artifact]:
+def load_base(spec: ModelSpec, cache_dir: Path) -> tuple[Any, sources.Artifact]:
+    """The ImageNet-pretrained base of the spec's family from its pinned source (fetched once)."""
     artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
-    base = backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size)
+    return backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size), artifact
+
+
+def load_backbone(spec: ModelSpec, cache_dir: Path) -> tuple[backbones.Backbone, sources.Artifact]:
+    base, artifact = load_base(spec, cache_dir)
     return backbones.split_backbone(spec.family, base, spec.input_size), artifact
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +179,3 @@ def count_flops(path: Path) -> int:
             if weight:
                 macs += int(np.prod(out)) * int(weight[0])
     return 2 * macs
-
-
-def run_batches(sess: ort.InferenceSession, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    outputs = [sess.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
-    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from catdog_core.sessions import cpu_session
+from catdog_core.sessions import cpu_session, run_batches
 from model_export import onnx_tools
 from model_export.data import Sample, load_images, stratified_split
 from model_export.specs import LABELS, SPECS_BY_NAME
@@ -121,14 +121,13 @@ def pooled_features_onnx(name: str, cache_dir: Path) -> Path:
     """uint8 image -> the ImageNet backbone's pooled features (exported once, cached)."""
     import keras
 
-    from model_export import backbones, sources
     from model_export.files import whole_or_nothing
+    from model_export.keras_models import load_base
 
     spec = SPECS_BY_NAME[name]
     path = cache_dir / "trunks" / f"{spec.family}-{spec.input_size}-pooled.onnx"
     if not path.exists():
-        artifact = sources.ARTIFACTS[sources.DEFAULT_SOURCES[spec.family]]
-        base = backbones.pretrained_base(artifact, sources.fetch(artifact, cache_dir), spec.input_size)
+        base, _ = load_base(spec, cache_dir)
         image = keras.Input((spec.input_size, spec.input_size, 3), dtype="uint8", name="image")
         scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(image)
         pooled = keras.layers.GlobalAveragePooling2D()(base(scaled))
@@ -139,15 +138,10 @@ def pooled_features_onnx(name: str, cache_dir: Path) -> Path:
 
 def features_of(samples: list[Sample], size: int, session: ort.InferenceSession, desc: str) -> Split:
     loaded = load_images(samples, size, f"{desc}: decoding")
-    name = session.get_inputs()[0].name
-    batches = range(0, len(loaded.arrays), 16)
-    pooled = [
-        session.run(None, {name: loaded.arrays[i : i + 16]})[0]
-        for i in tqdm(batches, desc=f"{desc}: features", unit="batch")
-    ]
-    return Split(
-        np.concatenate(pooled).astype(np.float64), np.asarray(loaded.labels), np.asarray(loaded.sources)
+    pooled = run_batches(
+        session, loaded.arrays, progress=lambda starts: tqdm(starts, desc=f"{desc}: features", unit="batch")
     )
+    return Split(pooled.astype(np.float64), np.asarray(loaded.labels), np.asarray(loaded.sources))
 
 
 def measure(

@@ -21,9 +21,8 @@ import numpy as np
 
 from catdog_core.hashing import sha256_file
 from catdog_core.probabilities import softmax
-from catdog_core.sessions import cpu_session
+from catdog_core.sessions import cpu_session, run_batches
 from model_export.evaluate import Member
-from model_export.onnx_tools import run_batches
 from service.manifest import load_manifest
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from catdog_core.sessions import cpu_session
+from catdog_core.sessions import cpu_session, run_batches
 from model_export import onnx_tools
 from model_export.parity import PARITY_TOLERANCE, compare, synthetic_images
 from model_export.quantize import quantize
@@ -51,7 +51,7 @@ def test_onnx_matches_keras_within_tolerance(exported: tuple[keras.Model, Path])
     images = synthetic_images(32, 24)
     parity = compare(
         model.predict(images, verbose=0),
-        onnx_tools.run_batches(cpu_session(path, 1), images),
+        run_batches(cpu_session(path, 1), images),
         1.0,
         "keras",
     )
@@ -97,8 +97,8 @@ def test_int8_rebuilds_identically_from_the_committed_ranges(
     assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
     images = synthetic_images(32, 16, seed=4)
     parity = compare(
-        onnx_tools.run_batches(cpu_session(fp32, 1), images),
-        onnx_tools.run_batches(cpu_session(tmp_path / "again.onnx", 1), images),
+        run_batches(cpu_session(fp32, 1), images),
+        run_batches(cpu_session(tmp_path / "again.onnx", 1), images),
         1.0,
         "fp32",
     )
