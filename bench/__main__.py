@@ -15,7 +15,6 @@ import base64
 import importlib.util
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from bench.images import write_bench_images
 from bench.load import server, wrk
 from catdog_core.machine import machine_description
-from catdog_core.sessions import cpu_session, random_batch, run_times_ms
+from catdog_core.sessions import cpu_session, steady_figures
 from service.imaging import preprocess
 from service.manifest import load_manifest
 
@@ -38,17 +37,9 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def bare_onnxruntime(path: Path, size: int, input_name: str, threads: int, seconds: float) -> dict[str, Any]:
+def bare_onnxruntime(path: Path, size: int, threads: int, seconds: float) -> dict[str, Any]:
     session = cpu_session(path, threads)
-    result = {}
-    for batch in (1, 8):
-        feed = {input_name: random_batch(batch, size)}
-        times = run_times_ms(lambda feed=feed: session.run(None, feed), repeats=10, min_seconds=seconds)
-        result[f"batch{batch}"] = {
-            **percentiles(times),
-            "images_per_s": round(1000 * batch / statistics.median(times), 1),
-        }
-    return result
+    return {f"batch{batch}": steady_figures(session, size, batch, 10, seconds) for batch in (1, 8)}
 
 
 def preprocessing(images: dict[str, Path], sizes: list[int], repeats: int = 30) -> dict[str, Any]:
@@ -203,9 +194,7 @@ def main() -> int:
     print("bare onnxruntime", flush=True)
     for name in models:
         e = manifest.models[name]
-        results["bare"][name] = bare_onnxruntime(
-            args.models_dir / e.file, e.input.width, e.input.name, args.threads, 3
-        )
+        results["bare"][name] = bare_onnxruntime(args.models_dir / e.file, e.input.width, args.threads, 3)
         print(f"  {name}: {results['bare'][name]}", flush=True)
     results["preprocessing"] = preprocessing(
         images, sorted({e.input.width for e in manifest.models.values()})

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import onnxruntime as ort
 
 from catdog_core.machine import machine_description
 from catdog_core.probabilities import softmax
-from catdog_core.sessions import cpu_session, random_batch, run_batches, run_times_ms, session_options
+from catdog_core.sessions import cpu_session, random_batch, run_batches, session_options, steady_figures
 from service.imaging import preprocess
 from service.manifest import ModelEntry, load_manifest
 from service.runtime import load_cuda_libraries
@@ -64,16 +63,7 @@ def first_runs_ms(session: ort.InferenceSession, entry: ModelEntry) -> dict[str,
 
 
 def steady(session: ort.InferenceSession, entry: ModelEntry, seconds: float) -> dict[str, Any]:
-    result = {}
-    for batch in STEADY_BATCHES:
-        feed = {entry.input.name: random_batch(batch, entry.input.width)}
-        times = run_times_ms(lambda feed=feed: session.run(None, feed), repeats=20, min_seconds=seconds)
-        result[str(batch)] = {
-            "p50_ms": round(statistics.median(times), 3),
-            "p99_ms": round(float(np.percentile(times, 99)), 3),
-            "images_per_s": round(1000 * batch / statistics.median(times), 1),
-        }
-    return result
+    return {str(b): steady_figures(session, entry.input.width, b, 20, seconds) for b in STEADY_BATCHES}
 
 
 def probabilities(session: ort.InferenceSession, entry: ModelEntry, images: np.ndarray) -> np.ndarray:

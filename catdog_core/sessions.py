@@ -136,6 +136,21 @@ def run_times_ms(
     return times
 
 
+def steady_figures(
+    session: ort.InferenceSession, size: int, batch: int, repeats: int = 20, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """p50 and p99 wall time of one session.run at `batch` random images, and the images a second
+    the median implies (what `make bench` and `make bench-gpu` report per batch size)."""
+    feed = {session.get_inputs()[0].name: random_batch(batch, size)}
+    times = run_times_ms(lambda: session.run(None, feed), repeats, min_seconds)
+    median = statistics.median(times)
+    return {
+        "p50_ms": round(median, 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+        "images_per_s": round(1000 * batch / median, 1),
+    }
+
+
 def latency_p50_ms(session: ort.InferenceSession, size: int, batch: int, repeats: int = 20) -> float:
     """Median wall time of one session.run on random uint8 input, after warm-up."""
     feed = {session.get_inputs()[0].name: random_batch(batch, size)}
