@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from model_export.quantize import quantize
 from model_export.records import (
     EvaluationRecord,
     ModelFigures,
+    ServingSizeTrial,
     TrainingRecord,
     read_evaluation_record,
     read_training_record,
@@ -84,10 +86,11 @@ class Built:
     exporter: str
     parameters: int
     temperature: float
+    size: int  # the serving resolution (the spec's training one unless validation chose another)
 
     @property
     def member(self) -> Member:
-        return Member(self.name, self.path, self.spec.input_size, self.temperature)
+        return Member(self.name, self.path, self.size, self.temperature)
 
 
 def git_commit() -> str:
@@ -109,10 +112,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, temperature: float) -> Built:
-    """Export, check and compare with Keras (parity on raw probabilities, T = 1)."""
-    model, _ = keras_classifier(spec, cache_dir)
-    path = out / f"{spec.name}.onnx"
+def export_fp32(
+    spec: ModelSpec,
+    out: Path,
+    cache_dir: Path,
+    probe: np.ndarray,
+    temperature: float,
+    name: str | None = None,
+) -> Built:
+    """Export at the probe's resolution, check, and compare with Keras (parity on raw
+    probabilities, T = 1). `name`: the file's and member's name (default: the spec's)."""
+    size = probe.shape[1]
+    model, _ = keras_classifier(spec, cache_dir, size)
+    name = name or spec.name
+    path = out / f"{name}.onnx"
     exporter = onnx_tools.export_keras(model, path)
     log.info("%s: exported, ops %s", spec.name, onnx_tools.check(path))
     expected = model.predict(probe, batch_size=8, verbose=0)
@@ -120,7 +133,7 @@ def export_fp32(spec: ModelSpec, out: Path, cache_dir: Path, probe: np.ndarray, 
     parity = compare(expected, actual, 1.0, "keras (tensorflow backend)")
     if parity.max_abs_diff_probability > PARITY_TOLERANCE:
         raise ParityError(f"{spec.name}: ONNX vs keras max |dp| {parity.max_abs_diff_probability:.2e}")
-    return Built(spec, spec.name, "fp32", path, parity, exporter, int(model.count_params()), temperature)
+    return Built(spec, name, "fp32", path, parity, exporter, int(model.count_params()), temperature, size)
 
 
 def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray, temperature: float) -> Built:
@@ -138,7 +151,15 @@ def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray,
         "7-bit weights (depthwise 8-bit)"
     )
     return Built(
-        fp32.spec, int8_name(fp32.name), "int8", path, parity, exporter, fp32.parameters, temperature
+        fp32.spec,
+        int8_name(fp32.name),
+        "int8",
+        path,
+        parity,
+        exporter,
+        fp32.parameters,
+        temperature,
+        fp32.size,
     )
 
 
@@ -269,13 +290,19 @@ def build_all(
     entries: dict[str, ModelEntry] = {}
     int8_kept: dict[str, bool] = {}
     temperatures: dict[str, float] = {}
+    size_trials: dict[str, list[ServingSizeTrial]] = {}
     built_models: dict[str, Built] = {}
     for spec in specs:
         trained = record.models[spec.name]
+        size = (previous.serving_sizes.get(spec.name) if previous else None) or spec.input_size
+        if fit_temperatures and evaluation is not None and len(spec.serving_sizes) > 1:
+            size_trials[spec.name] = try_serving_sizes(spec, out, cache_dir, evaluation)
+            size = choose_serving_size(size_trials[spec.name])
+            log.info("%s: served at %d px, chosen on val", spec.name, size)
         probe = (
-            evaluation.images("val", spec.input_size)[0][:N_PARITY_IMAGES]
+            evaluation.images("val", size)[0][:N_PARITY_IMAGES]
             if evaluation
-            else synthetic_images(spec.input_size, N_PARITY_IMAGES)
+            else synthetic_images(size, N_PARITY_IMAGES)
         )
         # The temperature fitted on the exported model (recorded with the evaluation) wins over the
         # one training fitted on Keras logits.
@@ -292,7 +319,7 @@ def build_all(
         range_images = None
         if int8_ranges and evaluation is not None:
             range_images = load_images(
-                int8_range_samples(evaluation.sets["train"]), spec.input_size, "int8 range images"
+                int8_range_samples(evaluation.sets["train"]), size, "int8 range images"
             ).arrays
         int8 = export_int8(fp32, range_images, probe, fp32.temperature)
         # A partial build feeds training, not users: its test figures would go unread (2 minutes).
@@ -314,9 +341,47 @@ def build_all(
     )
     write_manifest(manifest, out / "manifest.json")
     if evaluation is not None and (fit_temperatures or int8_ranges) and not partial:
-        _record_evaluation(manifest, int8_kept, temperatures, record)
+        sizes = {name: built.size for name, built in built_models.items() if built.precision == "fp32"}
+        _record_evaluation(manifest, int8_kept, temperatures, sizes, size_trials, record)
     log.info("wrote %s with %d models", out / "manifest.json", len(entries))
     return manifest
+
+
+def try_serving_sizes(
+    spec: ModelSpec, out: Path, cache_dir: Path, evaluation: Evaluation
+) -> list[ServingSizeTrial]:
+    """The model exported at each of its candidate resolutions and measured on val, a temperature
+    fitted at each (the files are temporary: the chosen size is exported again)."""
+    trials = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".serving-sizes-") as tmp:
+        for size in spec.serving_sizes:
+            probe = evaluation.images("val", size)[0][:N_PARITY_IMAGES]
+            built = export_fp32(spec, Path(tmp), cache_dir, probe, 1.0, name=f"{spec.name}@{size}")
+            built.temperature = fit_temperature(*evaluation.logits(built.member, "val"))
+            figures = evaluation.metrics(built.member, "val", "val")  # logits cached, at the new T
+            trial = ServingSizeTrial(
+                size=size,
+                temperature=built.temperature,
+                val_accuracy=figures.accuracy,
+                val_worst_source_accuracy=min(s.accuracy for s in figures.by_source.values()),
+                val_log_loss=figures.log_loss,
+            )
+            trials.append(trial)
+            log.info("%s at %d px: %s", spec.name, size, trials[-1])
+    return trials
+
+
+def choose_serving_size(trials: list[ServingSizeTrial]) -> int:
+    """The resolution with the lowest calibrated val log loss among those that lose no val accuracy,
+    overall or on the hardest source, against the first (the training resolution)."""
+    base = trials[0]
+    allowed = [
+        t
+        for t in trials
+        if t.val_accuracy >= base.val_accuracy
+        and t.val_worst_source_accuracy >= base.val_worst_source_accuracy
+    ]
+    return min(allowed, key=lambda t: t.val_log_loss).size
 
 
 def _chosen_specs(only: Sequence[str] | None) -> list[ModelSpec]:
@@ -341,12 +406,19 @@ def _previous_evaluation(record: TrainingRecord) -> EvaluationRecord | None:
 
 
 def _record_evaluation(
-    manifest: Manifest, int8_kept: dict[str, bool], temperatures: dict[str, float], record: TrainingRecord
+    manifest: Manifest,
+    int8_kept: dict[str, bool],
+    temperatures: dict[str, float],
+    serving_sizes: dict[str, int],
+    size_trials: dict[str, list[ServingSizeTrial]],
+    record: TrainingRecord,
 ) -> None:
     EvaluationRecord(
         weights_sha256=record.weights_sha256(),
         split_sha256=record.split.sha256,
         temperatures=temperatures,
+        serving_sizes=serving_sizes,
+        serving_size_trials=size_trials,
         int8_kept=int8_kept,
         models={name: ModelFigures(val=e.val, test=e.test) for name, e in manifest.models.items()},
         cascades=manifest.cascades,
@@ -386,16 +458,16 @@ def _entry(
         temperature=built.temperature,
         input=InputSpec(
             name=input_name,
-            height=spec.input_size,
-            width=spec.input_size,
+            height=built.size,
+            width=built.size,
             in_graph_normalisation=backbones.IN_GRAPH_NORMALISATION,
         ),
         output=OutputSpec(name=output_name),
         test=test,
         val=val,
         latency=Latency(
-            p50_ms_batch1=latency_p50_ms(sess, spec.input_size, 1),
-            p50_ms_batch8=latency_p50_ms(sess, spec.input_size, 8),
+            p50_ms_batch1=latency_p50_ms(sess, built.size, 1),
+            p50_ms_batch8=latency_p50_ms(sess, built.size, 8),
             intra_op_threads=threads,
             machine=machine_description(),
             session_profile=SESSION_PROFILE,

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--fit-temperatures",
         action="store_true",
-        help="fit each model's temperature on the val split, recorded in evaluation.json (needs --data)",
+        help="choose each model's serving resolution among its candidates and fit its temperature, "
+        "both on the val split, recorded in evaluation.json (needs --data)",
     )
     build.add_argument(
         "--int8-ranges",

@@ -2,8 +2,9 @@
 
 `training.json` is written by `train` only: the split, the recipe and every run it tried, and the
 weights it committed. `evaluation.json` is written by `build --fit-temperatures/--int8-ranges`
-with the dataset: the fitted temperatures, the int8 keep decisions and the figures measured on
-exactly those weights, so `make models` can carry them without the dataset.
+with the dataset: the serving resolutions and temperatures chosen on validation, the int8 keep
+decisions and the figures measured on exactly those weights, so `make models` can carry them
+without the dataset.
 
 Schema 1 for both: the first typed version (the files before it had the same fields, untyped).
 """
@@ -79,11 +80,25 @@ class ModelFigures(_Record):
     test: QualityFigures | None
 
 
+class ServingSizeTrial(_Record):
+    """One resolution a model was tried at on validation, with the temperature fitted there."""
+
+    size: int
+    temperature: float
+    val_accuracy: float
+    val_worst_source_accuracy: float
+    val_log_loss: float  # calibrated (at that temperature)
+
+
 class EvaluationRecord(_Record):
     schema_version: Literal[1] = 1
     weights_sha256: dict[str, str] = Field(description="The committed weights these figures belong to.")
     split_sha256: str
     temperatures: dict[str, float] = Field(default_factory=dict)
+    serving_sizes: dict[str, int] = Field(
+        default_factory=dict, description="The resolution each model is served at, chosen on val."
+    )
+    serving_size_trials: dict[str, list[ServingSizeTrial]] = Field(default_factory=dict)
     int8_kept: dict[str, bool]
     models: dict[str, ModelFigures]
     cascades: list[CascadeEntry]

@@ -18,6 +18,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def _row(
     name: str,
+    px: str,
     test: QualityFigures | None,
     gflops: float,
     escalation: float | None,
@@ -25,7 +26,7 @@ def _row(
     ms_b8: float | None,
 ) -> str:
     return (
-        f"{name:<26}{_num(test and 100 * test.accuracy, '.2f'):>9}"
+        f"{name:<26}{px:>5}{_num(test and 100 * test.accuracy, '.2f'):>9}"
         f"{_num(test and 100 * test.hardest_source[1], '.2f'):>10}{_num(test and test.log_loss, '.4f'):>10}"
         f"{_num(test and test.ece, '.4f'):>8}{_num(test and test.ece_uncalibrated, '.4f'):>9}{gflops:>9.2f}"
         f"{_num(escalation and 100 * escalation, '.1f'):>8}{_num(ms_b1, '.1f'):>8}{_num(ms_b8, '.1f'):>8}"
@@ -34,22 +35,33 @@ def _row(
 
 def table(manifest: Manifest) -> str:
     header = (
-        f"{'model':<26}{'acc %':>9}{'worst %':>10}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}{'GFLOPs':>9}"
-        f"{'esc %':>8}{'ms b1':>8}{'ms b8':>8}"
+        f"{'model':<26}{'px':>5}{'acc %':>9}{'worst %':>10}{'logloss':>10}{'ECE':>8}{'ECE raw':>9}"
+        f"{'GFLOPs':>9}{'esc %':>8}{'ms b1':>8}{'ms b8':>8}"
     )
     rows = [header, "-" * len(header)]
     for name, m in manifest.models.items():
-        rows.append(_row(name, m.test, m.flops / 1e9, None, m.latency.p50_ms_batch1, m.latency.p50_ms_batch8))
+        rows.append(
+            _row(
+                name,
+                str(m.input.width),
+                m.test,
+                m.flops / 1e9,
+                None,
+                m.latency.p50_ms_batch1,
+                m.latency.p50_ms_batch8,
+            )
+        )
     for c in manifest.cascades:
         small, large = manifest.models[c.small], manifest.models[c.large]
         rate = c.test_escalation_rate
         mean_flops = small.flops + (rate or 0.0) * large.flops
         ms = small.latency.p50_ms_batch1 + (rate or 0.0) * large.latency.p50_ms_batch1
-        rows.append(_row(f"cascade {c.small}->{c.large}", c.test, mean_flops / 1e9, rate, ms, None))
+        rows.append(_row(f"cascade {c.small}->{c.large}", "-", c.test, mean_flops / 1e9, rate, ms, None))
     some = next(iter(manifest.models.values()))
     rows.append("")
     rows.append(
-        f"figures on the test split ({some.test.n_images if some.test else 0} photos); 'worst': the "
+        f"figures on the test split ({some.test.n_images if some.test else 0} photos); 'px': the "
+        f"resolution served at (chosen on val, may exceed the training one); 'worst': the "
         f"lowest per-source accuracy, which model=auto's min_accuracy compares with; GFLOPs per image "
         f"(cascade: mean); latency: bare onnxruntime p50 ms per call, {some.latency.intra_op_threads} "
         f"threads, {some.latency.machine} (cascade: small + escalation x large)"

@@ -40,13 +40,14 @@ def verify_all(out: Path, cache_dir: Path, data: list[Path] | None = None) -> in
             continue
         base = entry.derived_from or name
         spec = SPECS_BY_NAME[base]
+        size = entry.input.width  # the serving resolution, which may be above the training one
         probe = (
-            load_images(split.samples["val"][:N_PARITY_IMAGES], spec.input_size, "parity").arrays
+            load_images(split.samples["val"][:N_PARITY_IMAGES], size, "parity").arrays
             if split
-            else synthetic_images(spec.input_size, N_PARITY_IMAGES, seed=1)
+            else synthetic_images(size, N_PARITY_IMAGES, seed=1)
         )
         if entry.precision == "fp32":
-            model, _ = keras_classifier(spec, cache_dir)
+            model, _ = keras_classifier(spec, cache_dir, size)
             parity = compare(
                 model.predict(probe, verbose=0), logits_on(path, probe), entry.temperature, "keras"
             )
