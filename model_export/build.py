@@ -294,7 +294,7 @@ def build_all(
     built_models: dict[str, Built] = {}
     for spec in specs:
         trained = record.models[spec.name]
-        size = (previous.serving_sizes.get(spec.name) if previous else None) or spec.input_size
+        size = _recorded_serving_size(spec, previous)
         if fit_temperatures and evaluation is not None and len(spec.serving_sizes) > 1:
             size_trials[spec.name] = try_serving_sizes(spec, out, cache_dir, evaluation)
             size = choose_serving_size(size_trials[spec.name])
@@ -345,6 +345,21 @@ def build_all(
         _record_evaluation(manifest, int8_kept, temperatures, sizes, size_trials, record)
     log.info("wrote %s with %d models", out / "manifest.json", len(entries))
     return manifest
+
+
+def _recorded_serving_size(spec: ModelSpec, previous: EvaluationRecord | None) -> int:
+    """The resolution chosen with these weights, or the training one: when nothing was recorded, or
+    the recorded size is no longer a candidate (the spec changed since; refit to choose again)."""
+    recorded = previous.serving_sizes.get(spec.name) if previous else None
+    if recorded is not None and recorded not in spec.serving_sizes:
+        log.warning(
+            "%s: recorded serving size %d is not a candidate any more; serving %d",
+            spec.name,
+            recorded,
+            spec.input_size,
+        )
+        recorded = None
+    return recorded or spec.input_size
 
 
 def try_serving_sizes(

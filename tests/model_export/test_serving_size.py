@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model_export.build import EVALUATION_RECORD, choose_serving_size
+from model_export.build import EVALUATION_RECORD, _recorded_serving_size, choose_serving_size
 from model_export.records import EvaluationRecord, ServingSizeTrial, read_evaluation_record
 from model_export.specs import MODEL_SPECS, SPECS_BY_NAME, ModelSpec
 from service.manifest import load_manifest
@@ -61,6 +61,20 @@ def test_a_record_written_before_serving_sizes_still_reads(tmp_path: Path) -> No
     old.write_text(json.dumps(payload))
     record = read_evaluation_record(old)
     assert record is not None and record.serving_sizes == {}  # the build then serves the training size
+
+
+def test_a_data_free_build_serves_the_recorded_size_only_while_it_is_a_candidate() -> None:
+    record = EvaluationRecord.model_validate_json(EVALUATION_RECORD.read_text())
+    spec = ModelSpec("mobilenet", "mobilenet_v1", 224, (256, 288))
+    assert (
+        _recorded_serving_size(spec, record.model_copy(update={"serving_sizes": {"mobilenet": 256}})) == 256
+    )
+    # The spec no longer offers what was recorded: the training size, not a size nobody chose now.
+    assert (
+        _recorded_serving_size(spec, record.model_copy(update={"serving_sizes": {"mobilenet": 320}})) == 224
+    )
+    assert _recorded_serving_size(spec, record.model_copy(update={"serving_sizes": {}})) == 224
+    assert _recorded_serving_size(spec, None) == 224
 
 
 @pytest.mark.models
