@@ -153,5 +153,4 @@ def steady_figures(
 
 def latency_p50_ms(session: ort.InferenceSession, size: int, batch: int, repeats: int = 20) -> float:
     """Median wall time of one session.run on random uint8 input, after warm-up."""
-    feed = {session.get_inputs()[0].name: random_batch(batch, size)}
-    return round(statistics.median(run_times_ms(lambda: session.run(None, feed), repeats)), 3)
+    return steady_figures(session, size, batch, repeats)["p50_ms"]
