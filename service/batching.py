@@ -78,6 +78,14 @@ class InferenceLane:
             for event in self._listeners:
                 event.set()
 
+    def run_and_wait(self, work: Callable[[], T]) -> T:
+        """Run `work` on a worker thread and wait for it, from a thread other than the event
+        loop's: warm-up. onnxruntime's CUDA provider keeps state per calling thread, and sessions
+        warmed on the loader's thread stalled 0.3-1.3 s again at each batch size the first time
+        the inference thread ran it (README, "GPU"). On CUDA the lane has one worker, so this is
+        that thread; on CPU, where nothing measured depends on the thread, any of them."""
+        return self._executor.submit(work).result()
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
 
@@ -235,10 +243,11 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         every_core: tuple[ort.InferenceSession, LoneImageLayout] | None = None,
         on_lone_image: Callable[[str], None] | None = None,
-        batch_buckets: list[int] | None = None,
+        batch_buckets: dict[int, ort.InferenceSession] | None = None,
     ) -> None:
-        """batch_buckets: pad every batch with blank images up to the next of these sizes (on
-        CUDA, where the first run at a new shape is slow: only the warmed sizes ever run)."""
+        """batch_buckets: pad every batch with blank images up to the next of these sizes and run
+        it on that size's own session (on CUDA, where a convolution plans again whenever its
+        input shape changes: each session only ever sees the one shape it was warmed at)."""
         self.name = name
         self._session = session
         self._input = input_name
@@ -264,7 +273,8 @@ class Batcher:
         # A session of the same model with every core as intra-op threads, for lone images.
         self._every_core = every_core
         self._on_lone_image = on_lone_image
-        self._buckets = batch_buckets
+        self._bucket_sessions = batch_buckets or {}
+        self._buckets = sorted(self._bucket_sessions) or None
 
     @property
     def batch_limit(self) -> int:
@@ -562,8 +572,9 @@ class Batcher:
             batch = np.stack([job.array for job in live])
             if self._buckets:
                 batch = pad_batch(batch, self._buckets)
+            run_on = self._bucket_sessions.get(len(batch), session)
             began = time.monotonic()
-            out = session.run(self._outputs, {self._input: batch})[0][: len(live)]
+            out = run_on.run(self._outputs, {self._input: batch})[0][: len(live)]
             return out, began, time.monotonic() - began
 
         try:

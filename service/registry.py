@@ -15,7 +15,7 @@ from service.batching import Batcher, InferenceLane, LoneImageLayout, Reservatio
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
-from service.runtime import check_tensor_names, create_session, device_of, warm
+from service.runtime import check_tensor_names, create_session, device_of, warm, warm_at
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,13 @@ def load_registry(
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
         device = device_of(session)
-        one_image_s = warm(
-            session,
-            entry.input.name,
-            entry.input.height,
-            entry.input.width,
-            warm_batch_sizes(device, settings.max_batch_size),
+        padded = padded_batch_sizes(device, settings.max_batch_size)
+        sizes = [1] if padded else warm_batch_sizes(device, settings.max_batch_size)
+        one_image_s = lane.run_and_wait(
+            partial(warm, session, entry.input.name, entry.input.height, entry.input.width, sizes)
+        )
+        by_size = _session_per_padded_size(
+            session, padded, paths[name], entry, providers, threads, settings, lane
         )
         histogram = metrics.batch_size.labels(name)
         inference = metrics.inference_seconds.labels(name)
@@ -151,7 +152,7 @@ def load_registry(
             on_batch=on_batch,
             every_core=every_core,
             on_lone_image=partial(_count_lone_image, metrics, name),
-            batch_buckets=padded_batch_sizes(device, settings.max_batch_size),
+            batch_buckets=by_size,
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.
         metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "pending"))
@@ -159,6 +160,32 @@ def load_registry(
         metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)
         log.info("loaded %s (%s, %s) on %s", name, entry.version, entry.precision, device)
     return ModelRegistry(manifest, models, settings.default_model or manifest.default_model)
+
+
+def _session_per_padded_size(
+    first: ort.InferenceSession,
+    padded: list[int] | None,
+    path: Path,
+    entry: ModelEntry,
+    providers: list[str],
+    threads: int,
+    settings: Settings,
+    lane: InferenceLane,
+) -> dict[int, ort.InferenceSession] | None:
+    """On CUDA one session per padded batch size (`first` is batch one's), each warmed and run at
+    its own size only. onnxruntime's CUDA convolutions (cuDNN frontend, onnxruntime >= 1.20)
+    build their plans again whenever the input shape changes, and on an H200 each change of
+    batch size stalled that batch 0.3-2.5 s although every size had been warmed (README, "GPU";
+    onnxruntime issue 23006). None on CPU, where batches are not padded."""
+    if padded is None:
+        return None
+    sessions = {1: first}
+    for size in padded[1:]:
+        session = create_session(path, providers, threads, settings.intra_op_spinning)
+        shape = (entry.input.name, entry.input.height, entry.input.width)
+        lane.run_and_wait(partial(warm_at, session, *shape, size))
+        sessions[size] = session
+    return sessions
 
 
 def _every_core_session(
@@ -178,7 +205,9 @@ def _every_core_session(
     if not settings.lone_image_on_every_core or lane.workers == 1:
         return None
     session = create_session(path, providers, threads * lane.workers, settings.intra_op_spinning)
-    every_core_s = warm(session, entry.input.name, entry.input.height, entry.input.width, [1])
+    every_core_s = lane.run_and_wait(
+        partial(warm, session, entry.input.name, entry.input.height, entry.input.width, [1])
+    )
     return session, LoneImageLayout(one_core_s, every_core_s)
 
 

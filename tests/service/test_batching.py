@@ -94,9 +94,12 @@ def test_requests_arriving_while_the_lane_is_busy_share_one_batch_in_order() -> 
     asyncio.run(_with_batcher(test, max_wait_s=0.01))
 
 
-def test_padded_batches_run_at_bucket_sizes_and_answer_only_the_real_images() -> None:
+def test_padded_batches_run_at_bucket_sizes_on_their_own_sessions_and_answer_only_the_real_images() -> None:
+    """Each padded size has its own session, which sees no other shape (on CUDA a change of
+    input shape makes onnxruntime plan its convolutions again: service/registry.py)."""
     session, lane = RecordingSession(), InferenceLane()
-    batcher = make_batcher(session, lane, max_wait_s=0.01, batch_buckets=[1, 2, 4, 8])
+    by_size = {1: session, 2: RecordingSession(), 4: RecordingSession(), 8: RecordingSession()}
+    batcher = make_batcher(session, lane, max_wait_s=0.01, batch_buckets=by_size)
 
     async def test() -> None:
         batcher.start()
@@ -107,7 +110,9 @@ def test_padded_batches_run_at_bucket_sizes_and_answer_only_the_real_images() ->
         await asyncio.sleep(0.05)
         session.gate.set()
         results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
-        assert session.batch_sizes == [1, 4]  # three images, one blank
+        assert session.batch_sizes == [1]
+        assert by_size[4].batch_sizes == [4]  # three images, one blank
+        assert by_size[2].batch_sizes == by_size[8].batch_sizes == []
         assert [r[0].logits[0] for r in results] == [1, 2, 3, 4]
         assert [r[0].batch_size for r in results] == [1, 3, 3, 3]
         await batcher.close()

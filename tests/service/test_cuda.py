@@ -10,9 +10,11 @@ import httpx
 import onnxruntime as ort
 import pytest
 
+from service.batching import InferenceLane
 from service.manifest import load_manifest
-from service.registry import padded_batch_sizes, warm_batch_sizes
-from service.runtime import resolve_providers
+from service.registry import _session_per_padded_size, padded_batch_sizes, warm_batch_sizes
+from service.runtime import create_session, resolve_providers
+from service.settings import Settings
 from tests.service.images import encode, gradient, jpeg
 from tests.support import BUILT_MODELS, Server, run_server, shared_photos
 
@@ -66,6 +68,25 @@ def test_cuda_pads_batches_to_few_sizes_and_warms_each_cpu_neither() -> None:
     assert padded_batch_sizes("cpu", 8) is None
     assert warm_batch_sizes("cpu", 8) == [1, 8]
     assert warm_batch_sizes("cpu", 1) == [1]
+
+
+def test_each_padded_size_gets_its_own_session_warmed_at_that_size_only(tiny_models_dir: Path) -> None:
+    """Run here on CPU sessions (the function is the same on CUDA): a session per size beyond
+    batch one's, and with no padding (CPU serving) none."""
+    manifest = load_manifest(tiny_models_dir / "manifest.json")
+    entry = manifest.models["fast"]
+    path = tiny_models_dir / entry.file
+    providers = ["CPUExecutionProvider"]
+    settings = Settings(models_dir=tiny_models_dir)
+    first = create_session(path, providers, 1, settings.intra_op_spinning)
+    lane = InferenceLane()
+    try:
+        sessions = _session_per_padded_size(first, [1, 2, 4], path, entry, providers, 1, settings, lane)
+        assert _session_per_padded_size(first, None, path, entry, providers, 1, settings, lane) is None
+    finally:
+        lane.shutdown()
+    assert sessions is not None and sorted(sessions) == [1, 2, 4] and sessions[1] is first
+    assert len({id(s) for s in sessions.values()}) == 3
 
 
 def _answers(

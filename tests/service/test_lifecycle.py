@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import onnxruntime as ort
@@ -21,6 +22,7 @@ from bench.open_loop import start_open_loop
 from service.app import create_app
 from service.inference_protocol import HEADER_LENGTH
 from service.manifest import write_manifest
+from service.runtime import warm
 from service.settings import Settings
 from tests.service import images
 from tests.support import ROOT, in_process_client, run_server, wait_until, write_tiny_models
@@ -134,6 +136,32 @@ def test_readiness_turns_false_when_draining_begins(tiny_models_dir: Path) -> No
             return before, after
 
     assert asyncio.run(scenario()) == (200, 503)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sessions_are_warmed_on_the_threads_that_run_inference(
+    tiny_models_dir: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's CUDA provider keeps state per calling thread: warmed on the loader's thread,
+    each batch size stalled 0.3-1.3 s again the first time the inference thread ran it (H200,
+    2026-12-04, README "GPU"). So every warm-up run goes through the inference lane."""
+    threads: list[str] = []
+
+    def recording_warm(*args: Any, **kwargs: Any) -> float:
+        threads.append(threading.current_thread().name)
+        return warm(*args, **kwargs)
+
+    monkeypatch.setattr("service.registry.warm", recording_warm)
+    app = create_app(Settings(models_dir=tiny_models_dir, inference_workers=workers, intra_op_threads=1))
+
+    async def scenario() -> int:
+        async with in_process_client(app) as client:
+            return (await client.get("/readyz")).status_code
+
+    assert asyncio.run(scenario()) == 200
+    # one warm-up per model, and with several workers one more per model's every-core session
+    assert len(threads) == 2 * workers
+    assert all(name.startswith("inference") for name in threads), threads
 
 
 def start_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
