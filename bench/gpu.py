@@ -2,9 +2,11 @@
 machine, with the session options the service uses.
 
 Per model and provider configuration:
-- the first run at each batch size (cuDNN times its convolution algorithms per input shape, which
-  is why the service warms every batch size on CUDA);
+- the run at each batch size in turn on a fresh session (1, 2, 3, 4, 8, 32: each is a new shape);
 - steady latency p50/p99 and images/s at batch 1, 8 and 32;
+- runs alternating batch 1 and 2 on that warmed session: onnxruntime >= 1.20 plans its CUDA
+  convolutions again at every change of input shape, which is why the service keeps a session
+  per padded batch size on CUDA (service/registry.py);
 - with --photos, agreement with the CPU on real photos: the largest difference of a calibrated
   probability, and how many labels differ.
 Writes results.json, results.md and gpu.png to --out. Needs onnxruntime-gpu and a GPU.
@@ -40,6 +42,7 @@ CUDA_VARIANTS: dict[str, dict[str, str]] = {
 }
 STEADY_BATCHES = (1, 8, 32)
 COLD_BATCHES = (1, 2, 3, 4, 8, 32)
+SWITCH_BATCHES = (1, 2) * 4
 
 
 def cuda_session(path: Path, options: dict[str, str]) -> ort.InferenceSession:
@@ -59,6 +62,17 @@ def first_runs_ms(session: ort.InferenceSession, entry: ModelEntry) -> dict[str,
         start = time.perf_counter()
         session.run(None, feed)
         result[str(batch)] = round((time.perf_counter() - start) * 1000, 2)
+    return result
+
+
+def shape_switch_ms(session: ort.InferenceSession, entry: ModelEntry) -> list[float]:
+    """Wall time of each run alternating batch 1 and 2, on a session that has run both already."""
+    result = []
+    for batch in SWITCH_BATCHES:
+        feed = {entry.input.name: random_batch(batch, entry.input.width)}
+        start = time.perf_counter()
+        session.run(None, feed)
+        result.append(round((time.perf_counter() - start) * 1000, 2))
     return result
 
 
@@ -89,6 +103,7 @@ def measure_model(
         session = cuda_session(path, options)
         row: dict[str, Any] = {"first_run_ms": first_runs_ms(session, entry)}
         row["steady"] = steady(session, entry, seconds)
+        row["shape_switch_ms"] = shape_switch_ms(session, entry)
         if reference is not None:
             row["vs_cpu"] = agreement(reference, probabilities(session, entry, images))
         result[variant] = row
@@ -100,20 +115,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']}; GPU: {results['gpu']}.",
         "",
         "| model | provider | batch 1 p50 ms | batch 8 p50 ms | batch 32 p50 ms | images/s at 32 | "
-        "first run at batch 1 / 8 / 32 ms | max prob. diff vs CPU | labels differing |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "new shape at batch 1 / 8 / 32 ms | alternating 1 and 2, median ms | max prob. diff vs CPU | "
+        "labels differing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in results["models"].items():
         for variant, row in rows.items():
             s = row["steady"]
             first = row.get("first_run_ms")
             cold = " / ".join(str(first[b]) for b in ("1", "8", "32")) if first else "-"
+            switching = row.get("shape_switch_ms")
+            switch = str(round(float(np.median(switching)), 2)) if switching else "-"
             vs = row.get("vs_cpu")
             diff = f"{vs['max_abs_probability_diff']:.1e}" if vs else "-"
             labels = f"{vs['labels_differing']} of {vs['photos']}" if vs else "-"
             lines.append(
                 f"| {model} | {variant} | {s['1']['p50_ms']} | {s['8']['p50_ms']} | {s['32']['p50_ms']} | "
-                f"{s['32']['images_per_s']} | {cold} | {diff} | {labels} |"
+                f"{s['32']['images_per_s']} | {cold} | {switch} | {diff} | {labels} |"
             )
     return "\n".join(lines)
 

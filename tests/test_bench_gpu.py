@@ -30,6 +30,7 @@ def test_table_has_a_row_per_model_and_provider() -> None:
                 "cuda": {
                     "steady": steady,
                     "first_run_ms": {"1": 5.0, "2": 4.0, "8": 6.0, "32": 7.0},
+                    "shape_switch_ms": [900.0, 1.5, 800.0, 1.0],
                     "vs_cpu": {"max_abs_probability_diff": 1e-4, "labels_differing": 0, "photos": 10},
                 },
             }
@@ -37,8 +38,8 @@ def test_table_has_a_row_per_model_and_provider() -> None:
     }
     rows = [line for line in markdown(results).splitlines() if line.startswith("| tiny")]
     assert rows == [
-        "| tiny | cpu | 1.0 | 8.0 | 32.0 | 100.0 | - | - | - |",
-        "| tiny | cuda | 1.0 | 8.0 | 32.0 | 100.0 | 5.0 / 6.0 / 7.0 | 1.0e-04 | 0 of 10 |",
+        "| tiny | cpu | 1.0 | 8.0 | 32.0 | 100.0 | - | - | - | - |",
+        "| tiny | cuda | 1.0 | 8.0 | 32.0 | 100.0 | 5.0 / 6.0 / 7.0 | 400.75 | 1.0e-04 | 0 of 10 |",
     ]
 
 
