@@ -94,7 +94,7 @@ bench-contention: models
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.contention --models-dir $(MODELS_DIR)
 
-# Each model on the CUDA provider against this machine's CPU: latency, first run per batch size,
+# Each model on the CUDA provider against this machine's CPU: latency, runs at a new batch size,
 # agreement on photos. Needs onnxruntime-gpu in place of onnxruntime and a GPU (README, "GPU").
 bench-gpu: models
 	$(PY) -m bench.gpu --models-dir $(MODELS_DIR) $(if $(DATA),--photos $(firstword $(DATA)))

@@ -202,19 +202,33 @@ def pad_batch(batch: np.ndarray, buckets: list[int]) -> np.ndarray:
     return np.concatenate([batch, blanks]) if len(blanks) else batch
 
 
+TRUSTED_RUNS = 3  # runs at a batch size before their median alone is its estimate
+
+
 @dataclass
 class BatchStats:
     batch_seconds: dict[int, Window] = field(default_factory=dict)  # per batch size
 
     def seconds_for(self, batch: int, fallback: float) -> float:
-        """Estimated session.run time for a batch: measured when seen, else scaled from nearest."""
-        seen = {b: value for b, e in self.batch_seconds.items() if (value := e.value) is not None}
-        if batch in seen:
-            return seen[batch]
-        if not seen:
+        """Estimated session.run time for a batch: its own median once run TRUSTED_RUNS times;
+        else scaled from the nearest size that has been (or, before any has, from any size
+        measured, else the warm-up's figure), or its own few runs where those are faster.
+
+        A size's first run or two may be a stall (a CPU hiccup; on CUDA a convolution replanned).
+        Taken as the estimate, one stall would put the size above the batch limit, so it would
+        never run again to correct it, and admission would refuse on the predicted waits. Batch
+        one is never excluded, so its runs become trusted soon and bound the others."""
+        runs = {b: list(w.samples) for b, w in self.batch_seconds.items() if w.samples}
+        medians = {b: statistics.median(r) for b, r in runs.items()}
+        trusted = {b: m for b, m in medians.items() if len(runs[b]) >= TRUSTED_RUNS}
+        reference = trusted or medians
+        if batch in reference:
+            return reference[batch]
+        if not reference:
             return fallback * batch
-        nearest = min(seen, key=lambda b: abs(b - batch))
-        return seen[nearest] * batch / nearest
+        nearest = min(reference, key=lambda b: abs(b - batch))
+        scaled = reference[nearest] * batch / nearest
+        return min(scaled, medians[batch]) if batch in medians else scaled
 
 
 @dataclass

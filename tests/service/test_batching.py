@@ -11,7 +11,17 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from service.batching import Batcher, InferenceLane, Window, _Job, _Running, batch_buckets, pad_batch
+from service.batching import (
+    TRUSTED_RUNS,
+    Batcher,
+    BatchStats,
+    InferenceLane,
+    Window,
+    _Job,
+    _Running,
+    batch_buckets,
+    pad_batch,
+)
 from service.errors import ModelUnavailable, Overloaded
 from service.registry import ModelRegistry
 
@@ -51,6 +61,12 @@ def make_batcher(
         fallback_seconds=0.001,
         **options,
     )
+
+
+def measured(stats: BatchStats, size: int, seconds: float) -> None:
+    """Runs at a batch size enough times for their median to be its estimate."""
+    for _ in range(TRUSTED_RUNS):
+        stats.batch_seconds.setdefault(size, Window()).update(seconds)
 
 
 def images(*values: int) -> list[np.ndarray]:
@@ -237,8 +253,7 @@ def test_a_request_that_would_wait_past_the_queue_wait_cap_is_refused() -> None:
     # refused at once with Retry-After, instead of being admitted into a wait nobody bounded.
     async def test(session: RecordingSession, batcher: Batcher) -> None:
         batcher.max_queue_wait_s = 0.5
-        batcher.stats.batch_seconds[8] = Window()
-        batcher.stats.batch_seconds[8].update(0.4)  # measured: a batch of 8 takes 0.4 s
+        measured(batcher.stats, 8, 0.4)  # measured: a batch of 8 takes 0.4 s
         session.gate.clear()
         running = asyncio.create_task(batcher.infer(images(*range(8)), None))
         await asyncio.to_thread(session.entered.wait, 10)
@@ -262,8 +277,7 @@ def test_predicted_waits_count_the_images_still_decoding_ahead() -> None:
         session, lane = RecordingSession(), InferenceLane()
         target, other = make_batcher(session, lane, 0.0), make_batcher(session, lane, 0.0)
         for batcher in (target, other):
-            batcher.stats.batch_seconds[8] = Window()
-            batcher.stats.batch_seconds[8].update(1.5)  # measured: a batch of 8 takes 1.5 s
+            measured(batcher.stats, 8, 1.5)  # measured: a batch of 8 takes 1.5 s
         models: Any = {
             name: SimpleNamespace(batcher=batcher) for name, batcher in (("m", target), ("o", other))
         }
@@ -369,8 +383,7 @@ def test_a_freed_worker_leaves_a_busy_workers_share_for_it(busy_for_s: float, ta
     async def test() -> None:
         lane = InferenceLane(workers=2)
         batcher = make_batcher(RecordingSession(), lane, max_wait_s=0.0)
-        batcher.stats.batch_seconds[4] = Window()
-        batcher.stats.batch_seconds[4].update(0.4)
+        measured(batcher.stats, 4, 0.4)
         lane.claim(1)  # worker A's batch, as _start_batch records it
         batcher._running_batches.append(_Running(1, time.monotonic(), busy_for_s))
         loop = asyncio.get_running_loop()
@@ -415,8 +428,7 @@ def test_predicted_waits_follow_the_workers_dispatch() -> None:
         session, lane = ConcurrencySession(), InferenceLane(workers=2, balanced=True)
         batcher = make_batcher(session, lane, 0.0)
         for size, seconds in ((8, 1.0), (4, 0.6)):
-            batcher.stats.batch_seconds[size] = Window()
-            batcher.stats.batch_seconds[size].update(seconds)
+            measured(batcher.stats, size, seconds)
         with batcher.reservation(7):  # 4 and 3 side by side
             assert batcher.backlog_seconds() == pytest.approx(3 * 0.125)
         with batcher.reservation(20):  # dealt out one by one: 10 on each worker, 1/8 s each
@@ -479,3 +491,26 @@ def test_a_slow_model_runs_smaller_batches_within_the_batch_time_budget() -> Non
             lane.shutdown()
 
     asyncio.run(test())
+
+
+def test_one_slow_run_at_a_rarely_seen_size_does_not_become_that_size_s_estimate() -> None:
+    """A stalled run (a CPU hiccup, or on CUDA a convolution replanned: 0.3-2.6 s on an H200)
+    must not stand as the estimate for its batch size: the batch limit would then exclude that
+    size, no new run would correct it, and admission would refuse on predicted waits for good."""
+    stats = BatchStats()
+    for _ in range(10):
+        stats.batch_seconds.setdefault(1, Window()).update(0.010)
+    stats.batch_seconds.setdefault(3, Window()).update(1.5)
+    assert stats.seconds_for(3, fallback=0.010) == pytest.approx(0.030)  # scaled from batch 1
+    assert stats.seconds_for(4, fallback=0.010) == pytest.approx(0.040)
+    for _ in range(2):  # slow again and again: believed
+        stats.batch_seconds[3].update(1.5)
+    assert stats.seconds_for(3, fallback=0.010) == 1.5
+
+
+def test_a_size_measured_a_few_times_and_faster_than_scaled_keeps_its_own_figure() -> None:
+    stats = BatchStats()
+    for _ in range(10):
+        stats.batch_seconds.setdefault(1, Window()).update(0.010)
+    stats.batch_seconds.setdefault(8, Window()).update(0.020)  # batching pays: less than 8 x 10 ms
+    assert stats.seconds_for(8, fallback=0.010) == 0.020
