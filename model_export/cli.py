@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--write", action="store_true", help="store the figures in the manifest")
     evaluate.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
+    evaluate.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="shrink every photo to at most PX on its longer side and save it again as JPEG "
+        "(quality 75) first: figures for thumbnails and small photos (never written to the manifest)",
+    )
 
     shift = commands.add_parser(
         "source-shift",
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before any command imports Keras: the backend it binds to, and TensorFlow's C++ chatter.
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -166,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         from model_export.specs import TRAINING_RECORD
         from service.manifest import write_manifest
 
+        if args.write and args.max_side:
+            parser.error("--write stores the figures of the photos as they are; drop --max-side")
         seed = read_training_record(TRAINING_RECORD).split.seed
-        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed)
+        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed, args.max_side)
         print(table(manifest))
         if args.plot:
             plot_frontier(manifest, args.plot)

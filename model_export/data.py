@@ -13,6 +13,7 @@ figure can always be traced to the exact images it was measured on.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from catdog_core.preprocessing import to_array
@@ -159,18 +161,37 @@ class LoadedImages:
     sources: list[str] = field(default_factory=list)
 
 
-def iter_decoded(samples: Iterable[Sample], size: int) -> Iterator[tuple[Sample, object]]:
-    """Yield (sample, PIL image or the reason it failed). Corrupt files are reported, not fatal."""
+SHRUNK_JPEG_QUALITY = 75
+
+
+def shrunk(blob: bytes, max_side: int) -> bytes:
+    """The photo at most max_side px on its longer side (aspect kept, never enlarged), saved
+    again as JPEG at quality 75: what a thumbnail or a small web photo looks like."""
+    with Image.open(io.BytesIO(blob)) as image:
+        small = image.convert("RGB")
+    small.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=SHRUNK_JPEG_QUALITY)
+    return out.getvalue()
+
+
+def iter_decoded(
+    samples: Iterable[Sample], size: int, max_side: int | None = None
+) -> Iterator[tuple[Sample, object]]:
+    """Yield (sample, PIL image or the reason it failed). Corrupt files are reported, not fatal.
+    With max_side, each photo is first shrunk (`shrunk`)."""
     for sample in samples:
         try:
-            yield sample, decode(sample.path.read_bytes(), (size, size))
+            blob = sample.path.read_bytes()
+            yield sample, decode(shrunk(blob, max_side) if max_side else blob, (size, size))
         except (InvalidImage, ImageTooLarge, OSError) as exc:
             yield sample, f"{type(exc).__name__}: {exc}"
 
 
-def load_images(samples: list[Sample], size: int, desc: str) -> LoadedImages:
+def load_images(samples: list[Sample], size: int, desc: str, max_side: int | None = None) -> LoadedImages:
     arrays, labels, paths, sources, skipped = [], [], [], [], []
-    for sample, image in tqdm(iter_decoded(samples, size), total=len(samples), desc=desc, unit="img"):
+    decoded = iter_decoded(samples, size, max_side)
+    for sample, image in tqdm(decoded, total=len(samples), desc=desc, unit="img"):
         if isinstance(image, str):
             skipped.append((sample.path, image))
             continue

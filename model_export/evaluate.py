@@ -72,15 +72,16 @@ def metrics(
 class Evaluation:
     """Images (decoded once per size) and logits (once per model) for named sample sets."""
 
-    def __init__(self, sets: dict[str, list[Sample]]) -> None:
+    def __init__(self, sets: dict[str, list[Sample]], max_side: int | None = None) -> None:
         self.sets = sets
+        self.max_side = max_side  # photos shrunk to this first (model_export.data.shrunk), if set
         self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._sources: dict[str, np.ndarray] = {}
         self._logits: dict[tuple[str, str], np.ndarray] = {}
 
     def images(self, set_name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
         if (set_name, size) not in self._images:
-            loaded = load_images(self.sets[set_name], size, f"{set_name} images {size}px")
+            loaded = load_images(self.sets[set_name], size, f"{set_name} images {size}px", self.max_side)
             self._images[(set_name, size)] = (loaded.arrays, loaded.labels)
             self._sources[set_name] = np.asarray(loaded.sources)
         return self._images[(set_name, size)]
@@ -185,15 +186,19 @@ def measure_cascade(
     )
 
 
-def remeasure(manifest_path: Path, data: list[Path], all_images: bool, seed: int) -> Manifest:
+def remeasure(
+    manifest_path: Path, data: list[Path], all_images: bool, seed: int, max_side: int | None = None
+) -> Manifest:
     """The manifest with every figure measured again on `data`; thresholds are kept, never re-tuned.
 
     all_images: every photo under `data` is the test set (an independent collection); otherwise the
     documented split of `data` is used and val figures are refreshed too.
+    max_side: shrink every photo to at most this many px first (model_export.data.shrunk), for
+    figures on small photos.
     """
     manifest = load_manifest(manifest_path)
     sets = {"test": all_samples(data)[1]} if all_images else stratified_split(data, seed).samples
-    evaluation = Evaluation(sets)
+    evaluation = Evaluation(sets, max_side)
     members = {
         n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
         for n, e in manifest.models.items()

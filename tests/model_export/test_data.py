@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.data import load_images, stratified_split
+from model_export.data import Sample, load_images, shrunk, stratified_split
 
 
 def image_folder(root: Path, counts: dict[str, int]) -> Path:
@@ -109,3 +110,34 @@ def test_roots_must_share_their_classes(tmp_path: Path) -> None:
     birds = image_folder(tmp_path / "birds", {"cat": 3, "bird": 3})
     with pytest.raises(ValueError, match="classes"):
         stratified_split([web, birds])
+
+
+def test_shrunk_photos_are_small_jpegs_of_the_same_shape(tmp_path: Path) -> None:
+    original = io.BytesIO()
+    Image.new("RGB", (600, 400), (200, 30, 30)).save(original, "PNG")
+    small = Image.open(io.BytesIO(shrunk(original.getvalue(), 150)))
+    assert small.format == "JPEG" and small.size == (150, 100)
+    tiny = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(tiny, "PNG")
+    assert Image.open(io.BytesIO(shrunk(tiny.getvalue(), 150))).size == (40, 30)  # never enlarged
+
+
+def test_images_can_be_loaded_shrunk_first(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "cat").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(root / "cat" / "cat_0.png")
+    sample = [Sample(root / "cat" / "cat_0.png", 0, "catdog")]
+    full = load_images(sample, 64, "full").arrays
+    small = load_images(sample, 64, "small", max_side=16).arrays
+    assert full.shape == small.shape == (1, 64, 64, 3)
+    # noise shrunk to 16 px and scaled back up loses its detail
+    assert small.std() < full.std()
+
+
+def test_evaluate_refuses_to_write_figures_of_shrunk_photos(tmp_path: Path) -> None:
+    from model_export.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "--out", str(tmp_path), "--data", str(tmp_path), "--write", "--max-side", "100"])
+    assert stopped.value.code == 2
