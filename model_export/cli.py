@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         from model_export.evaluate import remeasure
         from model_export.records import read_training_record
-        from model_export.report import plot_frontier, table
+        from model_export.report import plot_frontier, source_table, table
         from model_export.specs import TRAINING_RECORD
         from service.manifest import write_manifest
 
@@ -179,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--write stores the figures of the photos as they are; drop --max-side")
         seed = read_training_record(TRAINING_RECORD).split.seed
         manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed, args.max_side)
+        if args.max_side:
+            print(
+                f"every photo shrunk to at most {args.max_side} px and saved again as JPEG (quality 75) first"
+            )
         print(table(manifest))
+        print()
+        print(source_table(manifest))
         if args.plot:
             plot_frontier(manifest, args.plot)
         if args.write and not args.all_images:
