@@ -229,6 +229,12 @@ def _cell(point: dict[str, Any]) -> str:
     return f"{text} ({errors} errors)" if has_errors else text
 
 
+def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> list[str]:
+    """The models with points in any condition, in MODELS' order: the plot's rows."""
+    seen = {model for by_server in results.values() for by_model in by_server.values() for model in by_model}
+    return [model for model in MODELS if model in seen]
+
+
 def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
     import matplotlib
 
@@ -248,11 +254,12 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
     # One colour per server in every panel, whatever order a condition ran them in.
     names = sorted({name for by_server in results.values() for name in by_server})
     colour = {name: f"C{i}" for i, name in enumerate(names)}
+    models = measured_models(results)
     fig, axes = plt.subplots(
-        2 * len(MODELS), len(conditions), figsize=(4 * len(conditions), 11), squeeze=False
+        2 * len(models), len(conditions), figsize=(4 * len(conditions), 5.5 * len(models)), squeeze=False
     )
     for col, where in enumerate(conditions):
-        for row, model in enumerate(MODELS):
+        for row, model in enumerate(models):
             for name in names:
                 points = results[where].get(name, {}).get(model)
                 if not points:
@@ -262,14 +269,14 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
                 axes[row][col].plot(c, [p["answered_per_s"] for p in points], **style)
                 # A point where nothing was answered has no latency to plot (a gap, not a zero).
                 p99 = [p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in points]
-                axes[row + len(MODELS)][col].plot(c, p99, **style)
+                axes[row + len(models)][col].plot(c, p99, **style)
             axes[row][col].set(
                 title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
             )
-            axes[row + len(MODELS)][col].set(
+            axes[row + len(models)][col].set(
                 title=f"{where}: {model}", xscale="log", yscale="log", ylabel="p99 ms", xlabel="concurrency"
             )
-            for axis in (axes[row][col], axes[row + len(MODELS)][col]):
+            for axis in (axes[row][col], axes[row + len(models)][col]):
                 axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
                 # Under a decade apart, a log axis labels its minor ticks too (over the majors).
                 axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

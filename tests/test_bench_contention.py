@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.contention import _cell, main, median_of_rounds
+from bench.contention import _cell, main, measured_models, median_of_rounds, plot
 
 
 def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
@@ -42,3 +42,11 @@ def test_an_unknown_server_name_is_a_usage_error_naming_the_known_ones(
     error = capsys.readouterr().err
     assert "unknown server 'plain'" in error and "'plain FastAPI'" in error
     assert not (tmp_path / "c.json").exists()  # nothing ran
+
+
+def test_the_plot_has_rows_only_for_the_models_measured(tmp_path: Path) -> None:
+    point = {"concurrency": 8, "answered_per_s": 4.0, "p50_ms": 900.0, "p99_ms": 1100.0}
+    results = {"quiet": {"catdog-serve": {"xception": [point]}, "plain FastAPI": {"xception": [point]}}}
+    assert measured_models(results) == ["xception"]
+    plot(results, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 0
