@@ -80,10 +80,12 @@ class InferenceLane:
 
     def run_and_wait(self, work: Callable[[], T]) -> T:
         """Run `work` on a worker thread and wait for it, from a thread other than the event
-        loop's: warm-up. onnxruntime's CUDA provider keeps state per calling thread, and sessions
-        warmed on the loader's thread stalled 0.3-1.3 s again at each batch size the first time
-        the inference thread ran it (README, "GPU"). On CUDA the lane has one worker, so this is
-        that thread; on CPU, where nothing measured depends on the thread, any of them."""
+        loop's: warm-up. onnxruntime's CUDA provider keeps some state per calling thread: warmed
+        on the loader's thread, the inference thread's first batch of one took 2.5-320 ms (every
+        later one under 2.5) and 8 of 714 batches stalled over 0.3 s; warmed here, 2 of 1,235
+        (H200, README "GPU"; the rest were replans, see registry._session_per_padded_size). On
+        CUDA the lane has one worker, so this is that thread; on CPU, where nothing measured
+        depends on the thread, any of them."""
         return self._executor.submit(work).result()
 
     def shutdown(self) -> None:

@@ -175,7 +175,7 @@ def _session_per_padded_size(
     """On CUDA one session per padded batch size (`first` is batch one's), each warmed and run at
     its own size only. onnxruntime's CUDA convolutions (cuDNN frontend, onnxruntime >= 1.20)
     build their plans again whenever the input shape changes, and on an H200 each change of
-    batch size stalled that batch 0.3-2.5 s although every size had been warmed (README, "GPU";
+    batch size stalled that batch 0.3-2.6 s although every size had been warmed (README, "GPU";
     onnxruntime issue 23006). None on CPU, where batches are not padded."""
     if padded is None:
         return None

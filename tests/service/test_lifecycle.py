@@ -142,9 +142,9 @@ def test_readiness_turns_false_when_draining_begins(tiny_models_dir: Path) -> No
 def test_sessions_are_warmed_on_the_threads_that_run_inference(
     tiny_models_dir: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """onnxruntime's CUDA provider keeps state per calling thread: warmed on the loader's thread,
-    each batch size stalled 0.3-1.3 s again the first time the inference thread ran it (H200,
-    2026-12-04, README "GPU"). So every warm-up run goes through the inference lane."""
+    """onnxruntime's CUDA provider keeps some state per calling thread: warmed on the loader's
+    thread, the inference thread's first runs stalled (H200, 2026-12-04, README "GPU"). So every
+    warm-up run goes through the inference lane (InferenceLane.run_and_wait)."""
     threads: list[str] = []
 
     def recording_warm(*args: Any, **kwargs: Any) -> float:
