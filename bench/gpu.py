@@ -54,26 +54,22 @@ def cuda_session(path: Path, options: dict[str, str]) -> ort.InferenceSession:
     return session
 
 
-def first_runs_ms(session: ort.InferenceSession, entry: ModelEntry) -> dict[str, float]:
-    """Wall time of the first run at each batch size, in increasing order (a fresh session)."""
-    result = {}
-    for batch in COLD_BATCHES:
-        feed = {entry.input.name: random_batch(batch, entry.input.width)}
-        start = time.perf_counter()
-        session.run(None, feed)
-        result[str(batch)] = round((time.perf_counter() - start) * 1000, 2)
-    return result
-
-
-def shape_switch_ms(session: ort.InferenceSession, entry: ModelEntry) -> list[float]:
-    """Wall time of each run alternating batch 1 and 2, on a session that has run both already."""
+def runs_ms(session: ort.InferenceSession, entry: ModelEntry, batches: tuple[int, ...]) -> list[float]:
+    """Wall time of one run at each of these batch sizes, in this order."""
     result = []
-    for batch in SWITCH_BATCHES:
+    for batch in batches:
         feed = {entry.input.name: random_batch(batch, entry.input.width)}
         start = time.perf_counter()
         session.run(None, feed)
         result.append(round((time.perf_counter() - start) * 1000, 2))
     return result
+
+
+def first_runs_ms(session: ort.InferenceSession, entry: ModelEntry) -> dict[str, float]:
+    """Wall time of the first run at each batch size, in increasing order (a fresh session)."""
+    return {
+        str(batch): ms for batch, ms in zip(COLD_BATCHES, runs_ms(session, entry, COLD_BATCHES), strict=True)
+    }
 
 
 def steady(session: ort.InferenceSession, entry: ModelEntry, seconds: float) -> dict[str, Any]:
@@ -103,7 +99,8 @@ def measure_model(
         session = cuda_session(path, options)
         row: dict[str, Any] = {"first_run_ms": first_runs_ms(session, entry)}
         row["steady"] = steady(session, entry, seconds)
-        row["shape_switch_ms"] = shape_switch_ms(session, entry)
+        # Alternating batch 1 and 2 on a session that has run both already.
+        row["shape_switch_ms"] = runs_ms(session, entry, SWITCH_BATCHES)
         if reference is not None:
             row["vs_cpu"] = agreement(reference, probabilities(session, entry, images))
         result[variant] = row

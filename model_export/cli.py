@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_all(args.out, cache_dir, args.data)
     if args.command == "evaluate":
+        from model_export.data import SHRUNK_JPEG_QUALITY
         from model_export.evaluate import remeasure
         from model_export.records import read_training_record
         from model_export.report import plot_frontier, source_table, table
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed, args.max_side)
         if args.max_side:
             print(
-                f"every photo shrunk to at most {args.max_side} px and saved again as JPEG (quality 75) first"
+                f"every photo shrunk to at most {args.max_side} px and saved again as JPEG "
+                f"(quality {SHRUNK_JPEG_QUALITY}) first"
             )
         print(table(manifest))
         print()

@@ -96,16 +96,17 @@ def check_models(settings: Settings) -> tuple[Manifest, dict[str, Path]]:
 
 def padded_batch_sizes(device: str, max_batch: int) -> list[int] | None:
     """On CUDA the sizes batches are padded to (None: no padding, on CPU, where an image costs
-    the same in any batch). The first run at an input shape not seen before took 1.5-6.4 s for
-    Xception on an H200 (cuDNN choosing kernels, CUDA loading them; README, "GPU"): with padding
-    only these few shapes ever run, and all of them are warmed before /readyz."""
+    the same in any batch). A run at a new input shape took 1.5-6.4 s for Xception on an H200
+    (cuDNN planning its convolutions; README, "GPU"): with padding only these few shapes ever
+    run, each on its own session warmed before /readyz (_session_per_padded_size)."""
     return batch_buckets(max_batch) if device == "cuda" else None
 
 
 def warm_batch_sizes(device: str, max_batch: int) -> list[int]:
-    """The batch sizes run once before /readyz: every padded size on CUDA; on CPU one and the
-    largest (no per-shape tuning there, only the arena growing to the largest batch)."""
-    return padded_batch_sizes(device, max_batch) or sorted({1, max_batch})
+    """The batch sizes a model's first session runs before /readyz: on CUDA one (each other
+    padded size has its own session); on CPU one and the largest (no per-shape planning there,
+    only the arena growing to the largest batch)."""
+    return [1] if device == "cuda" else sorted({1, max_batch})
 
 
 def load_registry(
@@ -123,11 +124,11 @@ def load_registry(
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
         device = device_of(session)
-        padded = padded_batch_sizes(device, settings.max_batch_size)
-        sizes = [1] if padded else warm_batch_sizes(device, settings.max_batch_size)
+        sizes = warm_batch_sizes(device, settings.max_batch_size)
         one_image_s = lane.run_and_wait(
             partial(warm, session, entry.input.name, entry.input.height, entry.input.width, sizes)
         )
+        padded = padded_batch_sizes(device, settings.max_batch_size)
         by_size = _session_per_padded_size(
             session, padded, paths[name], entry, providers, threads, settings, lane
         )
@@ -180,9 +181,9 @@ def _session_per_padded_size(
     if padded is None:
         return None
     sessions = {1: first}
+    shape = (entry.input.name, entry.input.height, entry.input.width)
     for size in padded[1:]:
         session = create_session(path, providers, threads, settings.intra_op_spinning)
-        shape = (entry.input.name, entry.input.height, entry.input.width)
         lane.run_and_wait(partial(warm_at, session, *shape, size))
         sessions[size] = session
     return sessions

@@ -173,7 +173,8 @@ def warm(
 
 
 def warm_at(session: ort.InferenceSession, input_name: str, height: int, width: int, batch: int) -> None:
-    """Run one batch size twice, and nothing else: for a session that only ever sees that shape."""
+    """Run one batch size twice (as measured on the H200), and nothing else: for a session that
+    only ever sees that shape."""
     blank = {input_name: np.zeros((batch, height, width, 3), dtype=np.uint8)}
     for _ in range(2):
         session.run(None, blank)

@@ -159,7 +159,8 @@ def test_sessions_are_warmed_on_the_threads_that_run_inference(
             return (await client.get("/readyz")).status_code
 
     assert asyncio.run(scenario()) == 200
-    # one warm-up per model, and with several workers one more per model's every-core session
+    # the two tiny models: one warm-up each, and with several workers one more each for its
+    # every-core session
     assert len(threads) == 2 * workers
     assert all(name.startswith("inference") for name in threads), threads
 
