@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from catdog_core.hashing import sha256_file
 from catdog_core.sessions import SESSION_PROFILE
+from service.batching import InferenceLane
 from service.manifest import (
     CascadeEntry,
     InputSpec,
@@ -251,3 +252,12 @@ async def in_process_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
                     break
                 await asyncio.sleep(0.05)
             yield client
+
+
+async def given_back(lane: InferenceLane, seconds: float = 10.0) -> bool:
+    """Whether an inference lane becomes idle within `seconds`: a worker gives itself back just
+    after it hands its last batch's answers to the event loop, so answers can come first."""
+    deadline = time.monotonic() + seconds
+    while not lane.idle and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return lane.idle

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.batching import EVERY_CORE, ONE_CORE, Batcher, InferenceLane, LoneImageLayout
 from tests.service import images as encoded
 from tests.service.test_batching import RecordingSession, images
-from tests.support import run_server
+from tests.support import given_back, run_server
 
 
 def test_the_faster_layout_wins_and_the_other_is_tried_now_and_then() -> None:
@@ -80,7 +80,7 @@ def test_a_lone_image_takes_every_worker_and_others_wait_for_it() -> None:
             assert [[r.logits[0] for r in answer] for answer in answers] == [[1], [2, 3]]
             # Two images are no lone image: they ran on a worker's own session.
             assert wide.batch_sizes == [1] and narrow.batch_sizes == [2]
-            assert counted == [EVERY_CORE] and lane.idle
+            assert counted == [EVERY_CORE] and await given_back(lane)
 
     asyncio.run(test())
 
