@@ -174,6 +174,12 @@ def run_server_points(
     return results
 
 
+def server_names(chosen: list[str] | None, known: list[str], variants: list[str]) -> list[str]:
+    """The servers to run: those chosen (default: all), and every --variant, named or not."""
+    names = chosen or known
+    return names + [label for label in variants if label not in names]
+
+
 def median_of_rounds(
     rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]],
 ) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
@@ -317,11 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image = write_bench_images(args.out.parent)["small"]
     specs = servers(args.models_dir, image, args.out.parent)
-    for variant in args.variant:
-        label, _, assignments = variant.partition(":")
+    variants = [variant.partition(":") for variant in args.variant]
+    for label, _, assignments in variants:
         extra = dict(item.split("=", 1) for item in assignments.split(",") if item)
         specs[label] = {**specs["catdog-serve"], "env": {**specs["catdog-serve"]["env"], **extra}}
-    names = args.servers or list(specs)
+    names = server_names(args.servers, list(specs), [label for label, _, _ in variants])
     if unknown := [name for name in names if name not in specs]:
         parser.error(f"unknown server {unknown[0]!r}; known: {', '.join(map(repr, specs))} and any --variant")
     rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []

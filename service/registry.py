@@ -15,7 +15,16 @@ from service.batching import Batcher, InferenceLane, LoneImageLayout, Reservatio
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
-from service.runtime import check_tensor_names, create_session, device_of, warm, warm_at
+from service.runtime import (
+    batching_gain_in_force,
+    cgroup_cpu_limit,
+    check_tensor_names,
+    create_session,
+    device_of,
+    seconds_per_image_in_batch,
+    warm,
+    warm_at,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +118,44 @@ def warm_batch_sizes(device: str, max_batch: int) -> list[int]:
     return [1] if device == "cuda" else sorted({1, max_batch})
 
 
+def batch_limit_that_pays(
+    max_batch: int, one_image_s: float, per_image_in_full_batch_s: float, min_gain: float
+) -> int:
+    """max_batch when an image in a full batch costs at least min_gain less than one alone (or
+    min_gain is 0: batch regardless), else one: a batch that saves nothing only makes its images
+    wait for the last of them."""
+    if min_gain == 0 or per_image_in_full_batch_s <= (1 - min_gain) * one_image_s:
+        return max_batch
+    return 1
+
+
+def _batch_limit(
+    settings: Settings,
+    session: ort.InferenceSession,
+    entry: ModelEntry,
+    device: str,
+    one_image_s: float,
+    lane: InferenceLane,
+) -> int:
+    """The largest batch this model runs (settings.min_batching_gain); measured on CPU only."""
+    max_batch = settings.max_batch_size
+    min_gain = batching_gain_in_force(settings.min_batching_gain, cgroup_cpu_limit())
+    if device == "cuda" or max_batch == 1 or min_gain == 0:
+        return max_batch
+    shape = (entry.input.name, entry.input.height, entry.input.width)
+    batched = lane.run_and_wait(partial(seconds_per_image_in_batch, session, *shape, max_batch))
+    limit = batch_limit_that_pays(max_batch, one_image_s, batched, min_gain)
+    log.info(
+        "%s: %.1f ms per image alone, %.1f in a batch of %d: batches of up to %d",
+        entry.name,
+        one_image_s * 1000,
+        batched * 1000,
+        max_batch,
+        limit,
+    )
+    return limit
+
+
 def load_registry(
     settings: Settings,
     manifest: Manifest,
@@ -128,6 +175,7 @@ def load_registry(
         one_image_s = lane.run_and_wait(
             partial(warm, session, entry.input.name, entry.input.height, entry.input.width, sizes)
         )
+        max_batch = _batch_limit(settings, session, entry, device, one_image_s, lane)
         padded = padded_batch_sizes(device, settings.max_batch_size)
         by_size = _session_per_padded_size(
             session, padded, paths[name], entry, providers, threads, settings, lane
@@ -143,7 +191,7 @@ def load_registry(
             session,
             input_name=entry.input.name,
             output_name=entry.output.name,
-            max_batch=settings.max_batch_size,
+            max_batch=max_batch,
             max_wait_s=settings.max_wait_ms / 1000,
             capacity=settings.queue_size,
             lane=lane,

@@ -244,4 +244,5 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
         build_latency_p50_ms_batch1=entry.latency.p50_ms_batch1,
         live_latency_p50_ms=live.value * 1000 if live and live.value is not None else None,
         queue_depth=loaded.batcher.pending,
+        max_batch=loaded.batcher.max_batch,
     )

@@ -93,6 +93,10 @@ class ModelInfo(BaseModel):
         description="Median of recent batch-1 inference times on this server."
     )
     queue_depth: int
+    max_batch: int = Field(
+        description="Most images this model runs in one batch here: CATDOG_MAX_BATCH_SIZE, or 1 where the "
+        "warm-up measured that batching saves too little per image (CATDOG_MIN_BATCHING_GAIN)."
+    )
 
 
 class CascadeInfo(BaseModel):

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     session's memory (163 MiB for the five models: idle RSS 684 against 847 MiB)."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Largest micro-batch per model."""
+    min_batching_gain: float = Field(0.1, ge=0, lt=1)
+    """On CPU without a CPU quota, a model runs batches of more than one image only if the warm-up
+    measured an image in a batch of max_batch_size at least this fraction cheaper than one alone;
+    else every image runs alone, as soon as a worker is free (every image in a batch waits for the
+    last; README, "Performance under contention"). 0 batches regardless, as does a CPU quota
+    (batches measured more throughput there) and CUDA (where they pay many times over)."""
     max_batch_ms: float = Field(500.0, gt=0)
     """Longest predicted run time of one batch: a model whose measured batch times pass it runs
     smaller batches (never below one image), so an admitted request is not held for seconds by

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.contention import _cell, main, measured_models, median_of_rounds, plot
+from bench.contention import _cell, main, measured_models, median_of_rounds, plot, server_names
 
 
 def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
@@ -42,6 +42,18 @@ def test_an_unknown_server_name_is_a_usage_error_naming_the_known_ones(
     error = capsys.readouterr().err
     assert "unknown server 'plain'" in error and "'plain FastAPI'" in error
     assert not (tmp_path / "c.json").exists()  # nothing ran
+
+
+def test_a_variant_runs_whether_or_not_the_servers_chosen_name_it() -> None:
+    # Named in --variant but not in --servers, a variant used to be dropped without a word.
+    known = ["catdog-serve", "plain FastAPI", "b1"]
+    assert server_names(["catdog-serve", "plain FastAPI"], known, ["b1"]) == [
+        "catdog-serve",
+        "plain FastAPI",
+        "b1",
+    ]
+    assert server_names(["b1", "catdog-serve"], known, ["b1"]) == ["b1", "catdog-serve"]
+    assert server_names(None, known, ["b1"]) == known
 
 
 def test_the_plot_has_rows_only_for_the_models_measured(tmp_path: Path) -> None:

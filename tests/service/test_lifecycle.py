@@ -22,7 +22,8 @@ from bench.open_loop import start_open_loop
 from service.app import create_app
 from service.inference_protocol import HEADER_LENGTH
 from service.manifest import write_manifest
-from service.runtime import warm
+from service.registry import batch_limit_that_pays
+from service.runtime import batching_gain_in_force, warm
 from service.settings import Settings
 from tests.service import images
 from tests.support import ROOT, in_process_client, run_server, wait_until, write_tiny_models
@@ -216,3 +217,47 @@ def test_the_manifest_tensor_names_are_the_ones_served(tmp_path: Path) -> None:
     result = start_expecting_failure({"CATDOG_MODELS_DIR": str(folder), "PATH": "/usr/bin:/bin"})
     assert result.returncode != 0
     assert "input 'pixels'" in result.stderr, result.stderr
+
+
+def test_a_model_batches_only_where_a_batch_was_measured_cheaper_per_image() -> None:
+    # 15 ms per image alone: 18.5 in a batch of 8 (MobileNet on one thread here) or 14 (7 %
+    # less) save too little; 13.5 (10 %) or 5 (a GPU's kind of gain) pay.
+    assert batch_limit_that_pays(8, 0.015, 0.0185, min_gain=0.1) == 1
+    assert batch_limit_that_pays(8, 0.015, 0.014, min_gain=0.1) == 1
+    assert batch_limit_that_pays(8, 0.015, 0.0135, min_gain=0.1) == 8
+    assert batch_limit_that_pays(8, 0.015, 0.005, min_gain=0.1) == 8
+    assert batch_limit_that_pays(8, 0.015, 0.0185, min_gain=0) == 8
+    # Under a CPU quota batches always run (they measured more throughput there).
+    assert batching_gain_in_force(0.1, cpu_limit=1.5) == 0
+    assert batching_gain_in_force(0.1, cpu_limit=None) == 0.1
+
+
+@pytest.mark.parametrize(
+    ("per_image_in_batch_s", "min_gain", "expected"), [(10.0, 0.1, 1), (0.0, 0.1, 8), (10.0, 0.0, 8)]
+)
+def test_the_warm_up_measures_whether_batching_pays_and_models_say_what_they_run(
+    tiny_models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    per_image_in_batch_s: float,
+    min_gain: float,
+    expected: int,
+) -> None:
+    measured: list[int] = []
+
+    def batched(*args: Any) -> float:
+        measured.append(args[-1])
+        return per_image_in_batch_s
+
+    monkeypatch.setattr("service.registry.seconds_per_image_in_batch", batched)
+    monkeypatch.setattr("service.registry.cgroup_cpu_limit", lambda: None)  # as on a quota-less host
+    settings = Settings(models_dir=tiny_models_dir, max_batch_size=8, min_batching_gain=min_gain)
+    app = create_app(settings)
+
+    async def scenario() -> dict[str, Any]:
+        async with in_process_client(app) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            return (await client.get("/models")).json()
+
+    models = asyncio.run(scenario())["models"]
+    assert [model["max_batch"] for model in models] == [expected] * len(models)
+    assert measured == ([] if min_gain == 0 else [8] * len(models))
