@@ -557,6 +557,8 @@ class Batcher:
             except BaseException:
                 self._put_back(jobs)  # a bug: the crash handler fails them rather than lose them
                 raise
+        if self._batches:
+            await asyncio.wait(self._batches)
 
     def _put_back(self, jobs: list[_Job]) -> None:
         with self._lock:

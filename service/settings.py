@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     CPU quota leaves less than one CPU per inference worker. Shorter tails below capacity, less
     goodput under overload (README, "Performance under contention")."""
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
-    """While the inference thread is busy, how long a request may wait for others to join its batch
-    (never past its deadline); when it is idle, a batch runs at once."""
+    """While another inference worker is busy, how long a request may wait on a free one for others
+    to join its batch (never past its deadline); on an idle lane a batch runs at once, and a worker
+    that has just finished a batch takes what is queued at once."""
     queue_size: int = Field(64, ge=1)
     """Images admitted per model before new requests get 503 with Retry-After."""
     max_queue_wait_ms: float = Field(1000.0, gt=0)
