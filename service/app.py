@@ -25,7 +25,13 @@ from service.metrics import ServiceMetrics
 from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
-from service.runtime import balance_batches, cgroup_cpu_limit, inference_layout, resolve_providers
+from service.runtime import (
+    balance_batches,
+    batching_gain_in_force,
+    cgroup_cpu_limit,
+    inference_layout,
+    resolve_providers,
+)
 from service.settings import Settings
 from service.shadow import ShadowWatch, default_large_model, shadow_session
 from service.state import AppState
@@ -41,12 +47,21 @@ async def _load(
     paths: dict[str, Path],
     providers: list[str],
     threads: int,
+    min_batching_gain: float,
     on_fatal: Callable[[], None],
 ) -> None:
     """Create and warm the sessions off the event loop; only then does /readyz answer 200."""
     try:
         registry = await asyncio.to_thread(
-            load_registry, state.settings, manifest, paths, providers, threads, state.inference, state.metrics
+            load_registry,
+            state.settings,
+            manifest,
+            paths,
+            providers,
+            threads,
+            state.inference,
+            state.metrics,
+            min_batching_gain,
         )
         checker: tuple[str, ort.InferenceSession] | None = None
         if state.settings.shadow_rate > 0:
@@ -121,7 +136,9 @@ def create_app(
         providers = resolve_providers(settings.providers)
         workers, threads = inference_layout(settings.inference_workers, settings.intra_op_threads, providers)
         manifest, paths = check_models(settings)
-        balanced = balance_batches(settings.balance_batches, workers, cgroup_cpu_limit())
+        cpu_limit = cgroup_cpu_limit()
+        balanced = balance_batches(settings.balance_batches, workers, cpu_limit)
+        min_gain = batching_gain_in_force(settings.min_batching_gain, cpu_limit)
         state.inference = InferenceLane(workers, balanced)
         log.info(
             "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), %d models",
@@ -134,7 +151,7 @@ def create_app(
         )
         if settings.metrics_port:
             start_http_server(settings.metrics_port, addr=metrics_host, registry=state.metrics.registry)
-        loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, on_fatal))
+        loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, min_gain, on_fatal))
         try:
             yield
         finally:

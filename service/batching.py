@@ -579,13 +579,15 @@ class Batcher:
     def _partition(self, jobs: list[_Job]) -> tuple[list[_Job], list[_Job]]:
         """The jobs to run, and those whose deadline is past or too near to run; jobs whose client
         went away (future cancelled) are in neither."""
+        waiting = [job for job in jobs if not job.future.done()]
+        if all(job.deadline is None for job in waiting):  # the usual case: no estimate needed
+            return waiting, []
         too_late = time.monotonic() + self.stats.seconds_for(1, self.fallback_seconds)
         live: list[_Job] = []
         expired: list[_Job] = []
-        for job in jobs:
-            if not job.future.done():
-                late = job.deadline is not None and job.deadline <= too_late
-                (expired if late else live).append(job)
+        for job in waiting:
+            late = job.deadline is not None and job.deadline <= too_late
+            (expired if late else live).append(job)
         return live, expired
 
     @staticmethod
@@ -643,16 +645,19 @@ class Batcher:
                 logits, began, elapsed = self._run_session(jobs, layout)
             except Exception as exc:  # an inference failure is ours, not the client's: surface as 500
                 log.exception("inference failed on %s (batch of %d)", self.name, len(jobs))
-                self._next_in_thread(loop, running, go_on=False)
+                self._retire(running)
                 loop.call_soon_threadsafe(self._fail, jobs, exc)
                 return
             except BaseException as exc:
-                self._next_in_thread(loop, running, go_on=False)
+                self._retire(running)
                 loop.call_soon_threadsafe(self._fail, jobs, exc)
                 raise
             self._record(len(jobs), layout, elapsed)
             loop.call_soon_threadsafe(self._answer, jobs, logits, began, elapsed)
-            following = self._next_in_thread(loop, running, go_on=layout != EVERY_CORE)
+            if layout == EVERY_CORE:  # it held every worker: the event loop shares them out again
+                self._retire(running)
+                return
+            following = self._next_in_thread(loop, running)
             if following is None:
                 return
             jobs, running = following
@@ -676,16 +681,18 @@ class Batcher:
         if layout != EVERY_CORE:  # the workers' own batch times, which the predictions use
             self.stats.batch_seconds.setdefault(size, Window()).update(elapsed)
 
+    def _retire(self, finished: _Running) -> None:
+        with self._lock:
+            self._running_batches.remove(finished)
+
     def _next_in_thread(
-        self, loop: asyncio.AbstractEventLoop, finished: _Running, go_on: bool
+        self, loop: asyncio.AbstractEventLoop, finished: _Running
     ) -> tuple[list[_Job], _Running] | None:
         """In a worker thread, its batch done: the next batch it runs at once, or None to give
         the worker back to the event loop. Jobs found expired are answered there."""
         with self._lock:
             self._running_batches.remove(finished)
-            while (
-                go_on and self._queue and self.failure is None and not self._lane.others_waiting(self._queue)
-            ):
+            while self._queue and self.failure is None and not self._lane.others_waiting(self._queue):
                 limit = self.batch_limit
                 balanced = self._lane.balanced
                 take = self.share_of_queue(limit, claimed=True) if balanced else min(self.pending, limit)

@@ -16,8 +16,6 @@ from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
 from service.runtime import (
-    batching_gain_in_force,
-    cgroup_cpu_limit,
     check_tensor_names,
     create_session,
     device_of,
@@ -130,7 +128,8 @@ def batch_limit_that_pays(
 
 
 def _batch_limit(
-    settings: Settings,
+    max_batch: int,
+    min_gain: float,
     session: ort.InferenceSession,
     entry: ModelEntry,
     device: str,
@@ -138,8 +137,6 @@ def _batch_limit(
     lane: InferenceLane,
 ) -> int:
     """The largest batch this model runs (settings.min_batching_gain); measured on CPU only."""
-    max_batch = settings.max_batch_size
-    min_gain = batching_gain_in_force(settings.min_batching_gain, cgroup_cpu_limit())
     if device == "cuda" or max_batch == 1 or min_gain == 0:
         return max_batch
     shape = (entry.input.name, entry.input.height, entry.input.width)
@@ -164,8 +161,10 @@ def load_registry(
     threads: int,
     lane: InferenceLane,
     metrics: ServiceMetrics,
+    min_batching_gain: float,
 ) -> ModelRegistry:
-    """Create and warm one session per model (slow: runs while /readyz still says 503)."""
+    """Create and warm one session per model (slow: runs while /readyz still says 503).
+    min_batching_gain: the one in force (runtime.batching_gain_in_force)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
@@ -175,7 +174,9 @@ def load_registry(
         one_image_s = lane.run_and_wait(
             partial(warm, session, entry.input.name, entry.input.height, entry.input.width, sizes)
         )
-        max_batch = _batch_limit(settings, session, entry, device, one_image_s, lane)
+        max_batch = _batch_limit(
+            settings.max_batch_size, min_batching_gain, session, entry, device, one_image_s, lane
+        )
         padded = padded_batch_sizes(device, settings.max_batch_size)
         by_size = _session_per_padded_size(
             session, padded, paths[name], entry, providers, threads, settings, lane

@@ -249,7 +249,7 @@ def test_the_warm_up_measures_whether_batching_pays_and_models_say_what_they_run
         return per_image_in_batch_s
 
     monkeypatch.setattr("service.registry.seconds_per_image_in_batch", batched)
-    monkeypatch.setattr("service.registry.cgroup_cpu_limit", lambda: None)  # as on a quota-less host
+    monkeypatch.setattr("service.app.cgroup_cpu_limit", lambda: None)  # as on a quota-less host
     settings = Settings(models_dir=tiny_models_dir, max_batch_size=8, min_batching_gain=min_gain)
     app = create_app(settings)
 
