@@ -26,9 +26,10 @@ from service.middleware import OutcomeMiddleware, RequestIdMiddleware
 from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
 from service.runtime import (
+    BatchingInForce,
     balance_batches,
-    batching_gain_in_force,
-    cgroup_cpu_limit,
+    batching_in_force,
+    cgroup_cpu_quota,
     inference_layout,
     resolve_providers,
 )
@@ -47,7 +48,7 @@ async def _load(
     paths: dict[str, Path],
     providers: list[str],
     threads: int,
-    min_batching_gain: float,
+    batching: BatchingInForce,
     on_fatal: Callable[[], None],
 ) -> None:
     """Create and warm the sessions off the event loop; only then does /readyz answer 200."""
@@ -61,7 +62,7 @@ async def _load(
             threads,
             state.inference,
             state.metrics,
-            min_batching_gain,
+            batching,
         )
         checker: tuple[str, ort.InferenceSession] | None = None
         if state.settings.shadow_rate > 0:
@@ -136,9 +137,9 @@ def create_app(
         providers = resolve_providers(settings.providers)
         workers, threads = inference_layout(settings.inference_workers, settings.intra_op_threads, providers)
         manifest, paths = check_models(settings)
-        cpu_limit = cgroup_cpu_limit()
-        balanced = balance_batches(settings.balance_batches, workers, cpu_limit)
-        min_gain = batching_gain_in_force(settings.min_batching_gain, cpu_limit)
+        quota = cgroup_cpu_quota()
+        balanced = balance_batches(settings.balance_batches, workers, quota.cpus if quota else None)
+        batching = batching_in_force(settings.min_batching_gain, settings.max_batch_ms, quota)
         state.inference = InferenceLane(workers, balanced)
         log.info(
             "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), %d models",
@@ -151,7 +152,7 @@ def create_app(
         )
         if settings.metrics_port:
             start_http_server(settings.metrics_port, addr=metrics_host, registry=state.metrics.registry)
-        loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, min_gain, on_fatal))
+        loading = asyncio.create_task(_load(state, manifest, paths, providers, threads, batching, on_fatal))
         try:
             yield
         finally:

@@ -16,6 +16,7 @@ from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
 from service.metrics import ServiceMetrics
 from service.runtime import (
+    BatchingInForce,
     check_tensor_names,
     create_session,
     device_of,
@@ -161,10 +162,10 @@ def load_registry(
     threads: int,
     lane: InferenceLane,
     metrics: ServiceMetrics,
-    min_batching_gain: float,
+    batching: BatchingInForce,
 ) -> ModelRegistry:
     """Create and warm one session per model (slow: runs while /readyz still says 503).
-    min_batching_gain: the one in force (runtime.batching_gain_in_force)."""
+    batching: the rules in force on this node (runtime.batching_in_force)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
         session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
@@ -175,7 +176,7 @@ def load_registry(
             partial(warm, session, entry.input.name, entry.input.height, entry.input.width, sizes)
         )
         max_batch = _batch_limit(
-            settings.max_batch_size, min_batching_gain, session, entry, device, one_image_s, lane
+            settings.max_batch_size, batching.min_gain, session, entry, device, one_image_s, lane
         )
         padded = padded_batch_sizes(device, settings.max_batch_size)
         by_size = _session_per_padded_size(
@@ -198,7 +199,7 @@ def load_registry(
             lane=lane,
             fallback_seconds=one_image_s,
             max_queue_wait_s=settings.max_queue_wait_ms / 1000,
-            max_batch_s=settings.max_batch_ms / 1000,
+            max_batch_s=batching.max_batch_s,
             on_batch=on_batch,
             every_core=every_core,
             on_lone_image=partial(_count_lone_image, metrics, name),

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     max_batch_ms: float = Field(500.0, gt=0)
     """Longest predicted run time of one batch: a model whose measured batch times pass it runs
     smaller batches (never below one image), so an admitted request is not held for seconds by
-    the images batched with it."""
+    the images batched with it. Under a CPU quota, at most one quota period (100 ms in
+    Kubernetes): a longer batch is throttled while every image in it waits (README,
+    "Performance under contention")."""
     balance_batches: bool = False
     """A freed inference worker takes its share of the queued images (each image dealt to the
     worker predicted to finish it first), not the whole queue up to max_batch_size; ignored when a

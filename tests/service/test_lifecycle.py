@@ -23,7 +23,7 @@ from service.app import create_app
 from service.inference_protocol import HEADER_LENGTH
 from service.manifest import write_manifest
 from service.registry import batch_limit_that_pays
-from service.runtime import batching_gain_in_force, warm
+from service.runtime import BatchingInForce, CpuQuota, batching_in_force, warm
 from service.settings import Settings
 from tests.service import images
 from tests.support import ROOT, in_process_client, run_server, wait_until, write_tiny_models
@@ -227,9 +227,14 @@ def test_a_model_batches_only_where_a_batch_was_measured_cheaper_per_image() -> 
     assert batch_limit_that_pays(8, 0.015, 0.0135, min_gain=0.1) == 8
     assert batch_limit_that_pays(8, 0.015, 0.005, min_gain=0.1) == 8
     assert batch_limit_that_pays(8, 0.015, 0.0185, min_gain=0) == 8
-    # Under a CPU quota batches always run (they measured more throughput there).
-    assert batching_gain_in_force(0.1, cpu_limit=1.5) == 0
-    assert batching_gain_in_force(0.1, cpu_limit=None) == 0.1
+
+
+def test_under_a_cpu_quota_batches_always_run_and_last_at_most_one_quota_period() -> None:
+    # Batches measured more throughput under a quota; one that outlasts a period is throttled
+    # while every image in it waits.
+    assert batching_in_force(0.1, 500, quota=None) == BatchingInForce(min_gain=0.1, max_batch_s=0.5)
+    assert batching_in_force(0.1, 500, CpuQuota(1.5, 0.1)) == BatchingInForce(min_gain=0, max_batch_s=0.1)
+    assert batching_in_force(0.1, 50, CpuQuota(1.5, 0.1)) == BatchingInForce(min_gain=0, max_batch_s=0.05)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +254,7 @@ def test_the_warm_up_measures_whether_batching_pays_and_models_say_what_they_run
         return per_image_in_batch_s
 
     monkeypatch.setattr("service.registry.seconds_per_image_in_batch", batched)
-    monkeypatch.setattr("service.app.cgroup_cpu_limit", lambda: None)  # as on a quota-less host
+    monkeypatch.setattr("service.app.cgroup_cpu_quota", lambda: None)  # as on a quota-less host
     settings = Settings(models_dir=tiny_models_dir, max_batch_size=8, min_batching_gain=min_gain)
     app = create_app(settings)
 
@@ -261,3 +266,21 @@ def test_the_warm_up_measures_whether_batching_pays_and_models_say_what_they_run
     models = asyncio.run(scenario())["models"]
     assert [model["max_batch"] for model in models] == [expected] * len(models)
     assert measured == ([] if min_gain == 0 else [8] * len(models))
+
+
+def test_under_a_cpu_quota_the_models_batch_without_measuring_and_within_one_period(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.app.cgroup_cpu_quota", lambda: CpuQuota(1.5, 0.05))
+    app = create_app(Settings(models_dir=tiny_models_dir, max_batch_size=8, max_batch_ms=500))
+
+    async def scenario() -> tuple[list[int], list[float]]:
+        async with in_process_client(app) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            models = (await client.get("/models")).json()["models"]
+            registry = app.state.catdog.classifier.registry
+            return [m["max_batch"] for m in models], [m.batcher.max_batch_s for m in registry.models.values()]
+
+    max_batches, batch_time_caps = asyncio.run(scenario())
+    assert max_batches == [8] * len(max_batches)
+    assert batch_time_caps == [0.05] * len(batch_time_caps)

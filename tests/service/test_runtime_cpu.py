@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service import runtime
-from service.runtime import balance_batches, cgroup_cpu_limit, inference_layout
+from service.runtime import CpuQuota, balance_batches, cgroup_cpu_limit, cgroup_cpu_quota, inference_layout
 
 
 def _v2(root: Path, group: str, cpu_max: str) -> None:
@@ -36,6 +36,17 @@ def test_v1_cfs_quota_of_the_process_own_cgroup(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpu_limit(tmp_path, "4:cpu,cpuacct:/bench/server\n1:name=systemd:/x\n") == 1.0
+
+
+def test_the_quota_period_comes_with_the_tightest_quota(tmp_path: Path) -> None:
+    _v2(tmp_path, "/slice", "200000 100000")
+    _v2(tmp_path, "/slice/app", "75000 50000")
+    assert cgroup_cpu_quota(tmp_path, "0::/slice/app\n") == CpuQuota(cpus=1.5, period_s=0.05)
+    group = tmp_path / "cpu" / "pod"
+    group.mkdir(parents=True)
+    (group / "cpu.cfs_quota_us").write_text("20000\n")
+    (group / "cpu.cfs_period_us").write_text("20000\n")
+    assert cgroup_cpu_quota(tmp_path, "4:cpu,cpuacct:/pod\n") == CpuQuota(cpus=1.0, period_s=0.02)
 
 
 def test_no_quota_anywhere(tmp_path: Path) -> None:
