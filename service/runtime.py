@@ -122,8 +122,8 @@ class BatchingInForce:
     shorter tail at the same throughput.
     max_batch_s: settings.max_batch_ms, or under a CPU quota at most one quota period: a batch
     longer than a period is throttled while it runs, and every image in it waits for each
-    throttle (MobileNet at concurrency 8 under a 1.5-CPU quota: p99 about 0.8x that of batches
-    of up to 8 at the same throughput). README, "Performance under contention"."""
+    throttle (MobileNet at concurrency 8 under a 1.5-CPU quota: p99 0.77-0.86x that of batches
+    of up to 8 at the same throughput, two sittings). README, "Performance under contention"."""
 
     min_gain: float
     max_batch_s: float
