@@ -135,9 +135,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Everything a wrong setting can break is checked here, so the process fails to start.
         providers = resolve_providers(settings.providers)
-        workers, threads = inference_layout(settings.inference_workers, settings.intra_op_threads, providers)
+        quota = cgroup_cpu_quota()  # read once: the thread layout and the batching rules follow it
+        workers, threads = inference_layout(
+            settings.inference_workers, settings.intra_op_threads, providers, quota
+        )
         manifest, paths = check_models(settings)
-        quota = cgroup_cpu_quota()
         balanced = balance_batches(settings.balance_batches, workers, quota.cpus if quota else None)
         batching = batching_in_force(settings.min_batching_gain, settings.max_batch_ms, quota)
         state.inference = InferenceLane(workers, balanced)

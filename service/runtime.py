@@ -52,12 +52,6 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: str | None
     return min(quotas, default=None, key=lambda quota: quota.cpus)
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> float | None:
-    """CPUs allowed by the tightest CFS quota (cgroup_cpu_quota), if any."""
-    quota = cgroup_cpu_quota(root, membership)
-    return quota.cpus if quota else None
-
-
 def _own_cgroup_dirs(root: Path, membership: str) -> list[Path]:
     """The process's cpu cgroup directory and each parent up to the root (which is always tried)."""
     relative = ""
@@ -87,18 +81,19 @@ def _quota_at(directory: Path) -> CpuQuota | None:
         return None
 
 
-def default_threads() -> int:
+def default_threads(quota: CpuQuota | None) -> int:
     """Threads matching the CPUs this process may really use: quota, then affinity, then count."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(available, math.ceil(limit))) if limit else max(1, available)
+    return max(1, min(available, math.ceil(quota.cpus))) if quota else max(1, available)
 
 
-def inference_layout(workers: int | None, threads: int | None, providers: list[str]) -> tuple[int, int]:
+def inference_layout(
+    workers: int | None, threads: int | None, providers: list[str], quota: CpuQuota | None
+) -> tuple[int, int]:
     """Inference workers (batches at once) and intra-op threads per batch: what the settings say,
     else one worker per CPU of one thread each on CPU, one worker with every CPU on CUDA (the
     GPU runs one batch at a time; the threads only serve the nodes it leaves to the CPU)."""
-    cpus = default_threads()
+    cpus = default_threads(quota)
     if workers is None:
         workers = 1 if providers[0] == "CUDAExecutionProvider" or threads is not None else cpus
     return workers, threads or max(1, cpus // workers)

@@ -292,12 +292,13 @@ class _ScriptedSession:
     for each round of the measurement."""
 
     def __init__(self, clock: list[float], rounds: list[tuple[float, float]]) -> None:
-        self.clock, self.rounds, self.batches_run = clock, rounds, 0
+        self.clock, self.rounds, self.round = clock, rounds, -1
 
     def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> None:
         images = len(next(iter(feed.values())))
-        alone, batched = self.rounds[min(self.batches_run, len(self.rounds)) - (images == 1)]
-        self.batches_run += images > 1
+        if images > 1:  # every round begins with its batch
+            self.round += 1
+        alone, batched = self.rounds[self.round]
         self.clock[0] += alone if images == 1 else batched * images
 
 

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from service import runtime
-from service.runtime import CpuQuota, balance_batches, cgroup_cpu_limit, cgroup_cpu_quota, inference_layout
+from service.runtime import CpuQuota, balance_batches, cgroup_cpu_quota, inference_layout
+
+
+def cgroup_cpu_limit(root: Path, membership: str) -> float | None:
+    quota = cgroup_cpu_quota(root, membership)
+    return quota.cpus if quota else None
 
 
 def _v2(root: Path, group: str, cpu_max: str) -> None:
@@ -78,8 +83,8 @@ def test_inference_layout(
     providers: list[str],
     layout: tuple[int, int],
 ) -> None:
-    monkeypatch.setattr(runtime, "default_threads", lambda: cpus)
-    assert inference_layout(workers, threads, providers) == layout
+    monkeypatch.setattr(runtime, "default_threads", lambda quota: cpus)
+    assert inference_layout(workers, threads, providers, quota=None) == layout
 
 
 @pytest.mark.parametrize(
