@@ -8,6 +8,10 @@ for 30 s each. Reported per point: offered and achieved rate,
 answered 200, shed 503, any other status, goodput, p50/p99 of admitted and of shed answers, and
 whether every 503 carried Retry-After. The aims: at 3x, admitted p99 <= 2 s, shed answered within
 100 ms p99, goodput >= 85 % of the 1x capacity, nothing but 200 and 503, no connection errors.
+
+`--condition` runs the server under one of bench.contention's conditions (a core taken by a busy
+process, or the server in a cgroup with a CFS quota of 1.5 or 1 CPU, the load generator outside):
+a pod under a CPU limit is where admission's predicted waits meet the throttle.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.contention import CONDITIONS, condition
 from bench.images import write_bench_images
 from bench.load import ROOT, server, wrk
 from bench.open_loop import Record, run_open_loop
@@ -59,7 +64,7 @@ def summarise(records: list[Record], seconds: int, target: float) -> dict[str, A
     }
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], path: Path, condition_name: str = "quiet") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +92,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(f"condition: {condition_name}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -101,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiples", nargs="+", type=float, default=[1.0, 2.0, 3.0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "overload.png")
+    parser.add_argument("--condition", choices=CONDITIONS, default="quiet")
     args = parser.parse_args(argv)
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
-    with server(
-        [sys.executable, "-m", "service", "--port", str(PORT)],
-        env,
-        f"{URL}/readyz",
-        args.out.with_suffix(".log"),
+    command = [sys.executable, "-m", "service", "--port", str(PORT)]
+    with (
+        condition(args.condition) as quota,
+        server(quota.wrap(command) if quota else command, env, f"{URL}/readyz", args.out.with_suffix(".log")),
     ):
+        print(f"condition: {args.condition}", flush=True)
         for model in args.models:
             capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["answered_per_s"]
             print(f"{model}: closed-loop capacity {capacity} req/s (wrk, 8 connections, 10 s)", flush=True)
@@ -120,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                 point = summarise(
                     offer(model, image, capacity * multiple, args.seconds), args.seconds, capacity * multiple
                 )
-                point.update(model=model, multiple=multiple, capacity_rps=capacity)
+                point.update(model=model, multiple=multiple, capacity_rps=capacity, condition=args.condition)
                 results[model].append(point)
                 print(json.dumps(point), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.plot)
+    plot(results, args.plot, args.condition)
     print(f"written to {args.out} and {args.plot}")
     return 0
 

@@ -22,7 +22,7 @@ from service.http_errors import install_error_handlers
 from service.imaging import DecodeLimits
 from service.manifest import Manifest
 from service.metrics import ServiceMetrics
-from service.middleware import OutcomeMiddleware, RequestIdMiddleware
+from service.middleware import OutcomeMiddleware, RequestIdMiddleware, requested_model
 from service.registry import ModelRegistry, check_models, load_registry
 from service.routes import install_routes
 from service.runtime import (
@@ -185,7 +185,11 @@ def create_app(
         idle_timeout_s=settings.body_timeout_s,
         min_bytes_per_s=settings.min_upload_bytes_per_s,
     )
-    app.add_middleware(AdmissionMiddleware, max_in_progress=settings.max_concurrent_requests)
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_in_progress=settings.max_concurrent_requests,
+        refusal_for=lambda scope: state.refusal_before_body(requested_model(scope)),
+    )
     app.add_middleware(OutcomeMiddleware, requests=state.metrics.requests, label_of=state.model_label)
     app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too
     install_error_handlers(app)

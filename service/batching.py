@@ -457,8 +457,14 @@ class Batcher:
 
     def _admit(self, n_images: int) -> None:
         self._check_serving()
+        if (refused := self.refusal(n_images)) is not None:
+            raise refused
+
+    def refusal(self, n_images: int = 1) -> Overloaded | None:
+        """The 503 a request of n images would get now for want of room (None: it fits). Asked
+        with one image before a request's body is read, too: no request for this model fits then."""
         if self.pending + self.reserved + n_images > self.capacity:
-            raise Overloaded(
+            return Overloaded(
                 f"model {self.name} queue is full ({self.pending} queued and {self.reserved} decoding of "
                 f"{self.capacity} places)",
                 headers={"Retry-After": str(self.retry_after_seconds())},
@@ -472,11 +478,12 @@ class Batcher:
             # Places are free, but the images ahead take longer than the cap to run. With nothing
             # queued ahead (only a running batch) a request is always taken, so the next batch
             # can form while one runs, however slow the model.
-            raise Overloaded(
+            return Overloaded(
                 f"model {self.name} would start this request in about {wait:.1f} s, past the "
                 f"{self.max_queue_wait_s:g} s queue-wait cap",
                 headers={"Retry-After": str(self.retry_after_seconds())},
             )
+        return None
 
     @contextlib.contextmanager
     def reservation(self, n_images: int) -> Iterator[Reservation]:

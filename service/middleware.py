@@ -93,12 +93,12 @@ class OutcomeMiddleware:
             state["outcome"] = "internal_error"
             raise
         finally:
-            model = state.get("model_label") or self.label_of(_requested_model(scope))
+            model = state.get("model_label") or self.label_of(requested_model(scope))
             outcome = state.get("outcome") or ("ok" if status < 400 else "internal_error")
             self.requests.labels(model, outcome, f"{status // 100}xx").inc()
 
 
-def _requested_model(scope: Scope) -> str | None:
+def requested_model(scope: Scope) -> str | None:
     """The model a request names before any route has run: in the path on the protocol's routes
     (/v2/models/{name}/...), in the query on /classify."""
     path: str = scope["path"]

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 
 from service.batching import InferenceLane
 from service.classifier import Classifier
-from service.errors import NotReady
+from service.errors import NotReady, Overloaded
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -44,6 +44,17 @@ class AppState:
         if name is None:
             return registry.default
         return name if name in registry.models else UNKNOWN_MODEL
+
+    def refusal_before_body(self, name: str | None) -> Overloaded | None:
+        """The 503 a request for this model gets before its body is read: when the model's queue
+        has no room for even one image. Only a plain model name decides it here (auto and the
+        cascade choose among models; an unknown name is the route's 404), and never with the
+        response cache on, whose hits are answered without the queue."""
+        if self.classifier is None or self.classifier.cache is not None or name in ("auto", "cascade"):
+            return None
+        registry = self.classifier.registry
+        model = registry.models.get(name or registry.default)
+        return model.batcher.refusal(1) if model is not None else None
 
     def begin_draining(self) -> None:
         """SIGTERM: readiness goes false at once so load balancers stop sending new work."""

@@ -283,7 +283,67 @@ def test_a_refused_small_upload_keeps_its_connection(server: Server) -> None:
         sock.sendall(request)
         head = read_head(sock)
         assert head.startswith("http/1.1 503") and "connection: close" not in head, head
-        for thread in busy:
-            thread.join()
+        # Probes on the same connection while the busy requests finish: an idle connection would
+        # meet uvicorn's keep-alive timeout (5 s) on a machine slow enough, which is not this test.
+        while any(thread.is_alive() for thread in busy):
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_head(sock).startswith("http/1.1 200")
+            time.sleep(0.5)
         sock.sendall(request)
         assert read_head(sock).startswith("http/1.1 200")
+
+
+@pytest.fixture(scope="module")
+def queue_capped_server(
+    slower_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Room for many requests at once, but a short queue-wait cap: the cap is what refuses."""
+    with run_server(
+        slower_models_dir,
+        tmp_path_factory.mktemp("queue-capped"),
+        max_concurrent_requests="16",
+        body_timeout_s="1.0",
+        max_batch_size="1",
+        max_queue_wait_ms="100",
+    ) as live:
+        yield live
+
+
+def announce_and_stall(server: Server, target: str) -> str:
+    """The head of the answer to a request that announces a large body and sends none of it."""
+    with connect(server) as sock:
+        sock.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: 1000000\r\n\r\n".encode()
+        )
+        return read_head(sock)
+
+
+@pytest.mark.slow
+def test_a_model_whose_queue_is_past_the_wait_cap_refuses_before_the_body_is_read(
+    queue_capped_server: Server,
+) -> None:
+    """Refusing after the upload costs the CPU of reading and parsing it; under a CPU quota a client
+    pool that retries at once spent that CPU many hundred times a second, taken from admitted work.
+    """
+    results: list[int] = []
+    busy = threading.Thread(target=slow_request, args=(queue_capped_server, results))
+    busy.start()
+    time.sleep(0.3)  # its eight images queued: seconds of work on the slow model
+    head = announce_and_stall(queue_capped_server, "/classify?model=slow")
+    protocol_head = announce_and_stall(queue_capped_server, "/v2/models/slow/infer")
+    other_model = httpx.post(
+        f"{queue_capped_server.url}/classify",
+        params={"model": "fast"},
+        content=images.jpeg(),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    busy.join()
+    # 503, not the 408 that waiting for the body would end in.
+    assert head.startswith("http/1.1 503"), head
+    assert "retry-after:" in head
+    assert protocol_head.startswith("http/1.1 503"), protocol_head
+    # Only the model whose queue is long refuses; the first request finishes.
+    assert other_model.status_code == 200, other_model.text
+    assert results == [200]
+    assert requests_total(queue_capped_server)[("slow", "overloaded", "5xx")] >= 2
