@@ -4,7 +4,7 @@ loop and the decode pool (an open-loop 2x overload used to be answered 200 after
 
 A request that names a model whose queue has no room for even one image (full, or past the
 queue-wait cap) is refused here too, before its body is read: refused after the upload, it cost
-the CPU of reading and parsing it, and under a CPU quota a client pool that retried at once took
+the CPU of reading (and parsing) it, and under a CPU quota a client pool that retried at once took
 that CPU from the admitted work (Xception under a 1.5-CPU quota answered 1.8 instead of 2.9 req/s).
 """
 
