@@ -47,10 +47,10 @@ class AppState:
 
     def refusal_before_body(self, name: str | None) -> Overloaded | None:
         """The 503 a request for this model gets before its body is read: when the model's queue
-        has no room for even one image. Only a plain model name decides it here (auto and the
-        cascade choose among models; an unknown name is the route's 404), and never with the
+        has no room for even one image. Only a loaded model's name decides it here (auto, the
+        cascade and unknown names are no model's, and the routes answer them), and never with the
         response cache on, whose hits are answered without the queue."""
-        if self.classifier is None or self.classifier.cache is not None or name in ("auto", "cascade"):
+        if self.classifier is None or self.classifier.cache is not None:
             return None
         registry = self.classifier.registry
         model = registry.models.get(name or registry.default)

@@ -332,6 +332,8 @@ def test_a_model_whose_queue_is_past_the_wait_cap_refuses_before_the_body_is_rea
     time.sleep(0.3)  # its eight images queued: seconds of work on the slow model
     head = announce_and_stall(queue_capped_server, "/classify?model=slow")
     protocol_head = announce_and_stall(queue_capped_server, "/v2/models/slow/infer")
+    # The cascade chooses per image (its small model's queue is empty): it waits for the body.
+    cascade_head = announce_and_stall(queue_capped_server, "/classify?model=cascade")
     other_model = httpx.post(
         f"{queue_capped_server.url}/classify",
         params={"model": "fast"},
@@ -343,6 +345,7 @@ def test_a_model_whose_queue_is_past_the_wait_cap_refuses_before_the_body_is_rea
     assert head.startswith("http/1.1 503"), head
     assert "retry-after:" in head
     assert protocol_head.startswith("http/1.1 503"), protocol_head
+    assert cascade_head.startswith("http/1.1 408"), cascade_head
     # Only the model whose queue is long refuses; the first request finishes.
     assert other_model.status_code == 200, other_model.text
     assert results == [200]
