@@ -12,6 +12,10 @@ whether every 503 carried Retry-After. The aims: at 3x, admitted p99 <= 2 s, she
 `--condition` runs the server under one of bench.contention's conditions (a core taken by a busy
 process, or the server in a cgroup with a CFS quota of 1.5 or 1 CPU, the load generator outside):
 a pod under a CPU limit is where admission's predicted waits meet the throttle.
+
+`--capacity MODEL=RPS` fixes a model's capacity instead of measuring it, so that runs compared
+with each other (two commits, two settings) are offered the same rates: each run's measured
+capacity moves with the machine, and its multiples with it.
 """
 
 from __future__ import annotations
@@ -64,6 +68,20 @@ def summarise(records: list[Record], seconds: int, target: float) -> dict[str, A
     }
 
 
+def fixed_capacities(pairs: list[str]) -> dict[str, float]:
+    """'mobilenet=20' -> {'mobilenet': 20.0}; a bad pair is an argparse error, not a traceback."""
+    capacities = {}
+    for pair in pairs:
+        model, _, rate = pair.partition("=")
+        try:
+            capacities[model] = float(rate)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--capacity wants MODEL=RPS, got {pair!r}") from None
+        if not capacities[model] > 0:
+            raise argparse.ArgumentTypeError(f"--capacity wants a positive rate, got {pair!r}")
+    return capacities
+
+
 def plot(results: dict[str, list[dict[str, Any]]], path: Path, condition_name: str = "quiet") -> None:
     import matplotlib
 
@@ -108,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "overload.png")
     parser.add_argument("--condition", choices=CONDITIONS, default="quiet")
+    parser.add_argument(
+        "--capacity",
+        nargs="+",
+        default=[],
+        metavar="MODEL=RPS",
+        help="use this capacity for the model instead of measuring it (runs to be paired)",
+    )
     args = parser.parse_args(argv)
+    try:
+        fixed = fixed_capacities(args.capacity)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
@@ -119,15 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"condition: {args.condition}", flush=True)
         for model in args.models:
-            capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["answered_per_s"]
-            print(f"{model}: closed-loop capacity {capacity} req/s (wrk, 8 connections, 10 s)", flush=True)
+            if model in fixed:
+                capacity = fixed[model]
+                print(f"{model}: capacity fixed at {capacity} req/s (--capacity)", flush=True)
+            else:
+                capacity = wrk(f"{URL}/classify?model={model}", image, 8, 10)["answered_per_s"]
+                print(f"{model}: closed-loop capacity {capacity} req/s (wrk, c=8, 10 s)", flush=True)
             results[model] = []
             for multiple in args.multiples:
                 time.sleep(2)  # let the queues drain between points
                 point = summarise(
                     offer(model, image, capacity * multiple, args.seconds), args.seconds, capacity * multiple
                 )
-                point.update(model=model, multiple=multiple, capacity_rps=capacity, condition=args.condition)
+                point.update(
+                    model=model,
+                    multiple=multiple,
+                    capacity_rps=capacity,
+                    capacity_fixed=model in fixed,
+                    condition=args.condition,
+                )
                 results[model].append(point)
                 print(json.dumps(point), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
