@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded
+from service.errors import Overloaded, ShuttingDown
 from service.uploads import reject
 
 
@@ -26,17 +26,20 @@ def is_classification(path: str) -> bool:
 
 class AdmissionMiddleware:
     """refusal_for: the 503 a request gets before its body is read, if any, from the scope alone
-    (the model it names); the in-progress cap is checked first."""
+    (the model it names); the in-progress cap is checked first. draining: whether the server is
+    stopping, when an admitted request is cancelled before its answer (see _cut_short)."""
 
     def __init__(
         self,
         app: ASGIApp,
         max_in_progress: int,
         refusal_for: Callable[[Scope], Overloaded | None] = lambda scope: None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.max_in_progress = max_in_progress
         self.refusal_for = refusal_for
+        self.draining = draining
         self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,9 +65,34 @@ class AdmissionMiddleware:
             return
         self.in_progress += 1
         try:
-            await self.app(scope, receive, send)
+            await self._cut_short(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+    async def _cut_short(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request; if the drain deadline cancels it before its answer began, answer 503
+        shutting_down instead of the plain-text 500 uvicorn sends for a cancelled request (a
+        shutdown is not a server fault, and the client should retry on another replica)."""
+        started = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or not self.draining() or task is None:
+                raise
+            # The cancellation only asked this request to end; it ends with an answer.
+            task.uncancel()
+            stopped = ShuttingDown(
+                "the server stopped before this request was answered (drain deadline passed); retry",
+                headers={"Retry-After": "1"},
+            )
+            await reject(scope, send, stopped.status, stopped.code, stopped.message, stopped.headers)
 
 
 DRAIN_MAX_BYTES = 256 * 1024

@@ -178,17 +178,20 @@ def create_app(
         description="Cat or dog? Fine-tuned Xception and MobileNet on onnxruntime.",
     )
     app.state.catdog = state
-    # Added innermost first. Requests pass: ids -> counting -> admission -> body limits -> routes.
+    # Added innermost first. Requests pass: ids -> counting -> body limits -> admission -> routes.
+    # Body limits before admission: a body declared over the limit gets its 413 even when the
+    # server is refusing work, since a 503 would have the client retry what can never be taken.
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_in_progress=settings.max_concurrent_requests,
+        refusal_for=lambda scope: state.refusal_before_body(requested_model(scope)),
+        draining=lambda: state.draining,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         idle_timeout_s=settings.body_timeout_s,
         min_bytes_per_s=settings.min_upload_bytes_per_s,
-    )
-    app.add_middleware(
-        AdmissionMiddleware,
-        max_in_progress=settings.max_concurrent_requests,
-        refusal_for=lambda scope: state.refusal_before_body(requested_model(scope)),
     )
     app.add_middleware(OutcomeMiddleware, requests=state.metrics.requests, label_of=state.model_label)
     app.add_middleware(RequestIdMiddleware, in_flight=state.metrics.in_flight)  # outermost: ids on 413s too

@@ -69,6 +69,13 @@ class NotReady(CatdogError):
     status, code = 503, "not_ready"
 
 
+class ShuttingDown(CatdogError):
+    """The drain deadline (CATDOG_DRAIN_TIMEOUT_S) passed before the request was answered: the
+    process is stopping, not failing; another replica can take the retry."""
+
+    status, code = 503, "shutting_down"
+
+
 class DeadlineExceeded(CatdogError):
     status, code = 504, "deadline_exceeded"
 

@@ -46,6 +46,11 @@ async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The request itself was cancelled (uvicorn does so once the drain deadline passes):
+        # asyncio.wait leaves the work running, and its queued images would run for nobody.
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task.done():

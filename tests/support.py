@@ -20,6 +20,7 @@ import onnx
 import pytest
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client.parser import text_string_to_metric_families
 
 from catdog_core.hashing import sha256_file
 from catdog_core.sessions import SESSION_PROFILE
@@ -231,6 +232,34 @@ def wait_until(server: Server, path: str, timeout: float = 120.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not answer 200 within {timeout}s:\n{server.log()}")
+
+
+def metric_value(url: str, name: str, model: str | None = None) -> float:
+    """A metric's samples from /metrics, summed over every model or for the one named."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and (model is None or s.labels.get("model") == model)
+    )
+
+
+def wait_for_metric(
+    url: str, name: str, at_least: float, model: str | None = None, timeout: float = 30
+) -> None:
+    """Until the metric reaches at_least: a fixed sleep is too short on a slow, busy machine."""
+    deadline = time.monotonic() + timeout
+    while metric_value(url, name, model) < at_least:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not reach {at_least} within {timeout}s")
+        time.sleep(0.02)
+
+
+def wait_for_in_flight(url: str, count: int, timeout: float = 30) -> None:
+    """Until count requests are in flight (and so past admission: the middlewares take a request
+    that far in one step); the /metrics read itself is in flight too."""
+    wait_for_metric(url, "catdog_in_flight_requests", count + 1, timeout=timeout)
 
 
 def shared_photos(label: str, count: int) -> list[Path]:

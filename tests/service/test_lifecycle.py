@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.open_loop import start_open_loop
 from service.app import create_app
@@ -27,30 +26,24 @@ from service.registry import batch_limit_that_pays
 from service.runtime import BatchingInForce, CpuQuota, batching_in_force, costs_alone_and_in_batch, warm
 from service.settings import Settings
 from tests.service import images
-from tests.support import ROOT, in_process_client, run_server, wait_until, write_tiny_models
-
-
-def wait_for_in_flight(url: str, count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{url}/metrics").text
-        gauge = next(
-            s
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == "catdog_in_flight_requests"
-        )
-        if gauge.value >= count + 1:  # the /metrics request itself is in flight too
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"{count} requests were not in flight within {timeout}s")
+from tests.support import (
+    ROOT,
+    in_process_client,
+    run_server,
+    wait_for_in_flight,
+    wait_until,
+    write_tiny_models,
+)
 
 
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: Path, tmp_path: Path) -> None:
     # The queue-wait cap off (60 s): 36 images at batch size 1 queue for seconds, and this test is
-    # about draining what was admitted, not about shedding it.
-    with run_server(slower_models_dir, tmp_path, max_batch_size="1", max_queue_wait_ms="60000") as live:
+    # about draining what was admitted, not about shedding it. The drain gets 120 s: 36 slow images
+    # took more than the default 20 s on a slow VM (what a passed drain deadline does is below).
+    with run_server(
+        slower_models_dir, tmp_path, max_batch_size="1", max_queue_wait_ms="60000", drain_timeout_s="120"
+    ) as live:
         results: list[int] = []
 
         def client() -> None:
@@ -67,10 +60,48 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(slower_models_dir: P
         wait_for_in_flight(live.url, 12)  # every request has reached the app before SIGTERM
         live.process.send_signal(signal.SIGTERM)
         for thread in threads:
-            thread.join(timeout=60)
-        assert live.process.wait(timeout=60) == 0, live.log()
+            thread.join(timeout=150)
+        assert live.process.wait(timeout=150) == 0, live.log()
         assert results == [200] * 12
         assert "draining" in live.log()
+
+
+@pytest.mark.slow
+def test_requests_still_running_when_the_drain_deadline_passes_get_503_not_500(
+    slower_models_dir: Path, tmp_path: Path
+) -> None:
+    """uvicorn cancels what is still running once CATDOG_DRAIN_TIMEOUT_S has passed; a cancelled
+    request used to be answered uvicorn's plain-text 500, counted as internal_error, with its
+    queued images left to run for nobody. A shutdown is no server fault: 503, retry elsewhere."""
+    with run_server(
+        slower_models_dir, tmp_path, max_batch_size="1", max_queue_wait_ms="60000", drain_timeout_s="0.5"
+    ) as live:
+        answers: list[httpx.Response] = []
+
+        def client() -> None:
+            files = [("file", (f"{i}.jpg", images.jpeg(), "image/jpeg")) for i in range(3)]
+            with httpx.Client(timeout=60) as http:
+                answers.append(http.post(f"{live.url}/classify?model=slow", files=files))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        wait_for_in_flight(live.url, 6)  # 18 images of a few hundred ms each: seconds of work
+        live.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert live.process.wait(timeout=60) == 0, live.log()
+    cut_short = [answer for answer in answers if answer.status_code != 200]
+    assert len(answers) == 6 and cut_short, [answer.status_code for answer in answers]
+    for answer in cut_short:
+        assert answer.status_code == 503, (answer.status_code, answer.text)
+        assert answer.json()["error"]["code"] == "shutting_down", answer.text
+        assert answer.headers["Retry-After"] == "1"
+    log = live.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log
+    counted = json.loads(re.search(r"classification responses: (\{.*\})", log)[1])  # type: ignore[index]
+    expected = {"ok 2xx": 6 - len(cut_short), "shutting_down 5xx": len(cut_short)}
+    assert counted == {key: n for key, n in expected.items() if n}, counted
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.inference_protocol import HEADER_LENGTH
 from tests.service import images
-from tests.support import Server, run_server
+from tests.support import Server, metric_value, run_server, wait_for_in_flight, wait_for_metric
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,12 @@ def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
     results.append(response.status_code)
 
 
-def start_busy_requests(server: Server, results: list[int]) -> list[threading.Thread]:
-    """Two slow requests, as many as the server takes at once, admitted and working."""
-    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
+def start_busy_requests(server: Server, results: list[int], n: int = 2) -> list[threading.Thread]:
+    """n slow requests (two: as many as `server` takes at once), admitted and working."""
+    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(n)]
     for thread in busy:
         thread.start()
-    time.sleep(0.2)
+    wait_for_in_flight(server.url, n)
     return busy
 
 
@@ -105,9 +105,12 @@ def test_excess_requests_are_refused_before_their_body_is_read(server: Server) -
             b"Content-Length: 1000000\r\n\r\n"
         )
         head = read_head(sock)
+    # A body over the limit is never taken: 413, even while the cap refuses the rest with 503.
+    too_large = announce_and_stall(server, "/classify?model=slow", length=20 * 1024 * 1024 + 1)
     # 503, not the 408 that waiting for the body would end in: the refusal did not read it.
     assert head.startswith("http/1.1 503"), head
     assert "retry-after:" in head
+    assert too_large.startswith("http/1.1 413"), too_large
     for thread in busy:
         thread.join()
     assert results == [200, 200]
@@ -193,9 +196,9 @@ def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> N
     results: list[int] = []
     busy = threading.Thread(target=slow_request, args=(server, results, 4))
     busy.start()
-    time.sleep(0.2)
+    wait_for_in_flight(server.url, 1)
     before = requests_total(server).get(("slow", "client_closed", "4xx"), 0)
-    images_before = _counter(server, "catdog_images_total", "slow")
+    images_before = metric_value(server.url, "catdog_images_total", "slow")
     blob = images.jpeg()
     with connect(server) as sock:
         sock.sendall(
@@ -208,7 +211,7 @@ def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> N
     assert results == [200]
     assert requests_total(server)[("slow", "client_closed", "4xx")] == before + 1
     # Only the busy request's images ran: the abandoned one was cancelled, not classified.
-    assert _counter(server, "catdog_images_total", "slow") == images_before + 4
+    assert metric_value(server.url, "catdog_images_total", "slow") == images_before + 4
     assert "ERROR" not in server.log() and "Traceback" not in server.log()
 
 
@@ -225,16 +228,6 @@ def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -
     new = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert new == {("slow", "client_closed", "4xx"): 1}
     assert "ERROR" not in server.log() and "Traceback" not in server.log()
-
-
-def _counter(server: Server, name: str, model: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and s.labels.get("model") == model
-    )
 
 
 def test_a_deadline_covers_all_of_the_requests_images(server: Server) -> None:
@@ -270,10 +263,7 @@ def test_a_refused_small_upload_keeps_its_connection(server: Server) -> None:
     """Refusing by closing costs every refused client a new connection (and the server its setup):
     a small body is read and dropped instead, and the connection serves the next request."""
     results: list[int] = []
-    busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(2)]
-    for thread in busy:
-        thread.start()
-    time.sleep(0.2)
+    busy = start_busy_requests(server, results)
     blob = images.jpeg()
     request = (
         b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -309,12 +299,12 @@ def queue_capped_server(
         yield live
 
 
-def announce_and_stall(server: Server, target: str) -> str:
+def announce_and_stall(server: Server, target: str, length: int = 1_000_000) -> str:
     """The head of the answer to a request that announces a large body and sends none of it."""
     with connect(server) as sock:
         sock.sendall(
             f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-            "Content-Length: 1000000\r\n\r\n".encode()
+            f"Content-Length: {length}\r\n\r\n".encode()
         )
         return read_head(sock)
 
@@ -329,7 +319,8 @@ def test_a_model_whose_queue_is_past_the_wait_cap_refuses_before_the_body_is_rea
     results: list[int] = []
     busy = threading.Thread(target=slow_request, args=(queue_capped_server, results))
     busy.start()
-    time.sleep(0.3)  # its eight images queued: seconds of work on the slow model
+    # its eight images queued: seconds of work on the slow model
+    wait_for_metric(queue_capped_server.url, "catdog_queue_depth", 1, model="slow")
     head = announce_and_stall(queue_capped_server, "/classify?model=slow")
     protocol_head = announce_and_stall(queue_capped_server, "/v2/models/slow/infer")
     # The cascade chooses per image (its small model's queue is empty): it waits for the body.
@@ -350,3 +341,23 @@ def test_a_model_whose_queue_is_past_the_wait_cap_refuses_before_the_body_is_rea
     assert other_model.status_code == 200, other_model.text
     assert results == [200]
     assert requests_total(queue_capped_server)[("slow", "overloaded", "5xx")] >= 2
+
+
+@pytest.mark.slow
+def test_a_body_over_the_limit_gets_413_even_when_the_model_would_refuse(queue_capped_server: Server) -> None:
+    """A 503 says 'retry later'; a body over the limit will never be taken, so a client told 503
+    retries it for nothing until the load passes. What the head alone makes certain comes first."""
+    results: list[int] = []
+    busy = threading.Thread(target=slow_request, args=(queue_capped_server, results))
+    busy.start()
+    # its eight images queued: the slow model refuses before the body
+    wait_for_metric(queue_capped_server.url, "catdog_queue_depth", 1, model="slow")
+    over = 20 * 1024 * 1024 + 1
+    head = announce_and_stall(queue_capped_server, "/classify?model=slow", length=over)
+    protocol_head = announce_and_stall(queue_capped_server, "/v2/models/slow/infer", length=over)
+    within = announce_and_stall(queue_capped_server, "/classify?model=slow")
+    busy.join()
+    assert head.startswith("http/1.1 413"), head
+    assert protocol_head.startswith("http/1.1 413"), protocol_head
+    assert within.startswith("http/1.1 503"), within  # the model was refusing all the while
+    assert results == [200]
