@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service import images
-from tests.support import Server, run_server
+from tests.support import Server, run_server, wait_for_metric
 
 RED = images.encode(Image.new("RGB", (64, 64), (220, 30, 30)), "PNG")  # both tiny models: cat
 GRADIENT = images.jpeg(96, 64)  # fast: dog, slow: cat
@@ -132,7 +132,8 @@ def test_no_shadow_run_while_the_lane_has_real_work(
             kwargs={"params": {"model": "slow"}, "files": files, "timeout": 60},
         )
         busy.start()
-        time.sleep(0.3)  # the slow model's 8 images, one batch each, hold the lane for seconds
+        # the slow model's 8 images, one batch each, hold the lane for seconds
+        wait_for_metric(live.url, "catdog_queue_depth", 1, model="slow")
         for _ in range(5):
             label(live, "fast", RED)
         during = shadow_samples(live)
