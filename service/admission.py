@@ -27,7 +27,7 @@ def is_classification(path: str) -> bool:
 class AdmissionMiddleware:
     """refusal_for: the 503 a request gets before its body is read, if any, from the scope alone
     (the model it names); the in-progress cap is checked first. draining: whether the server is
-    stopping, when an admitted request is cancelled before its answer (see _cut_short)."""
+    stopping, when an admitted request is cancelled before its answer (see _run_or_answer_shutdown)."""
 
     def __init__(
         self,
@@ -65,11 +65,11 @@ class AdmissionMiddleware:
             return
         self.in_progress += 1
         try:
-            await self._cut_short(scope, receive, send)
+            await self._run_or_answer_shutdown(scope, receive, send)
         finally:
             self.in_progress -= 1
 
-    async def _cut_short(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run_or_answer_shutdown(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request; if the drain deadline cancels it before its answer began, answer 503
         shutting_down instead of the plain-text 500 uvicorn sends for a cancelled request (a
         shutdown is not a server fault, and the client should retry on another replica)."""
