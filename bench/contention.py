@@ -11,6 +11,8 @@ wrk (closed loop, one thread) at concurrency 1, 8 and 32 on `mobilenet` and `xce
 and the queue-wait cap, raised to 60 s, so that concurrency 32 measures admitted work (the other
 two servers admit everything).
 Reported per point: answered req/s (non-error), p50 and p99; a table per condition and a plot.
+Every round's figures stay in the JSON with the kinds of its errors (wrk's http, connect, read,
+timeouts), and every server run's log in `<out>-server-logs/`, so a bad point can be read later.
 Needs root for the cgroups (skipped otherwise, and said so).
 """
 
@@ -149,9 +151,10 @@ def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any
 
 
 def run_server_points(
-    spec: dict[str, Any], models: list[str], where: str, concurrencies: list[int], seconds: int, out: Path
+    spec: dict[str, Any], models: list[str], where: str, concurrencies: list[int], seconds: int, log: Path
 ) -> dict[str, list[dict[str, Any]]]:
-    """Start the server under `where`, then wrk each model at each concurrency."""
+    """Start the server under `where`, then wrk each model at each concurrency. `log` names the
+    server's output file (a model's name is added when each model has a server of its own)."""
     results: dict[str, list[dict[str, Any]]] = {}
     groups = [[m] for m in models] if "per_model_env" in spec else [models]
     for group in groups:
@@ -161,7 +164,9 @@ def run_server_points(
         with condition(where) as quota:
             command = spec["command"](group[0])
             command = quota.wrap(command) if quota else command
-            with server(command, env, URL + spec["ready"], out / "server.log"):
+            # Names like quota-1.5 hold a dot: the file name is built, not given a suffix.
+            name = f"{log.name}-{group[0]}.log" if len(groups) > 1 else f"{log.name}.log"
+            with server(command, env, URL + spec["ready"], log.parent / name):
                 for model in group:
                     url = URL + spec["path"].format(model=model)
                     wrk(url, spec["body"], 2, 2, spec["content_type"])  # warm the path
@@ -197,11 +202,15 @@ def median_of_rounds(
                         {
                             **point,
                             **{k: statistics.median(run[k] for run in runs) for k in MEDIAN_KEYS},
-                            "rounds": [{k: run[k] for k in MEDIAN_KEYS} for run in runs],
+                            "rounds": [_round_figures(run) for run in runs],
                         }
                     )
                 results[where][name][model] = merged
     return results
+
+
+def _round_figures(run: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: run[k] for k in MEDIAN_KEYS}, "error_kinds": run.get("error_kinds", {})}
 
 
 def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], concurrencies: list[int]) -> str:
@@ -331,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [name for name in names if name not in specs]:
         parser.error(f"unknown server {unknown[0]!r}; known: {', '.join(map(repr, specs))} and any --variant")
     rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []
+    logs = args.out.with_name(f"{args.out.stem}-server-logs")  # one per server run, kept
+    logs.mkdir(parents=True, exist_ok=True)
     for round_index in range(args.rounds):
         rounds.append({})
         for index, where in enumerate(conditions):
@@ -338,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             # The machine drifts within a sitting: alternate the order, so no server always goes first.
             for name in names if (index + round_index) % 2 == 0 else names[::-1]:
                 print(f"round {round_index + 1}/{args.rounds}, {where}: {name}", flush=True)
+                log = logs / f"round{round_index + 1}-{where}-{name.replace(' ', '-')}"
                 by_model = run_server_points(
-                    specs[name], args.models, where, args.concurrency, args.seconds, args.out.parent
+                    specs[name], args.models, where, args.concurrency, args.seconds, log
                 )
                 rounds[-1][where][name] = by_model
                 args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive

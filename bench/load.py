@@ -73,4 +73,10 @@ def wrk(
         "p50_ms": summary["p50_us"] / 1000,
         "p99_ms": summary["p99_us"] / 1000,
         "errors": errors,
+        # Which kind, so that a run's errors can be read afterwards (a 503 is an http error).
+        "error_kinds": {
+            key: summary[key]
+            for key in ("http_errors", "connect_errors", "read_errors", "timeouts")
+            if summary[key]
+        },
     }

@@ -25,6 +25,13 @@ def test_each_point_is_the_median_of_its_rounds_and_keeps_them() -> None:
     assert [r["answered_per_s"] for r in merged["rounds"]] == [90.0, 60.0, 95.0]
 
 
+def test_each_round_keeps_the_kinds_of_its_errors() -> None:
+    failing = {**point(32, 2.6, 3583.0), "errors": 32, "error_kinds": {"read_errors": 32}}
+    rounds = [{"quota-1": {"a": {"m": [run]}}} for run in (point(32, 10.8, 3427.0), failing)]
+    merged = median_of_rounds(rounds)["quota-1"]["a"]["m"][0]
+    assert [r["error_kinds"] for r in merged["rounds"]] == [{}, {"read_errors": 32}]
+
+
 def test_a_cell_says_what_wrk_left_out_of_its_percentiles() -> None:
     assert _cell(point(8, 90.0, 120.0)) == "90.0, 60 / 120"
     assert _cell({**point(32, 2.5, 9995.0), "errors": 12}) == "2.5, 4998 / 9995 (12 errors)"
