@@ -68,18 +68,16 @@ def summarise(records: list[Record], seconds: int, target: float) -> dict[str, A
     }
 
 
-def fixed_capacities(pairs: list[str]) -> dict[str, float]:
-    """'mobilenet=20' -> {'mobilenet': 20.0}; a bad pair is an argparse error, not a traceback."""
-    capacities = {}
-    for pair in pairs:
-        model, _, rate = pair.partition("=")
-        try:
-            capacities[model] = float(rate)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--capacity wants MODEL=RPS, got {pair!r}") from None
-        if not capacities[model] > 0:
-            raise argparse.ArgumentTypeError(f"--capacity wants a positive rate, got {pair!r}")
-    return capacities
+def capacity_pair(pair: str) -> tuple[str, float]:
+    """'mobilenet=20' -> ('mobilenet', 20.0); argparse reports a bad pair as a usage error."""
+    model, _, rate = pair.partition("=")
+    try:
+        capacity = float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want MODEL=RPS, got {pair!r}") from None
+    if not capacity > 0:
+        raise argparse.ArgumentTypeError(f"want a positive rate, got {pair!r}")
+    return model, capacity
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path, condition_name: str = "quiet") -> None:
@@ -129,15 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--capacity",
         nargs="+",
+        type=capacity_pair,
         default=[],
         metavar="MODEL=RPS",
         help="use this capacity for the model instead of measuring it (runs to be paired)",
     )
     args = parser.parse_args(argv)
-    try:
-        fixed = fixed_capacities(args.capacity)
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
+    fixed = dict(args.capacity)
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}

@@ -1,10 +1,11 @@
 import pytest
 
-from bench.overload import fixed_capacities, main
+from bench.overload import capacity_pair, main
 
 
 def test_a_fixed_capacity_is_read_per_model() -> None:
-    assert fixed_capacities(["xception=5.5", "mobilenet=20"]) == {"xception": 5.5, "mobilenet": 20.0}
+    assert capacity_pair("xception=5.5") == ("xception", 5.5)
+    assert capacity_pair("mobilenet=20") == ("mobilenet", 20.0)
 
 
 @pytest.mark.parametrize("pair", ["xception", "xception=fast", "xception=0", "xception=-1"])
