@@ -116,14 +116,17 @@ def test_recorded_figures_are_what_the_built_model_measures(manifest: Manifest, 
 
 
 @pytest.mark.slow
-def test_int8_variants_keep_their_recorded_figures_on_this_cpu(manifest: Manifest, split: Split) -> None:
+def test_the_cheapest_int8_variant_keeps_its_recorded_figures_on_this_cpu(
+    manifest: Manifest, split: Split
+) -> None:
     """int8 kernels differ by CPU: built with 8-bit weights, mobilenet-int8 measured 98.4 % on test
     on a CPU with VNNI and 95.7 % on one without (AVX2 sums saturate), while the manifest promised
-    the first. Every int8 variant in the manifest must measure its recorded figures here too."""
-    variants = [name for name, entry in manifest.models.items() if entry.precision == "int8"]
+    the first. The cheapest int8 variant (fewest FLOPs) must measure its recorded figures here too:
+    the whole test split through xception-int8 took 340 s of a 21-minute suite on a slow 2-core VM,
+    so the others are held to their graphs by the kernel drift test below."""
+    variants = {name: entry for name, entry in manifest.models.items() if entry.precision == "int8"}
     assert variants, "no int8 variant in the manifest"
-    for name in variants:
-        _assert_reproduces_the_record(manifest, split, name)
+    _assert_reproduces_the_record(manifest, split, min(variants, key=lambda name: variants[name].flops))
 
 
 def int8_kernel_drift(path: Path, images: np.ndarray) -> float:
