@@ -19,6 +19,7 @@ from model_export.quality import (
     choose_cascade_threshold,
     quality,
 )
+from model_export.specs import CASCADE_COMPUTE_BUDGET
 from service.manifest import (
     CascadeEntry,
     CascadeSourceFigures,
@@ -158,14 +159,21 @@ def measure_cascade(
     """Choose the threshold on val, then measure the cascade on the test set."""
     small_val, labels_val = evaluation.probabilities(small_m, "val")
     large_val, _ = evaluation.probabilities(large_m, "val")
-    choice = choose_cascade_threshold(small_val, large_val, labels_val, evaluation.sources("val"))
+    choice = choose_cascade_threshold(
+        small_val,
+        large_val,
+        labels_val,
+        evaluation.sources("val"),
+        escalation_budget=max(0.0, CASCADE_COMPUTE_BUDGET - cost_ratio(small, large, 0.0)),
+    )
     test, test_rate, by_source = cascade_test_metrics(evaluation, small_m, large_m, choice.threshold, "test")
     log.info(
-        "cascade %s->%s: threshold %.4f, val escalation %.3f; test accuracy %.4f, escalation %.3f, "
-        "compute %.1f %% of %s",
+        "cascade %s->%s: threshold %.4f (the accuracy rule's %.4f), val escalation %.3f; "
+        "test accuracy %.4f, escalation %.3f, compute %.1f %% of %s",
         small.name,
         large.name,
         choice.threshold,
+        choice.rule_threshold,
         choice.escalation_rate,
         test.accuracy,
         test_rate,
@@ -179,6 +187,8 @@ def measure_cascade(
         escalation_rate_val=choice.escalation_rate,
         accuracy_val=choice.accuracy,
         expected_cost_ratio=cost_ratio(small, large, choice.escalation_rate),
+        compute_budget=CASCADE_COMPUTE_BUDGET,
+        rule_threshold=choice.rule_threshold,
         test=test,
         test_escalation_rate=test_rate,
         test_cost_ratio=cost_ratio(small, large, test_rate),

@@ -67,9 +67,15 @@ def table(manifest: Manifest) -> str:
         f"threads, {some.latency.machine} (cascade: small + escalation x large)"
     )
     for c in manifest.cascades:
+        budget = (
+            f"within a {100 * c.compute_budget:.0f} % compute budget, the accuracy rule alone "
+            f"asking {c.rule_threshold:.4f}; "
+            if c.compute_budget is not None and c.rule_threshold is not None
+            else ""
+        )
         rows.append(
             f"cascade threshold {c.threshold:.4f} "
-            f"(chosen on val: escalation {100 * c.escalation_rate_val:.1f} %, "
+            f"(chosen on val {budget}escalation {100 * c.escalation_rate_val:.1f} %, "
             f"accuracy {100 * c.accuracy_val:.2f} %); mean compute on test "
             f"{100 * (c.test_cost_ratio or 0):.1f} % of {c.large}"
         )

@@ -167,6 +167,15 @@ class CascadeEntry(_Strict):
     expected_cost_ratio: float = Field(
         ge=0, description="Mean compute per image relative to always running the large model."
     )
+    compute_budget: float | None = Field(
+        None,
+        ge=0,
+        description="The share of the large model's compute the threshold was allowed to spend on val "
+        "(None: the accuracy rule's threshold alone).",
+    )
+    rule_threshold: float | None = Field(
+        None, ge=0, le=1, description="What the accuracy rule alone asked, before the compute budget."
+    )
     test: QualityFigures | None = Field(None, description="The cascade's own quality on the test split.")
     test_escalation_rate: float | None = Field(None, ge=0, le=1)
     test_cost_ratio: float | None = Field(

@@ -171,6 +171,7 @@ def install_routes(app: FastAPI, max_files: int) -> None:
                 small=c.small,
                 large=c.large,
                 threshold=c.threshold,
+                compute_budget=c.compute_budget,
                 test_accuracy=c.test.accuracy if c.test else None,
                 test_escalation_rate=c.test_escalation_rate,
                 test_cost_ratio=c.test_cost_ratio,

@@ -105,6 +105,11 @@ class CascadeInfo(BaseModel):
     threshold: float = Field(
         description="Escalate when the small model's calibrated confidence is below this."
     )
+    compute_budget: float | None = Field(
+        None,
+        description="The share of the large model's compute the threshold could spend on validation "
+        "photos beyond what the accuracy rule asked (escalating the least confident answers).",
+    )
     test_accuracy: float | None
     test_escalation_rate: float | None
     test_cost_ratio: float | None = Field(description="Mean compute per image relative to the large model.")

@@ -164,6 +164,8 @@ def write_tiny_models(folder: Path, heavy_layers: int = 24) -> Manifest:
                 escalation_rate_val=0.1,
                 accuracy_val=0.95,
                 expected_cost_ratio=0.2,
+                compute_budget=0.25,
+                rule_threshold=0.8,
             )
         ],
         default_model="fast",

@@ -93,6 +93,40 @@ def test_cascade_threshold_holds_on_every_source_not_only_overall() -> None:
     assert accuracy == 1.0 and rate == pytest.approx(1 / 1000)
 
 
+def test_cascade_spends_its_escalation_budget_on_the_least_confident_answers() -> None:
+    # The small model is right on all 100 photos, at confidences 0.99900 ... 0.99999: the rule
+    # (floor 1 - 1/102 = 0.990) escalates none, so a 0.2 budget escalates the 20 least confident.
+    labels = np.zeros(100, dtype=np.int64)
+    confidence = np.linspace(0.999, 0.99999, 100)
+    small = np.stack([confidence, 1 - confidence], axis=1)
+    large = np.tile([0.9, 0.1], (100, 1))
+    rule_only = choose_cascade_threshold(small, large, labels)
+    assert rule_only.escalation_rate == 0.0 and rule_only.rule_threshold == rule_only.threshold
+    spent = choose_cascade_threshold(small, large, labels, escalation_budget=0.2)
+    assert spent.rule_threshold == rule_only.threshold
+    assert spent.threshold == confidence[20] and spent.escalation_rate == 0.2
+    escalated = small.max(axis=1) < spent.threshold
+    assert escalated[:20].all() and not escalated[20:].any()
+
+
+def test_the_accuracy_rule_escalates_past_a_smaller_budget() -> None:
+    # Ten wrong answers at 0.95 must go to the large model whatever the budget says.
+    labels = np.zeros(100, dtype=np.int64)
+    small = np.tile([0.9999, 0.0001], (100, 1))
+    small[:10] = [0.05, 0.95]
+    large = np.tile([0.9, 0.1], (100, 1))
+    choice = choose_cascade_threshold(small, large, labels, escalation_budget=0.05)
+    assert choice.threshold == choice.rule_threshold
+    assert choice.escalation_rate == 0.1 and choice.accuracy == 1.0
+
+
+def test_a_budget_for_every_photo_escalates_every_photo_below_certainty() -> None:
+    labels = np.zeros(4, dtype=np.int64)
+    small = np.array([[0.999, 0.001], [0.9999, 0.0001], [0.99999, 0.00001], [0.999999, 0.000001]])
+    choice = choose_cascade_threshold(small, small, labels, escalation_budget=1.0)
+    assert choice.escalation_rate == 1.0
+
+
 def test_metrics_are_reported_per_source() -> None:
     from model_export.evaluate import metrics
 

@@ -121,7 +121,8 @@ def test_model_listing(server: Server) -> None:
     listing = httpx.get(f"{server.url}/models").json()
     assert listing["default"] == "fast"
     assert {m["name"] for m in listing["models"]} == {"fast", "slow"}
-    assert listing["cascades"][0]["small"] == "fast" and listing["cascades"][0]["threshold"] == 0.9
+    cascade = listing["cascades"][0]
+    assert (cascade["small"], cascade["threshold"], cascade["compute_budget"]) == ("fast", 0.9, 0.25)
     one = httpx.get(f"{server.url}/models/slow").json()
     assert (one["input_width"], one["input_height"]) == (48, 48) and one["device"] == "cpu"
     assert_error(httpx.get(f"{server.url}/models/../etc"), 404)
