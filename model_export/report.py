@@ -131,9 +131,10 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int
         fp = _batch1_call(folder / manifest.models[entry.derived_from].file, size, threads)
         q = _batch1_call(folder / entry.file, size, threads)
         times = paired_times_ms(fp, q, pairs)
+        verdict = "faster" if times.ratio >= 1.0 else "the speed: slower than fp32 on this CPU"
         rows.append(
             f"{name}: {times.second_ms:.2f} ms vs {entry.derived_from} {times.first_ms:.2f} ms at batch 1 "
-            f"-> {times.ratio:.2f}x faster ({threads} threads, {pairs} alternating pairs, measured now)"
+            f"-> {times.ratio:.2f}x {verdict} ({threads} threads, {pairs} alternating pairs, measured now)"
         )
     if not rows:
         return "no int8 variants in the manifest"

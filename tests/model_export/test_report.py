@@ -18,7 +18,8 @@ def test_each_int8_variant_is_timed_against_its_fp32_model_and_the_cpu_is_named(
     lines = int8_speedups(manifest, tmp_path, threads=1, pairs=6).splitlines()
     assert len(lines) == 2
     assert re.fullmatch(
-        r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x faster "
+        r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x "
+        r"(faster|the speed: slower than fp32 on this CPU) "
         r"\(1 threads, 6 alternating pairs, measured now\)",
         lines[0],
     ), lines[0]
