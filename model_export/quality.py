@@ -127,7 +127,6 @@ def choose_cascade_threshold(
     if sources is not None:
         groups += [sources == source for source in np.unique(sources)]
     large_correct = large_probs.argmax(1) == labels
-    large_accuracy = float(large_correct.mean())
     floor = 1.0 - (float((~large_correct).sum()) + 1.0) / (len(labels) + 2.0)
     candidates = np.concatenate([[0.0], np.unique(small_probs.max(axis=1)), [np.nextafter(1.0, 2.0)]])
     for candidate in candidates:
@@ -135,19 +134,16 @@ def choose_cascade_threshold(
         escalate = small_probs.max(axis=1) < threshold
         correct = np.where(escalate, large_correct, small_probs.argmax(1) == labels)
         if all(correct[g].mean() >= large_correct[g].mean() - tolerance - 1e-12 for g in groups):
-            return _with_budget(
-                small_probs, large_correct, labels, threshold, floor, large_accuracy, escalation_budget
-            )
+            return _with_budget(small_probs, large_probs, labels, threshold, floor, escalation_budget)
     raise AssertionError("escalating everything always reaches the large model's accuracy")
 
 
 def _with_budget(
     small_probs: np.ndarray,
-    large_correct: np.ndarray,
+    large_probs: np.ndarray,
     labels: np.ndarray,
     rule_threshold: float,
     floor: float,
-    large_accuracy: float,
     escalation_budget: float,
 ) -> CascadeChoice:
     """The rule's threshold, raised to the highest that escalates at most `escalation_budget` of
@@ -161,8 +157,6 @@ def _with_budget(
     else:
         budget_threshold = 1.0
     threshold = max(rule_threshold, budget_threshold)
-    escalate = small_probs.max(axis=1) < threshold
-    correct = np.where(escalate, large_correct, small_probs.argmax(1) == labels)
-    return CascadeChoice(
-        threshold, float(escalate.mean()), float(correct.mean()), large_accuracy, floor, rule_threshold
-    )
+    accuracy, rate = cascade_outcome(small_probs, large_probs, labels, threshold)
+    large_accuracy = float((large_probs.argmax(1) == labels).mean())
+    return CascadeChoice(threshold, rate, accuracy, large_accuracy, floor, rule_threshold)
