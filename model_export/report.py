@@ -120,6 +120,13 @@ def _batch1_call(path: Path, size: int, threads: int) -> Callable[[], object]:
     return functools.partial(session.run, None, {session.get_inputs()[0].name: random_batch(1, size)})
 
 
+def speed_verdict(ratio: float) -> str:
+    """How the printed ratio (two decimals) reads: 0.995-1.005 prints as 1.00x, neither faster nor slower."""
+    if round(ratio, 2) == 1.0:
+        return "the speed: level with fp32 on this CPU"
+    return "faster" if ratio > 1.0 else "the speed: slower than fp32 on this CPU"
+
+
 def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int = 60) -> str:
     """Each int8 variant's batch-1 speed-up over its fp32 model, both measured now, one call of
     each in turn (catdog_core.sessions.paired_times_ms), so that a noisy neighbour slows both alike."""
@@ -131,7 +138,7 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int
         fp = _batch1_call(folder / manifest.models[entry.derived_from].file, size, threads)
         q = _batch1_call(folder / entry.file, size, threads)
         times = paired_times_ms(fp, q, pairs)
-        verdict = "faster" if times.ratio >= 1.0 else "the speed: slower than fp32 on this CPU"
+        verdict = speed_verdict(times.ratio)
         rows.append(
             f"{name}: {times.second_ms:.2f} ms vs {entry.derived_from} {times.first_ms:.2f} ms at batch 1 "
             f"-> {times.ratio:.2f}x {verdict} ({threads} threads, {pairs} alternating pairs, measured now)"

@@ -172,6 +172,7 @@ def install_routes(app: FastAPI, max_files: int) -> None:
                 large=c.large,
                 threshold=c.threshold,
                 compute_budget=c.compute_budget,
+                rule_threshold=c.rule_threshold,
                 test_accuracy=c.test.accuracy if c.test else None,
                 test_escalation_rate=c.test_escalation_rate,
                 test_cost_ratio=c.test_cost_ratio,

@@ -110,6 +110,12 @@ class CascadeInfo(BaseModel):
         description="The share of the large model's compute the threshold could spend on validation "
         "photos beyond what the accuracy rule asked (escalating the least confident answers).",
     )
+    rule_threshold: float | None = Field(
+        None,
+        description="The threshold the accuracy rule alone asked on validation (the cascade within 0.1 point "
+        "of the large model on every source, and at least the large model's smoothed accuracy), before the "
+        "compute budget raised it.",
+    )
     test_accuracy: float | None
     test_escalation_rate: float | None
     test_cost_ratio: float | None = Field(description="Mean compute per image relative to the large model.")

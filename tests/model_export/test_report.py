@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from model_export.report import int8_speedups
+from model_export.report import int8_speedups, speed_verdict
 from tests.support import write_tiny_models
 
 
@@ -19,7 +19,7 @@ def test_each_int8_variant_is_timed_against_its_fp32_model_and_the_cpu_is_named(
     assert len(lines) == 2
     assert re.fullmatch(
         r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x "
-        r"(faster|the speed: slower than fp32 on this CPU) "
+        r"(faster|the speed: slower than fp32 on this CPU|the speed: level with fp32 on this CPU) "
         r"\(1 threads, 6 alternating pairs, measured now\)",
         lines[0],
     ), lines[0]
@@ -31,3 +31,9 @@ def test_a_manifest_without_int8_variants_says_so(tmp_path: Path) -> None:
         int8_speedups(write_tiny_models(tmp_path, heavy_layers=2), tmp_path)
         == "no int8 variants in the manifest"
     )
+
+
+def test_the_verdict_calls_a_ratio_that_prints_as_1_00x_level() -> None:
+    assert speed_verdict(1.004) == speed_verdict(0.996) == "the speed: level with fp32 on this CPU"
+    assert speed_verdict(1.006) == "faster"
+    assert speed_verdict(0.994) == "the speed: slower than fp32 on this CPU"

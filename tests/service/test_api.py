@@ -123,6 +123,7 @@ def test_model_listing(server: Server) -> None:
     assert {m["name"] for m in listing["models"]} == {"fast", "slow"}
     cascade = listing["cascades"][0]
     assert (cascade["small"], cascade["threshold"], cascade["compute_budget"]) == ("fast", 0.9, 0.25)
+    assert cascade["rule_threshold"] == 0.8
     one = httpx.get(f"{server.url}/models/slow").json()
     assert (one["input_width"], one["input_height"]) == (48, 48) and one["device"] == "cpu"
     assert_error(httpx.get(f"{server.url}/models/../etc"), 404)
