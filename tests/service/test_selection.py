@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def test_auto_compares_min_accuracy_with_the_hardest_source(server: Server) -> N
     assert post(server, images.jpeg(), model="auto", min_accuracy=0.915).json()["model"] == "slow"
 
 
+async def _until_queued(client: httpx.AsyncClient, server: Server, model: str, at_least: int) -> None:
+    """Wait (at most 30 s) until the model's queue holds the burst, as the server itself reports it."""
+    deadline = time.monotonic() + 30
+    while (await client.get(f"{server.url}/models/{model}")).json()["queue_depth"] < at_least:
+        assert time.monotonic() < deadline, f"{model}'s queue never reached {at_least}"
+        await asyncio.sleep(0.005)
+
+
 async def _auto_under_queue(server: Server, budget_ms: float) -> tuple[dict[str, object], list[int]]:
     blob = images.jpeg()
     async with httpx.AsyncClient(timeout=120) as client:
@@ -116,7 +125,7 @@ async def _auto_under_queue(server: Server, budget_ms: float) -> tuple[dict[str,
             )
 
         load = [asyncio.create_task(send(model="slow")) for _ in range(16)]
-        await asyncio.sleep(0.5)  # the burst is queued behind the slow model
+        await _until_queued(client, server, "slow", at_least=10)
         chosen = (await send(model="auto", max_latency_ms=budget_ms)).json()
         statuses = [r.status_code for r in await asyncio.gather(*load)]
         return chosen, statuses
