@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from catdog_core.probabilities import softmax
 from catdog_core.sessions import cpu_session, run_batches
 from model_export.data import Sample, all_samples, load_images, stratified_split
 from model_export.quality import (
+    Quality,
     choose_cascade_threshold,
     quality,
 )
@@ -55,19 +57,13 @@ def metrics(
     by_source = {}
     for source in np.unique(sources) if sources is not None else []:
         mine = sources == source
-        s = quality(logits[mine], labels[mine], temperature)
-        by_source[str(source)] = SourceQuality(
-            n_images=s.n_images, accuracy=s.accuracy, log_loss=s.log_loss, ece=s.ece
-        )
-    return QualityFigures(
-        split=split,
-        n_images=q.n_images,
-        accuracy=q.accuracy,
-        log_loss=q.log_loss,
-        ece=q.ece,
-        ece_uncalibrated=q.ece_uncalibrated,
-        by_source=by_source,
-    )
+        by_source[str(source)] = SourceQuality(**_shared(quality(logits[mine], labels[mine], temperature)))
+    return QualityFigures(split=split, ece_uncalibrated=q.ece_uncalibrated, by_source=by_source, **_shared(q))
+
+
+def _shared(q: Quality) -> dict[str, Any]:
+    """The figures a split and a source's photos both report (SourceQuality's fields)."""
+    return {name: getattr(q, name) for name in SourceQuality.model_fields}
 
 
 class Evaluation:

@@ -47,23 +47,37 @@ class OutputSpec(_Strict):
     kind: Literal["logits"] = "logits"
 
 
-class SourceQuality(_Strict):
-    """Classification quality on the photos of one source within a split."""
+class _Quality(_Strict):
+    """The figures measured on any set of photos: a split, or one source's photos within it."""
 
     n_images: int = Field(ge=0)
     accuracy: float = Field(ge=0, le=1)
     log_loss: float = Field(ge=0)
     ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
+    ece_if_calibrated_median: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The ECE a perfectly calibrated model with the same confidences would measure on "
+        "these photos, median over simulated label sets: the noise floor of `ece` at this many photos.",
+    )
+    ece_if_calibrated_p95: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The 95th percentile of that: an `ece` above it is miscalibration these photos can "
+        "show, one below it is not evidence of any.",
+    )
 
 
-class QualityFigures(_Strict):
+class SourceQuality(_Quality):
+    """Classification quality on the photos of one source within a split."""
+
+
+class QualityFigures(_Quality):
     """Classification quality measured on one split with onnxruntime, overall and per source."""
 
     split: Literal["val", "test"]
-    n_images: int = Field(ge=0)
-    accuracy: float = Field(ge=0, le=1)
-    log_loss: float = Field(ge=0)
-    ece: float = Field(ge=0, le=1, description="Expected calibration error after temperature scaling.")
     ece_uncalibrated: float = Field(ge=0, le=1)
     by_source: dict[str, SourceQuality] = Field(
         default_factory=dict, description="The same figures on each source's photos in this split."

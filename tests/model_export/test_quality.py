@@ -8,6 +8,7 @@ import pytest
 from model_export.quality import (
     cascade_outcome,
     choose_cascade_threshold,
+    ece_if_calibrated,
     expected_calibration_error,
     fit_temperature,
     log_loss,
@@ -39,6 +40,37 @@ def test_separable_validation_does_not_drive_the_temperature_to_zero() -> None:
 def test_ece_is_zero_for_perfect_confident_predictions() -> None:
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
+
+
+def _confident_model(n: int, seed: int) -> np.ndarray:
+    """Probabilities of a strong model: most answers at 0.97-1.0, a few unsure ones."""
+    rng = np.random.default_rng(seed)
+    top = np.where(rng.random(n) < 0.9, rng.uniform(0.97, 1.0, n), rng.uniform(0.5, 0.97, n))
+    return np.stack([top, 1 - top], axis=1)
+
+
+def test_the_ece_of_a_calibrated_model_lies_within_its_noise_floor() -> None:
+    probs = _confident_model(374, seed=2)
+    median, p95 = ece_if_calibrated(probs)
+    assert 0 < median < p95
+    rng = np.random.default_rng(3)
+    # Labels drawn from the model's own confidences: a perfectly calibrated model, 200 test sets.
+    eces = [
+        expected_calibration_error(probs, np.where(rng.random(374) < probs[:, 0], 0, 1)) for _ in range(200)
+    ]
+    assert median == pytest.approx(np.median(eces), rel=0.15)
+    assert 0.02 < np.mean(np.array(eces) > p95) < 0.10
+
+
+def test_the_noise_floor_falls_with_more_photos_and_an_overconfident_model_rises_above_it() -> None:
+    few = ece_if_calibrated(_confident_model(300, seed=4))
+    many = ece_if_calibrated(_confident_model(3000, seed=4))
+    assert many[1] < few[1] / 2
+    probs = _confident_model(3000, seed=5)
+    rng = np.random.default_rng(6)
+    # The truth is less sure than the model: each answer right with probability 2 * top - 1.
+    labels = np.where(rng.random(3000) < 2 * probs[:, 0] - 1, 0, 1)
+    assert expected_calibration_error(probs, labels) > 3 * ece_if_calibrated(probs)[1]
 
 
 def test_cascade_threshold_is_the_cheapest_that_matches_the_large_model() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from model_export.report import int8_speedups, speed_verdict
+from model_export.report import int8_speedups, source_table, speed_verdict
 from tests.support import write_tiny_models
 
 
@@ -37,3 +37,17 @@ def test_the_verdict_calls_a_ratio_that_prints_as_1_00x_level() -> None:
     assert speed_verdict(1.004) == speed_verdict(0.996) == "the speed: level with fp32 on this CPU"
     assert speed_verdict(1.006) == "faster"
     assert speed_verdict(0.994) == "the speed: slower than fp32 on this CPU"
+
+
+def test_the_source_table_gives_each_ece_beside_its_noise_floor(tmp_path: Path) -> None:
+    manifest = write_tiny_models(tmp_path, heavy_layers=2)
+    fast = manifest.models["fast"]
+    assert fast.test is not None
+    kaggle = fast.test.by_source["kaggle"].model_copy(update={"ece": 0.0154, "ece_if_calibrated_p95": 0.0129})
+    by_source = {**fast.test.by_source, "kaggle": kaggle}
+    test = fast.test.model_copy(update={"by_source": by_source})
+    manifest.models["fast"] = fast.model_copy(update={"test": test})
+    rows = {line.split()[0]: line for line in source_table(manifest).splitlines()}
+    assert re.search(r"\s1\.54 \(1\.29\)", rows["fast"]), rows["fast"]
+    assert "(-)" in rows["slow"]  # recorded before the noise floor was: said, not invented
+    assert "p95" in source_table(manifest).splitlines()[-1]
