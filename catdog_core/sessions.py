@@ -4,6 +4,7 @@ options the server runs with, so `auto` and the deadline predictions compare lik
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -85,6 +86,18 @@ class PairedTimes:
     first_ms: float  # median wall time of one call
     second_ms: float
     ratio: float  # median over pairs of first / second: how many times faster the second is
+    second_faster_pairs: int  # pairs in which the second call took less time than the first
+    pairs: int
+
+    def could_be_chance(self, significance: float = 0.05) -> bool:
+        """Whether a coin could have split the pairs this way: two-sided exact sign test.
+
+        The median ratio says which call is faster in most pairs, but near half of them that
+        "most" is noise, and the medians of the two calls' own times can then disagree with it.
+        """
+        k = max(self.second_faster_pairs, self.pairs - self.second_faster_pairs)
+        tail = sum(math.comb(self.pairs, i) for i in range(k, self.pairs + 1)) / (1 << self.pairs)
+        return 2 * tail > significance
 
 
 def paired_times_ms(
@@ -118,7 +131,13 @@ def paired_times_ms(
             a_times.append(timed(first))
             b_times.append(timed(second))
     ratios = [a / b for a, b in zip(a_times, b_times, strict=True)]
-    return PairedTimes(statistics.median(a_times), statistics.median(b_times), statistics.median(ratios))
+    return PairedTimes(
+        statistics.median(a_times),
+        statistics.median(b_times),
+        statistics.median(ratios),
+        second_faster_pairs=sum(ratio > 1 for ratio in ratios),
+        pairs=pairs,
+    )
 
 
 def run_times_ms(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from catdog_core.machine import machine_description
-from catdog_core.sessions import cpu_session, paired_times_ms, random_batch
+from catdog_core.sessions import PairedTimes, cpu_session, paired_times_ms, random_batch
 from service.manifest import Manifest, QualityFigures, SourceQuality, load_manifest
 
 
@@ -124,11 +124,19 @@ def _batch1_call(path: Path, size: int, threads: int) -> Callable[[], object]:
     return functools.partial(session.run, None, {session.get_inputs()[0].name: random_batch(1, size)})
 
 
-def speed_verdict(ratio: float) -> str:
-    """How the printed ratio (two decimals) reads: 0.995-1.005 prints as 1.00x, neither faster nor slower."""
-    if round(ratio, 2) == 1.0:
-        return "the speed: level with fp32 on this CPU"
-    return "faster" if ratio > 1.0 else "the speed: slower than fp32 on this CPU"
+def speed_verdict(times: PairedTimes) -> str:
+    """How the second call's speed reads against the first's, with the pairs it won.
+
+    Faster or slower only when the printed ratio is not 1.00x and a sign test says the pairs did not
+    split as a coin would; otherwise level (within the run's noise)."""
+    won = f"in {times.second_faster_pairs} of {times.pairs} pairs"
+    if round(times.ratio, 2) == 1.0:
+        return f"the speed: level with fp32 (faster {won})"
+    if times.could_be_chance():
+        return f"the speed: level with fp32 within this run's noise (faster {won})"
+    return (
+        f"faster ({won})" if times.ratio > 1.0 else f"the speed: slower than fp32 on this CPU (faster {won})"
+    )
 
 
 def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int = 60) -> str:
@@ -142,7 +150,7 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int
         fp = _batch1_call(folder / manifest.models[entry.derived_from].file, size, threads)
         q = _batch1_call(folder / entry.file, size, threads)
         times = paired_times_ms(fp, q, pairs)
-        verdict = speed_verdict(times.ratio)
+        verdict = speed_verdict(times)
         rows.append(
             f"{name}: {times.second_ms:.2f} ms vs {entry.derived_from} {times.first_ms:.2f} ms at batch 1 "
             f"-> {times.ratio:.2f}x {verdict} ({threads} threads, {pairs} alternating pairs, measured now)"

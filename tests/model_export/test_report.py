@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from catdog_core.sessions import PairedTimes
 from model_export.report import int8_speedups, source_table, speed_verdict
 from tests.support import write_tiny_models
 
@@ -19,7 +20,7 @@ def test_each_int8_variant_is_timed_against_its_fp32_model_and_the_cpu_is_named(
     assert len(lines) == 2
     assert re.fullmatch(
         r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x "
-        r"(faster|the speed: slower than fp32 on this CPU|the speed: level with fp32 on this CPU) "
+        r"(faster \(in|the speed: (slower|level)[^(]*\(faster in) \d+ of 6 pairs\) "
         r"\(1 threads, 6 alternating pairs, measured now\)",
         lines[0],
     ), lines[0]
@@ -33,10 +34,36 @@ def test_a_manifest_without_int8_variants_says_so(tmp_path: Path) -> None:
     )
 
 
+def _times(ratio: float, second_faster_pairs: int, pairs: int = 60) -> PairedTimes:
+    return PairedTimes(
+        first_ms=10.0,
+        second_ms=10.0 / ratio,
+        ratio=ratio,
+        second_faster_pairs=second_faster_pairs,
+        pairs=pairs,
+    )
+
+
 def test_the_verdict_calls_a_ratio_that_prints_as_1_00x_level() -> None:
-    assert speed_verdict(1.004) == speed_verdict(0.996) == "the speed: level with fp32 on this CPU"
-    assert speed_verdict(1.006) == "faster"
-    assert speed_verdict(0.994) == "the speed: slower than fp32 on this CPU"
+    assert speed_verdict(_times(1.004, 50)) == "the speed: level with fp32 (faster in 50 of 60 pairs)"
+    assert speed_verdict(_times(0.996, 10)) == "the speed: level with fp32 (faster in 10 of 60 pairs)"
+    assert speed_verdict(_times(1.006, 50)) == "faster (in 50 of 60 pairs)"
+    assert (
+        speed_verdict(_times(0.994, 10))
+        == "the speed: slower than fp32 on this CPU (faster in 10 of 60 pairs)"
+    )
+
+
+def test_a_split_of_the_pairs_no_sign_test_can_tell_from_chance_is_called_noise() -> None:
+    # make report printed "34.07 ms vs mobilenet 36.66 ms at batch 1 -> 0.97x the speed: slower" (2026-12-05):
+    # the medians of the times and of the pairs' ratios disagree, as they can when the pairs split evenly.
+    assert (
+        speed_verdict(_times(0.97, 28))
+        == "the speed: level with fp32 within this run's noise (faster in 28 of 60 pairs)"
+    )
+    assert speed_verdict(_times(1.08, 38)).startswith("the speed: level")  # two-sided p = 0.052 at 38 of 60
+    assert speed_verdict(_times(1.08, 39)) == "faster (in 39 of 60 pairs)"
+    assert speed_verdict(_times(0.92, 21)).startswith("the speed: slower")
 
 
 def test_the_source_table_gives_each_ece_beside_its_noise_floor(tmp_path: Path) -> None:
