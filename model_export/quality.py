@@ -29,7 +29,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def ece_if_calibrated(
-    probs: np.ndarray, bins: int = 15, draws: int = 2000, seed: int = 0
+    probs: np.ndarray, bins: int = 15, draws: int = 2000, seed: int = 0, block_photos: int = 4_000_000
 ) -> tuple[float, float]:
     """(median, 95th percentile) of the ECE that a perfectly calibrated model with these very
     confidences would measure on this many photos.
@@ -49,11 +49,17 @@ def ece_if_calibrated(
     bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     in_bin = np.zeros((len(confidence), bins))
     in_bin[np.arange(len(confidence)), bin_of] = 1.0
-    correct = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
-    # Each bin's |sum(correct) - sum(confidence)| / n is its share of the ECE (weight x gap).
-    gaps = np.abs(correct.astype(float) @ in_bin - confidence @ in_bin)
-    eces = gaps.sum(axis=1) / len(confidence)
-    median, p95 = np.percentile(eces, [50, 95])
+    expected = confidence @ in_bin
+    rng = np.random.default_rng(seed)
+    # Draws in blocks of about `block_photos` photos' worth (32 MB as floats), whatever the set's
+    # size; the generator's stream is the same as one call's, so the figures do not depend on it.
+    block = max(1, block_photos // len(confidence))
+    eces = []
+    for start in range(0, draws, block):
+        correct = rng.random((min(block, draws - start), len(confidence))) < confidence
+        # Each bin's |sum(correct) - sum(confidence)| / n is its share of the ECE (weight x gap).
+        eces.append(np.abs(correct.astype(float) @ in_bin - expected).sum(axis=1) / len(confidence))
+    median, p95 = np.percentile(np.concatenate(eces), [50, 95])
     return float(median), float(p95)
 
 

@@ -73,6 +73,11 @@ def test_the_noise_floor_falls_with_more_photos_and_an_overconfident_model_rises
     assert expected_calibration_error(probs, labels) > 3 * ece_if_calibrated(probs)[1]
 
 
+def test_the_noise_floor_is_drawn_in_bounded_blocks_without_changing_it() -> None:
+    probs = _confident_model(2000, seed=7)
+    assert ece_if_calibrated(probs, block_photos=10_000) == ece_if_calibrated(probs, block_photos=10**9)
+
+
 def test_cascade_threshold_is_the_cheapest_that_matches_the_large_model() -> None:
     labels = np.array([0, 0, 1, 1, 0, 1])
     small = np.array([[0.99, 0.01], [0.6, 0.4], [0.45, 0.55], [0.7, 0.3], [0.98, 0.02], [0.2, 0.8]])
