@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, ShuttingDown
+from service.errors import CatdogError, ModelNotFound, Overloaded, ShuttingDown
 from service.uploads import reject
 
 
@@ -25,20 +25,24 @@ def is_classification(path: str) -> bool:
 
 
 class AdmissionMiddleware:
-    """refusal_for: the 503 a request gets before its body is read, if any, from the scope alone
-    (the model it names); the in-progress cap is checked first. draining: whether the server is
-    stopping, when an admitted request is cancelled before its answer (see _run_or_answer_shutdown)."""
+    """not_found_for: the 404 a request gets for naming no model this server has, checked before
+    anything else (a 503 would have the client retry what can never succeed). refusal_for: the 503 a
+    request gets before its body is read, if any, from the scope alone (the model it names); the
+    in-progress cap is checked first. draining: whether the server is stopping, when an admitted
+    request is cancelled before its answer (see _run_or_answer_shutdown)."""
 
     def __init__(
         self,
         app: ASGIApp,
         max_in_progress: int,
         refusal_for: Callable[[Scope], Overloaded | None] = lambda scope: None,
+        not_found_for: Callable[[Scope], ModelNotFound | None] = lambda scope: None,
         draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.max_in_progress = max_in_progress
         self.refusal_for = refusal_for
+        self.not_found_for = not_found_for
         self.draining = draining
         self.in_progress = 0
 
@@ -46,7 +50,7 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or not is_classification(scope["path"]):
             await self.app(scope, receive, send)
             return
-        refused = (
+        refused: CatdogError | None = self.not_found_for(scope) or (
             Overloaded(
                 f"{self.in_progress} classification requests are in progress, the most this server "
                 "takes at once; retry later",

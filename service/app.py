@@ -185,6 +185,7 @@ def create_app(
         AdmissionMiddleware,
         max_in_progress=settings.max_concurrent_requests,
         refusal_for=lambda scope: state.refusal_before_body(requested_model(scope)),
+        not_found_for=lambda scope: state.unknown_model(requested_model(scope)),
         draining=lambda: state.draining,
     )
     app.add_middleware(

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 
 from service.batching import InferenceLane
 from service.classifier import Classifier
-from service.errors import NotReady, Overloaded
+from service.errors import ModelNotFound, NotReady, Overloaded
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -55,6 +55,17 @@ class AppState:
         registry = self.classifier.registry
         model = registry.models.get(name or registry.default)
         return model.batcher.refusal(1) if model is not None else None
+
+    def unknown_model(self, name: str | None) -> ModelNotFound | None:
+        """The 404 for a name that is no loaded model nor a router, once the models are loaded
+        (before that, the routes answer 503 not_ready)."""
+        if self.classifier is None or name is None or name in ("auto", "cascade"):
+            return None
+        try:
+            self.classifier.registry.get(name)
+        except ModelNotFound as unknown:
+            return unknown
+        return None
 
     def begin_draining(self) -> None:
         """SIGTERM: readiness goes false at once so load balancers stop sending new work."""

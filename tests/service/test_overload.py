@@ -361,3 +361,34 @@ def test_a_body_over_the_limit_gets_413_even_when_the_model_would_refuse(queue_c
     assert protocol_head.startswith("http/1.1 413"), protocol_head
     assert within.startswith("http/1.1 503"), within  # the model was refusing all the while
     assert results == [200]
+
+
+@pytest.mark.slow
+def test_an_unknown_model_gets_404_even_while_the_cap_refuses_work(server: Server) -> None:
+    """A 503 would tell the client to retry what can never succeed: the name is checked first."""
+    results: list[int] = []
+    busy = start_busy_requests(server, results)
+    classify = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "no-such-model"},
+        content=images.jpeg(),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    infer = httpx.post(
+        f"{server.url}/v2/models/no-such-model/infer", content=images.jpeg(), headers={HEADER_LENGTH: "0"}
+    )
+    # Still refused by the cap while the busy requests work: a known model is turned away.
+    known = httpx.post(
+        f"{server.url}/classify",
+        params={"model": "slow"},
+        content=images.jpeg(),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    for thread in busy:
+        thread.join()
+    assert classify.status_code == 404, classify.text
+    assert classify.json()["error"]["code"] == "model_not_found"
+    assert infer.status_code == 404, infer.text
+    assert infer.json()["code"] == "model_not_found"
+    assert known.status_code == 503
+    assert 200 in results
