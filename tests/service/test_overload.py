@@ -85,6 +85,30 @@ def slow_request(server: Server, results: list[int], n_images: int = 8) -> None:
     results.append(response.status_code)
 
 
+def slow_request_status(server: Server, n_images: int) -> int:
+    results: list[int] = []
+    slow_request(server, results, n_images)
+    return results[0]
+
+
+def wait_until_counted(server: Server, key: tuple[str, str, str], count: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while requests_total(server).get(key, 0) < count:
+        assert time.monotonic() < deadline, f"{key} not counted {count} times within {timeout}s"
+        time.sleep(0.02)
+
+
+def wait_for_change(
+    server: Server, before: dict[tuple[str, str, str], float], timeout: float = 30
+) -> dict[tuple[str, str, str], float]:
+    """requests_total once it differs from `before` (a fixed sleep is too short on a loaded CI)."""
+    deadline = time.monotonic() + timeout
+    while (after := requests_total(server)) == before:
+        assert time.monotonic() < deadline, f"no request counted within {timeout}s"
+        time.sleep(0.02)
+    return after
+
+
 def start_busy_requests(server: Server, results: list[int], n: int = 2) -> list[threading.Thread]:
     """n slow requests (two: as many as `server` takes at once), admitted and working."""
     busy = [threading.Thread(target=slow_request, args=(server, results)) for _ in range(n)]
@@ -194,24 +218,28 @@ def test_rejections_are_counted_by_their_real_status(server: Server) -> None:
 
 def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> None:
     results: list[int] = []
+    decoded_before = metric_value(server.url, "catdog_decode_seconds_count", "slow")
+    images_before = metric_value(server.url, "catdog_images_total", "slow")
     busy = threading.Thread(target=slow_request, args=(server, results, 4))
     busy.start()
     wait_for_in_flight(server.url, 1)
     before = requests_total(server).get(("slow", "client_closed", "4xx"), 0)
-    images_before = metric_value(server.url, "catdog_images_total", "slow")
     blob = images.jpeg()
     with connect(server) as sock:
         sock.sendall(
             b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob)
         )
-        time.sleep(0.1)  # admitted and queued behind the busy request
+        # Decoded (once per request: this one and the busy one), so queued behind the busy images.
+        wait_for_metric(server.url, "catdog_decode_seconds_count", decoded_before + 2, "slow")
     busy.join()
-    time.sleep(1.0)
+    wait_until_counted(server, ("slow", "client_closed", "4xx"), before + 1)
+    # One more image after the busy ones: the queue is first come, first served, so had the
+    # abandoned image stayed queued it would have run before this one.
+    assert slow_request_status(server, n_images=1) == 200
     assert results == [200]
-    assert requests_total(server)[("slow", "client_closed", "4xx")] == before + 1
-    # Only the busy request's images ran: the abandoned one was cancelled, not classified.
-    assert metric_value(server.url, "catdog_images_total", "slow") == images_before + 4
+    # Only the busy request's images and the last one ran: the abandoned one was cancelled.
+    assert metric_value(server.url, "catdog_images_total", "slow") == images_before + 4 + 1
     assert "ERROR" not in server.log() and "Traceback" not in server.log()
 
 
@@ -222,9 +250,8 @@ def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -
             b"POST /classify?model=slow HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000
         )
-        time.sleep(0.1)
-    time.sleep(0.3)
-    after = requests_total(server)
+        time.sleep(0.1)  # part of the body arrives, then the client leaves
+    after = wait_for_change(server, before)
     new = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert new == {("slow", "client_closed", "4xx"): 1}
     assert "ERROR" not in server.log() and "Traceback" not in server.log()
