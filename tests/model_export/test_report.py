@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from catdog_core.sessions import PairedTimes
-from model_export.report import int8_speedups, source_table, speed_verdict
+from model_export.report import int8_speedups, source_table, speed_verdict, table
 from tests.support import write_tiny_models
 
 
@@ -78,3 +78,24 @@ def test_the_source_table_gives_each_ece_beside_its_noise_floor(tmp_path: Path) 
     assert re.search(r"\s1\.54 \(1\.29\)", rows["fast"]), rows["fast"]
     assert "(-)" in rows["slow"]  # recorded before the noise floor was: said, not invented
     assert "p95" in source_table(manifest).splitlines()[-1]
+
+
+def test_the_main_table_gives_the_overall_ece_beside_its_noise_floor(tmp_path: Path) -> None:
+    manifest = write_tiny_models(tmp_path, heavy_layers=2)
+    fast = manifest.models["fast"]
+    assert fast.test is not None
+    test = fast.test.model_copy(update={"ece": 0.0070, "ece_if_calibrated_p95": 0.0053})
+    manifest.models["fast"] = fast.model_copy(update={"test": test})
+    slow = manifest.models["slow"]
+    assert slow.test is not None
+    manifest.models["slow"] = slow.model_copy(
+        update={"test": slow.test.model_copy(update={"ece_if_calibrated_p95": None})}
+    )
+    lines = table(manifest).splitlines()
+    rows = {line.split()[0]: line for line in lines[2:] if line.split()}
+    # Right-aligned columns: a value ends where its header does.
+    ece_end, p95_end = lines[0].index(" ECE ") + 4, lines[0].index(" p95") + 4
+    assert p95_end - ece_end == 8  # the floor right beside the ECE it qualifies
+    assert rows["fast"][ece_end - 8 : p95_end].split() == ["0.0070", "0.0053"]
+    assert rows["slow"][p95_end - 8 : p95_end].strip() == "-"  # recorded before the floor was
+    assert "p95" in lines[-len(manifest.cascades) - 1]  # the footnote says what it is
