@@ -25,10 +25,11 @@ def is_classification(path: str) -> bool:
 
 
 class AdmissionMiddleware:
-    """not_found_for: the 404 a request gets for naming no model this server has, checked before
-    anything else (a 503 would have the client retry what can never succeed). refusal_for: the 503 a
-    request gets before its body is read, if any, from the scope alone (the model it names); the
-    in-progress cap is checked first. draining: whether the server is stopping, when an admitted
+    """refusal_for: the 503 a request gets before its body is read, if any, from the scope alone
+    (the model it names); the in-progress cap is checked first. not_found_for: the 404 a request
+    that would be refused gets instead when it names no model this server has (a 503 would have
+    the client retry what can never succeed; otherwise the route answers it, 422 for a name past
+    the length limit). draining: whether the server is stopping, when an admitted
     request is cancelled before its answer (see _run_or_answer_shutdown)."""
 
     def __init__(
@@ -50,7 +51,7 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or not is_classification(scope["path"]):
             await self.app(scope, receive, send)
             return
-        refused: CatdogError | None = self.not_found_for(scope) or (
+        refused: CatdogError | None = (
             Overloaded(
                 f"{self.in_progress} classification requests are in progress, the most this server "
                 "takes at once; retry later",
@@ -60,6 +61,7 @@ class AdmissionMiddleware:
             else self.refusal_for(scope)
         )
         if refused is not None:
+            refused = self.not_found_for(scope) or refused
             # A small body is read and dropped so the connection can stay open: closing it costs the
             # client a new connection per refusal, and the server its accept and setup.
             keep = await _drained(scope, receive)
