@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from service.runtime import (
     balance_batches,
     batching_in_force,
     cgroup_cpu_quota,
+    decode_threads,
     inference_layout,
     resolve_providers,
 )
@@ -92,9 +94,7 @@ def _classifier(
         if settings.cache_max_entries
         else None
     )
-    classifier = Classifier(
-        registry, state.decode_pool, state.metrics, limits, settings.decode_threads, cache
-    )
+    classifier = Classifier(registry, state.decode_pool, state.metrics, limits, state.decode_threads, cache)
     if checker is not None:
         large, session = checker
         classifier.shadow = ShadowWatch(
@@ -143,13 +143,17 @@ def create_app(
         balanced = balance_batches(settings.balance_batches, workers, quota.cpus if quota else None)
         batching = batching_in_force(settings.min_batching_gain, settings.max_batch_ms, quota)
         state.inference = InferenceLane(workers, balanced)
+        state.decode_threads = decode_threads(settings.decode_threads, quota)
+        state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="decode")
         log.info(
-            "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), %d models",
+            "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), "
+            "%d decode threads, %d models",
             providers,
             workers,
             threads,
             settings.intra_op_spinning,
             "shared between workers" if balanced else "taken whole",
+            state.decode_threads,
             len(paths),
         )
         if settings.metrics_port:

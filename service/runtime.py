@@ -87,6 +87,24 @@ def default_threads(quota: CpuQuota | None) -> int:
     return max(1, min(available, math.ceil(quota.cpus))) if quota else max(1, available)
 
 
+# Decoding a photo for MobileNet-160 costs about a fifth of its inference on one thread
+# (MobileNet at 288 px: under a tenth), so a quarter of the CPUs keeps up with the cheapest model.
+# More threads than that only decode bursts of arrivals side by side, each taking a core from an
+# inference worker mid-batch: on 2 CPUs, one decode thread against two gave 2-7 % more MobileNet
+# throughput and as short or shorter tails at c=8 and 32 in every condition (README, "Performance
+# under contention").
+CPUS_PER_DECODE_THREAD = 4
+
+
+def decode_threads_for(cpus: int) -> int:
+    return max(1, math.ceil(cpus / CPUS_PER_DECODE_THREAD))
+
+
+def decode_threads(setting: int | None, quota: CpuQuota | None) -> int:
+    """Image decoding threads: as set, else one per four CPUs this process may use (at least one)."""
+    return setting or decode_threads_for(default_threads(quota))
+
+
 def inference_layout(
     workers: int | None, threads: int | None, providers: list[str], quota: CpuQuota | None
 ) -> tuple[int, int]:

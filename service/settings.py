@@ -95,8 +95,9 @@ class Settings(BaseSettings):
     max_decode_bytes: int = Field(200 * 1024 * 1024, ge=1024 * 1024)
     """Peak memory one image may take to decode, estimated from its header (413 above it): pixels
     times the bytes per pixel its mode needs (4 for RGB, 5 for 16-bit grey; JPEGs at draft scale)."""
-    decode_threads: int = Field(2, ge=1, le=64)
-    """Thread pool size for image decoding (off the event loop)."""
+    decode_threads: int | None = Field(None, ge=1, le=64)
+    """Thread pool size for image decoding (off the event loop); None: one per four CPUs the
+    process may use (CPU quota, then affinity), at least one."""
     drain_timeout_s: float = Field(20.0, gt=0)
     """On SIGTERM: time allowed to finish in-flight and queued requests before exiting."""
     cache_max_entries: int = Field(0, ge=0, le=10_000_000)
@@ -115,19 +116,19 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level for the service's and uvicorn's loggers."""
 
-    def worst_case_request_memory_bytes(self) -> int:
+    def worst_case_request_memory_bytes(self, decode_threads: int) -> int:
         """The most memory requests can take on top of the loaded models (README, "Memory"):
         every open connection's unfinished head and its own bookkeeping, every admitted request's
         body, twice over while a raw body is joined from its chunks, every decode thread's
         costliest image (max_decode_bytes bounds one decode's peak), the transient copies of one
         protocol JSON body being parsed (base64 text and decoded bytes: 2.0x the body, measured
         with tracemalloc; parsing runs on the event loop, one at a time), and the response cache's
-        byte bound when it is on."""
+        byte bound when it is on. decode_threads: the pool's size as resolved (runtime.decode_threads)."""
         return (
             self.max_connections * (self.max_head_bytes + CONNECTION_OVERHEAD_BYTES)
             + 2 * self.max_concurrent_requests * self.max_body_bytes
             + 2 * self.max_body_bytes
-            + self.decode_threads * self.max_decode_bytes
+            + decode_threads * self.max_decode_bytes
             + (self.cache_max_bytes if self.cache_max_entries else 0)
         )
 

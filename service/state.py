@@ -28,11 +28,10 @@ class AppState:
     classifier: Classifier | None = None  # set once the models are loaded and warm
     ready: bool = False
     draining: bool = False
+    # Made by the lifespan, which knows the CPU quota and so the layout.
+    decode_threads: int = field(init=False)
     decode_pool: ThreadPoolExecutor = field(init=False)
-    inference: InferenceLane = field(init=False)  # made by the lifespan, which knows the layout
-
-    def __post_init__(self) -> None:
-        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+    inference: InferenceLane = field(init=False)
 
     def model_label(self, name: str | None) -> str:
         """A metric label for a requested model name: known names only, so labels stay few."""

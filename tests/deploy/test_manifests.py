@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from service.app import create_app
+from service.runtime import decode_threads_for
 from service.settings import Settings
 from tests.support import ROOT
 
@@ -226,7 +228,10 @@ def test_memory_limit_follows_from_the_worst_case_formula(rendered: dict[str, Pa
     settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in config.items()})
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     limit = _mebibytes(container["resources"]["limits"]["memory"])
-    worst = IDLE_RSS_MIB + settings.worst_case_request_memory_bytes() / 2**20
+    # Unless set, the decode threads follow the CPU limit (affinity can only lower the count).
+    cpus = math.ceil(float(container["resources"]["limits"]["cpu"]))
+    threads = settings.decode_threads or decode_threads_for(cpus)
+    worst = IDLE_RSS_MIB + settings.worst_case_request_memory_bytes(threads) / 2**20
     assert limit >= worst / 0.8, (
         f"limit {limit:.0f} MiB < {worst / 0.8:.0f} MiB (worst case {worst:.0f} MiB / 0.8)"
     )

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from service import runtime
-from service.runtime import CpuQuota, balance_batches, cgroup_cpu_quota, inference_layout
+from service.runtime import (
+    CpuQuota,
+    balance_batches,
+    cgroup_cpu_quota,
+    decode_threads,
+    decode_threads_for,
+    inference_layout,
+)
 
 
 def cgroup_cpu_limit(root: Path, membership: str) -> float | None:
@@ -102,3 +109,15 @@ def test_queues_are_shared_when_set_and_the_quota_leaves_a_cpu_per_worker(
     setting: bool, workers: int, cpu_limit: float | None, balanced: bool
 ) -> None:
     assert balance_batches(setting, workers, cpu_limit) is balanced
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (4, 1), (5, 2), (8, 2), (16, 4), (64, 16)])
+def test_one_decode_thread_per_four_cpus_at_least_one(cpus: int, threads: int) -> None:
+    assert decode_threads_for(cpus) == threads
+
+
+def test_decode_threads_follow_the_quota_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "default_threads", lambda quota: 8 if quota is None else 2)
+    assert decode_threads(None, None) == 2
+    assert decode_threads(None, CpuQuota(1.5, 0.1)) == 1
+    assert decode_threads(3, CpuQuota(1.5, 0.1)) == 3  # as set, even above the quota
