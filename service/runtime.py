@@ -87,8 +87,8 @@ def default_threads(quota: CpuQuota | None) -> int:
     return max(1, min(available, math.ceil(quota.cpus))) if quota else max(1, available)
 
 
-# Decoding a photo for MobileNet-160 costs about a fifth of its inference on one thread
-# (MobileNet at 288 px: under a tenth), so a quarter of the CPUs keeps up with the cheapest model.
+# Decoding a photo for MobileNet-160 costs about a seventh of its inference on one thread
+# (MobileNet at 288 px: a twelfth), so a quarter of the CPUs keeps up with the cheapest model.
 # More threads than that only decode bursts of arrivals side by side, each taking a core from an
 # inference worker mid-batch: on 2 CPUs, one decode thread against two gave 2-7 % more MobileNet
 # throughput and as short or shorter tails at c=8 and 32 in every condition (README, "Performance
