@@ -90,9 +90,9 @@ def default_threads(quota: CpuQuota | None) -> int:
 # Decoding a photo for MobileNet-160 costs about a seventh of its inference on one thread
 # (MobileNet at 288 px: a twelfth), so a quarter of the CPUs keeps up with the cheapest model.
 # More threads than that only decode bursts of arrivals side by side, each taking a core from an
-# inference worker mid-batch: on 2 CPUs, one decode thread against two gave 2-7 % more MobileNet
-# throughput and as short or shorter tails at c=8 and 32 in every condition (README, "Performance
-# under contention").
+# inference worker mid-batch: on 2 CPUs, one decode thread against two gave 0-7 % more MobileNet
+# throughput at c=8 and 32 in every condition, and the shorter p99 in 7 of those 8 points (README,
+# "Performance under contention").
 CPUS_PER_DECODE_THREAD = 4
 
 
