@@ -41,6 +41,9 @@ class LoadedModel:
         return self.entry.input.width, self.entry.input.height
 
 
+ROUTERS = ("auto", "cascade")  # names that pick a model per request rather than being one
+
+
 class ModelRegistry:
     def __init__(self, manifest: Manifest, models: dict[str, LoadedModel], default: str) -> None:
         if default not in models:

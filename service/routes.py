@@ -15,7 +15,7 @@ from catdog_core.media import RAW_BODY_MEDIA_TYPES
 from service.classifier import Answer
 from service.errors import ModelUnavailable, NotReady
 from service.http_errors import ERRORS
-from service.registry import ModelRegistry
+from service.registry import ROUTERS, ModelRegistry
 from service.request_control import deadline_from, unless_client_leaves
 from service.schemas import (
     CascadeInfo,
@@ -147,7 +147,7 @@ def install_routes(app: FastAPI, max_files: int) -> None:
     ) -> ClassifyResponse:
         start = time.monotonic()
         deadline = deadline_from(request, timeout_ms, start)
-        mode = model if model in ("auto", "cascade") else None
+        mode = model if model in ROUTERS else None
         label = mode or classifier.registry.get(model).entry.name
         request.state.model_label = label
         blobs = await read_images(request, state.settings.max_files)

@@ -13,7 +13,7 @@ from service.batching import InferenceLane
 from service.classifier import Classifier
 from service.errors import ModelNotFound, NotReady, Overloaded
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
-from service.registry import ModelRegistry
+from service.registry import ROUTERS, ModelRegistry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class AppState:
 
     def model_label(self, name: str | None) -> str:
         """A metric label for a requested model name: known names only, so labels stay few."""
-        if name in ("auto", "cascade"):
+        if name in ROUTERS:
             return name
         registry = self.classifier.registry if self.classifier is not None else None
         if registry is None:
@@ -58,7 +58,7 @@ class AppState:
     def unknown_model(self, name: str | None) -> ModelNotFound | None:
         """The 404 for a name that is no loaded model nor a router, once the models are loaded
         (before that, the routes answer 503 not_ready)."""
-        if self.classifier is None or name is None or name in ("auto", "cascade"):
+        if self.classifier is None or name is None or name in ROUTERS:
             return None
         try:
             self.classifier.registry.get(name)

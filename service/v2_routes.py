@@ -32,12 +32,11 @@ from service.inference_protocol import (
     model_metadata,
     parse_request,
 )
-from service.registry import ModelRegistry
+from service.registry import ROUTERS, ModelRegistry
 from service.request_control import deadline_from, read_body, unless_client_leaves
 from service.state import Core, Registry, State
 
 SERVER_NAME = "catdog-serve"
-ROUTERS = ("auto", "cascade")  # names that pick a model per request rather than being one
 
 V2_ERRORS = documented_errors(
     ProtocolError,

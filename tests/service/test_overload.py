@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -91,22 +91,15 @@ def slow_request_status(server: Server, n_images: int) -> int:
     return results[0]
 
 
-def wait_until_counted(server: Server, key: tuple[str, str, str], count: float, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while requests_total(server).get(key, 0) < count:
-        assert time.monotonic() < deadline, f"{key} not counted {count} times within {timeout}s"
-        time.sleep(0.02)
-
-
-def wait_for_change(
-    server: Server, before: dict[tuple[str, str, str], float], timeout: float = 30
+def counted_once(
+    server: Server, reached: Callable[[dict[tuple[str, str, str], float]], bool], timeout: float = 30
 ) -> dict[tuple[str, str, str], float]:
-    """requests_total once it differs from `before` (a fixed sleep is too short on a loaded CI)."""
+    """requests_total once `reached` holds for it (a fixed sleep is too short on a loaded CI)."""
     deadline = time.monotonic() + timeout
-    while (after := requests_total(server)) == before:
-        assert time.monotonic() < deadline, f"no request counted within {timeout}s"
+    while not reached(counts := requests_total(server)):
+        assert time.monotonic() < deadline, f"not reached within {timeout}s: {counts}"
         time.sleep(0.02)
-    return after
+    return counts
 
 
 def start_busy_requests(server: Server, results: list[int], n: int = 2) -> list[threading.Thread]:
@@ -233,7 +226,7 @@ def test_a_client_that_leaves_while_queued_cancels_its_work(server: Server) -> N
         # Decoded (once per request: this one and the busy one), so queued behind the busy images.
         wait_for_metric(server.url, "catdog_decode_seconds_count", decoded_before + 2, "slow")
     busy.join()
-    wait_until_counted(server, ("slow", "client_closed", "4xx"), before + 1)
+    counted_once(server, lambda counts: counts.get(("slow", "client_closed", "4xx"), 0) >= before + 1)
     # One more image after the busy ones: the queue is first come, first served, so had the
     # abandoned image stayed queued it would have run before this one.
     assert slow_request_status(server, n_images=1) == 200
@@ -251,7 +244,7 @@ def test_a_disconnect_mid_upload_is_neither_an_error_nor_a_5xx(server: Server) -
             b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000
         )
         time.sleep(0.1)  # part of the body arrives, then the client leaves
-    after = wait_for_change(server, before)
+    after = counted_once(server, lambda counts: counts != before)
     new = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert new == {("slow", "client_closed", "4xx"): 1}
     assert "ERROR" not in server.log() and "Traceback" not in server.log()
@@ -392,7 +385,8 @@ def test_a_body_over_the_limit_gets_413_even_when_the_model_would_refuse(queue_c
 
 @pytest.mark.slow
 def test_an_unknown_model_gets_404_even_while_the_cap_refuses_work(server: Server) -> None:
-    """A 503 would tell the client to retry what can never succeed: the name is checked first."""
+    """A 503 would tell the client to retry what can never succeed: a refused request's model name
+    is checked, and an unknown one answered 404 instead."""
     results: list[int] = []
     busy = start_busy_requests(server, results)
     classify = httpx.post(
