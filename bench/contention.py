@@ -41,6 +41,10 @@ URL = f"http://127.0.0.1:{PORT}"
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
 MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors")
+PLAIN = "plain FastAPI"
+TAIL_AIM = 0.8
+"""The tail catdog-serve aims at: at most this fraction of the plain handler's p99."""
+MIN_LOG_SPAN = 4.0  # the narrowest a p99 axis gets, as a ratio of its ends
 
 
 class CpuQuota:
@@ -119,7 +123,7 @@ def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any
             "body": image,
             "content_type": "image/jpeg",
         },
-        "plain FastAPI": {
+        PLAIN: {
             "command": lambda model: [
                 python,
                 "-m",
@@ -250,6 +254,22 @@ def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]
     return [model for model in MODELS if model in seen]
 
 
+def tail_aim(plain_points: list[dict[str, Any]]) -> list[float]:
+    """The p99 catdog-serve aims at, point by point: TAIL_AIM of the plain handler's (nan where it
+    answered nothing, so there is no aim to draw)."""
+    return [TAIL_AIM * p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in plain_points]
+
+
+def legible_log_range(low: float, high: float) -> tuple[float, float]:
+    """A log axis at least MIN_LOG_SPAN wide around [low, high]: matplotlib fits the axis to the
+    data, and two p99s 16 % apart then fill the panel as if they were worlds apart."""
+    if high / low >= MIN_LOG_SPAN:
+        return low, high
+    centre = math.sqrt(low * high)
+    half = math.sqrt(MIN_LOG_SPAN)
+    return centre / half, centre * half
+
+
 def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> None:
     import matplotlib
 
@@ -285,17 +305,23 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
                 # A point where nothing was answered has no latency to plot (a gap, not a zero).
                 p99 = [p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in points]
                 axes[row + len(models)][col].plot(c, p99, **style)
+                if name == PLAIN:
+                    aim = {"color": "black", "linestyle": "--", "marker": "_", "markersize": 14}
+                    axes[row + len(models)][col].plot(c, tail_aim(points), label=f"aim: 0.8x {PLAIN}", **aim)
             axes[row][col].set(
                 title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
             )
-            axes[row + len(models)][col].set(
+            tail_axis = axes[row + len(models)][col]
+            tail_axis.set(
                 title=f"{where}: {model}", xscale="log", yscale="log", ylabel="p99 ms", xlabel="concurrency"
             )
+            tail_axis.set_ylim(*legible_log_range(*tail_axis.get_ylim()))
             for axis in (axes[row][col], axes[row + len(models)][col]):
                 axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
                 # Under a decade apart, a log axis labels its minor ticks too (over the majors).
                 axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].legend()
+    axes[len(models)][0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

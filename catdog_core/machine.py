@@ -12,7 +12,7 @@ import onnxruntime as ort
 # The x86 instruction sets onnxruntime's int8 kernels use, best first. Whether a CPU has VNNI
 # (one instruction per int8 dot product) decides most of what int8 gains: on an AMD EPYC with AVX2
 # only, Xception's dense convolutions ran 2.0x faster in int8, against 3.3x on an AVX-512 VNNI CPU
-# (README, "int8 and the hardware").
+# (docs/models.md, "int8 and the hardware").
 INT8_INSTRUCTIONS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
 
 

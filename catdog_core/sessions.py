@@ -33,7 +33,7 @@ def session_options(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Memory patterns pre-plan one block per input shape, and the arena keeps each of them: with
     # batch sizes 1..8 on all four models the process reached 1.47 GiB, against 0.85 GiB without
-    # patterns, at the same or better speed (bench notes in the README). Batches vary in size
+    # patterns, at the same or better speed (docs/performance.md, "Benchmarks"). Batches vary in size
     # here, which is the case patterns do not help.
     options.enable_mem_pattern = False
     # Spinning keeps idle intra-op threads busy-waiting for the next parallel section: lower

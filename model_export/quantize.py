@@ -12,7 +12,7 @@ Built with 8-bit weights throughout, mobilenet-int8 measured 96.44 % on validati
 against 99.21 % on a VNNI one; with 7-bit weights everywhere it lost 0.8 points on a source
 against fp32; keeping the depthwise weights at 8 bits brought it back within 0.3, and its fused
 answers stayed within 0.044 in probability of its QDQ graph run unfused, so the depthwise kernel
-does not saturate (README, "int8 and the hardware").
+does not saturate (docs/models.md, "int8 and the hardware").
 
 The depthwise convolutions cannot simply be left in fp32 (nodes_to_exclude): onnxruntime's
 WeightBiasQuantization graph transformer, run when the file is loaded, quantizes the weights of an

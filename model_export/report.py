@@ -161,7 +161,7 @@ def int8_speedups(manifest: Manifest, folder: Path, threads: int = 2, pairs: int
     if not rows:
         return "no int8 variants in the manifest"
     # The speed-up is mostly the CPU's: at 2 threads about 2.4x (Xception) and 2.0x (MobileNet) on
-    # a Xeon with VNNI and AMX, 1.7x and 1.4-1.7x on an AVX2 EPYC (README, "int8 and the hardware").
+    # a Xeon with VNNI and AMX, 1.7x and 1.4-1.7x on an AVX2 EPYC (docs/models.md, "int8 and the hardware").
     return "\n".join([*rows, f"measured on {machine_description()}"])
 
 

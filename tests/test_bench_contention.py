@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.contention import _cell, main, measured_models, median_of_rounds, plot, server_names
+from bench.contention import (
+    _cell,
+    legible_log_range,
+    main,
+    measured_models,
+    median_of_rounds,
+    plot,
+    server_names,
+    tail_aim,
+)
 
 
 def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
@@ -69,3 +78,18 @@ def test_the_plot_has_rows_only_for_the_models_measured(tmp_path: Path) -> None:
     assert measured_models(results) == ["xception"]
     plot(results, tmp_path / "one.png")
     assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_the_tail_aim_is_four_fifths_of_the_plain_handlers_p99() -> None:
+    plain = [point(8, 3.5, 2661.0), point(32, 0.0, 0.0)]
+    aim = tail_aim(plain)
+    assert aim[0] == pytest.approx(0.8 * 2661.0)
+    assert aim[1] != aim[1]  # nothing answered: no aim (nan), not an aim of 0 ms
+
+
+def test_a_log_axis_spans_at_least_a_factor_of_four() -> None:
+    # Two p99s 16 % apart filled a whole log axis and looked a world apart (2,288 against 2,661 ms).
+    low, high = legible_log_range(2288.0, 2661.0)
+    assert high / low == pytest.approx(4.0)
+    assert low < 2288.0 and high > 2661.0
+    assert legible_log_range(100.0, 10_000.0) == (100.0, 10_000.0)  # wide already: as it is

@@ -1,12 +1,27 @@
-"""The README documents every setting the service reads."""
+"""The README documents every setting the service reads, and the documents' links lead somewhere."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
+
 from service.settings import Settings
 from tests.support import ROOT
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RELATIVE_LINK = re.compile(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)")  # [text](path) or ![alt](path), no URLs
 
 
 def test_readme_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`CATDOG_{name.upper()}`" not in readme]
     assert not missing, f"README lacks settings: {missing}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_every_relative_link_and_image_exists(document: Path) -> None:
+    targets = RELATIVE_LINK.findall(document.read_text())
+    missing = [target for target in targets if not (document.parent / target).exists()]
+    assert not missing, f"{document.name} links to files that do not exist: {missing}"
