@@ -56,14 +56,15 @@ class ServiceMetrics:
         self.images = Counter("catdog_images_total", "Images classified.", ["model"], registry=r)
         self.decode_seconds = Histogram(
             "catdog_decode_seconds",
-            "Image decode + preprocess time.",
+            "Per request: the wait for a decode thread and the decoding and preprocessing of all "
+            "of its images.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_seconds = Histogram(
             "catdog_queue_wait_seconds",
-            "Time waiting for a batch slot.",
+            "Per request: the longest wait of its images from queued to their batch's start.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
