@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import write_bench_images
-from bench.load import server, wrk
+from bench.load import server, stop_on_sigterm, wrk
 from catdog_core.machine import machine_description
 from catdog_core.sessions import cpu_session, steady_figures
 from service.imaging import preprocess
@@ -176,6 +176,7 @@ def main() -> int:
     parser.add_argument("--models", default=None, help="comma-separated (default: all in the manifest)")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
+    stop_on_sigterm()  # a stopped run still stops what it started
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2

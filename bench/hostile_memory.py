@@ -34,7 +34,7 @@ import yaml
 from PIL import Image
 
 from bench.images import write_bench_images
-from bench.load import ROOT, server
+from bench.load import ROOT, server, stop_on_sigterm
 from service.imaging import decode_cost_bytes
 from service.settings import Settings
 
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="xception", help="the model the uploads ask for")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile_memory.json")
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # a stopped run still stops what it started
     env = {"CATDOG_MODELS_DIR": str(args.models_dir), **deployment_settings()}
     settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in env.items()})
     limit = deployment_memory_limit_mib()

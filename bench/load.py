@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LUA = Path(__file__).with_name("wrk_post.lua")
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C: Python's default ends the process at once, skipping the
+    `finally` blocks that stop the servers, the busy loop and Locust and remove the cgroups, so a
+    benchmark stopped by a timeout left a core spinning for every measurement after it."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+
+
 @contextlib.contextmanager
 def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:

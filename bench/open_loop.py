@@ -67,7 +67,12 @@ def run_open_loop(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
         process = start_open_loop(url, model, image, rate, seconds, out, unique)
-        output, _ = process.communicate()
+        try:
+            output, _ = process.communicate()
+        except BaseException:  # stopped (SIGTERM, Ctrl-C): the load stops with it
+            process.kill()
+            process.wait()
+            raise
         if process.returncode != 0:
             raise RuntimeError(f"locust exited with {process.returncode}:\n{output.decode(errors='replace')}")
         return [

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.contention import CONDITIONS, condition
 from bench.images import write_bench_images
-from bench.load import ROOT, server, wrk
+from bench.load import ROOT, server, stop_on_sigterm, wrk
 from bench.open_loop import Record, run_open_loop
 
 PORT = 18432
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         help="use this capacity for the model instead of measuring it (runs to be paired)",
     )
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # a stopped run still stops what it started
     fixed = dict(args.capacity)
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
