@@ -1,8 +1,8 @@
 """`python -m bench.bare_capacity`: the most images a second bare onnxruntime computes on this
 machine, with the server's CPU layout (one session of one intra-op thread per CPU, side by side)
 and with one session on every CPU, batch 1. No HTTP, no decoding: the ceiling the servers of
-`make bench-contention` share, to read their throughput against (a server at 93 % of it has
-little left to win).
+`make bench-contention` share, to read their throughput against (README, "Where this stands":
+catdog-serve answered Xception at 92 % of it, and the tail aim asked for 99 %).
 """
 
 from __future__ import annotations
