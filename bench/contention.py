@@ -254,10 +254,15 @@ def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]
     return [model for model in MODELS if model in seen]
 
 
+def p99s(points: list[dict[str, Any]]) -> list[float]:
+    """Each point's p99; nan where nothing was answered (a gap in a plot, not a zero)."""
+    return [p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in points]
+
+
 def tail_aim(plain_points: list[dict[str, Any]]) -> list[float]:
     """The p99 catdog-serve aims at, point by point: TAIL_AIM of the plain handler's (nan where it
     answered nothing, so there is no aim to draw)."""
-    return [TAIL_AIM * p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in plain_points]
+    return [TAIL_AIM * p99 for p99 in p99s(plain_points)]
 
 
 def legible_log_range(low: float, high: float) -> tuple[float, float]:
@@ -302,12 +307,11 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
                 c = [p["concurrency"] for p in points]
                 style = {"color": colour[name], "label": name, "marker": "o"}
                 axes[row][col].plot(c, [p["answered_per_s"] for p in points], **style)
-                # A point where nothing was answered has no latency to plot (a gap, not a zero).
-                p99 = [p["p99_ms"] if p["answered_per_s"] > 0 else math.nan for p in points]
-                axes[row + len(models)][col].plot(c, p99, **style)
+                axes[row + len(models)][col].plot(c, p99s(points), **style)
                 if name == PLAIN:
                     aim = {"color": "black", "linestyle": "--", "marker": "_", "markersize": 14}
-                    axes[row + len(models)][col].plot(c, tail_aim(points), label=f"aim: 0.8x {PLAIN}", **aim)
+                    label = f"aim: {TAIL_AIM:g}x {PLAIN}"
+                    axes[row + len(models)][col].plot(c, tail_aim(points), label=label, **aim)
             axes[row][col].set(
                 title=f"{where}: {model}", xscale="log", ylabel="answered req/s", ylim=(0, None)
             )

@@ -174,6 +174,12 @@ def write_tiny_models(folder: Path, heavy_layers: int = 24) -> Manifest:
     return manifest
 
 
+def proc_stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or task stat) file after "pid (comm)": the command may
+    hold spaces and parentheses, so split after its last ")". Field n of proc(5) is index n - 3."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support import ROOT
+from tests.support import ROOT, proc_stat_fields
 
 BENCH = """
 import time
@@ -27,17 +27,17 @@ def children_of(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent = int(proc_stat_fields(stat)[1])  # field 4: the parent's pid
         except OSError:
             continue  # gone meanwhile
-        if int(fields[1]) == pid:  # the parent's pid, counted after "pid (comm)"
+        if parent == pid:
             found.append(int(stat.parent.name))
     return found
 
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat_fields(Path(f"/proc/{pid}/stat"))[0]  # field 3: the state
     except OSError:
         return False
     return state != "Z"

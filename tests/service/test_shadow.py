@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service import images
-from tests.support import Server, run_server, wait_for_metric
+from tests.support import Server, proc_stat_fields, run_server, wait_for_metric
 
 RED = images.encode(Image.new("RGB", (64, 64), (220, 30, 30)), "PNG")  # both tiny models: cat
 GRADIENT = images.jpeg(96, 64)  # fast: dog, slow: cat
@@ -100,8 +100,7 @@ def _outcomes(samples: dict[str, float]) -> float:
 def thread_nice_values(pid: int) -> list[int]:
     values = []
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        values.append(int(fields[16]))  # field 19 of stat, counted after "pid (comm)"
+        values.append(int(proc_stat_fields(stat)[16]))  # field 19: nice
     return values
 
 
