@@ -14,7 +14,6 @@ import argparse
 import base64
 import importlib.util
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import write_bench_images
-from bench.load import server, stop_on_sigterm, wrk
+from bench.load import require_wrk, server, stop_on_sigterm, wrk
 from catdog_core.machine import machine_description
 from catdog_core.sessions import cpu_session, steady_figures
 from service.imaging import preprocess
@@ -177,9 +176,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     stop_on_sigterm()  # a stopped run still stops what it started
-    if shutil.which("wrk") is None:
-        print("wrk is needed: apt-get install wrk", file=sys.stderr)
-        return 2
+    require_wrk()
     manifest = load_manifest(args.models_dir / "manifest.json")
     models = args.models.split(",") if args.models else list(manifest.models)
     concurrencies = [int(c) for c in args.concurrency.split(",")]

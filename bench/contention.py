@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import write_bench_images
-from bench.load import ROOT, server, stop_on_sigterm, wrk
+from bench.load import ROOT, require_wrk, server, stop_on_sigterm, wrk
 
 PORT = 18760
 URL = f"http://127.0.0.1:{PORT}"
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "contention.png")
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still stops what it started
+    require_wrk()
     conditions = [c for c in args.conditions if not c.startswith("quota-") or os.geteuid() == 0]
     if conditions != args.conditions:
         print("not root: the CPU-quota conditions are skipped", flush=True)

@@ -27,7 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.images import write_bench_images
-from bench.load import ROOT, server, stop_on_sigterm, wrk
+from bench.load import ROOT, require_wrk, server, stop_on_sigterm, wrk
 from service.inference_protocol import HEADER_LENGTH as HEADER
 
 PORT = 18770
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "cache.png")
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still stops what it started
+    require_wrk()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image = write_bench_images(args.out.parent / "images")["small"]
     # A part not run keeps its figures from the last run's file, if there is one.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,6 +29,13 @@ def stop_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, unwind)
+
+
+def require_wrk() -> None:
+    """Stop before anything is started when the load generator is missing: a benchmark that found
+    out at its first load point left a traceback after servers (or a pod) had started."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("this benchmark drives load with wrk: apt-get install wrk (or brew install wrk)")
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.contention import CONDITIONS, condition
 from bench.images import write_bench_images
-from bench.load import ROOT, server, stop_on_sigterm, wrk
+from bench.load import ROOT, require_wrk, server, stop_on_sigterm, wrk
 from bench.open_loop import Record, run_open_loop
 
 PORT = 18432
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still stops what it started
+    require_wrk()
     fixed = dict(args.capacity)
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}

@@ -28,7 +28,7 @@ import yaml
 
 from bench.hostile_memory import deployment_settings, send_worst_cases
 from bench.images import write_bench_images
-from bench.load import ROOT, wrk
+from bench.load import ROOT, require_wrk, stop_on_sigterm, wrk
 from bench.open_loop import run_open_loop
 from service.settings import Settings
 
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-seconds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pod_smoke.json")
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # a stopped run still takes its pod down (the `finally` below)
+    require_wrk()
     settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in deployment_settings().items()})
     spec = pod_spec(args.image)
     name = container_name(spec)

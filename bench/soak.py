@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import write_bench_images
-from bench.load import server, stop_on_sigterm, wrk
+from bench.load import require_wrk, server, stop_on_sigterm, wrk
 from service.manifest import load_manifest
 
 
@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     stop_on_sigterm()  # a stopped run still stops what it started
+    require_wrk()
     manifest = load_manifest(args.models_dir / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
     images = write_bench_images(args.out / "images")
