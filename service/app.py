@@ -88,7 +88,7 @@ def _classifier(
 ) -> Classifier:
     """The core over the loaded models, with the response cache and the shadow watch if set."""
     settings = state.settings
-    limits = DecodeLimits(settings.max_pixels, settings.max_decode_bytes)
+    limits = DecodeLimits(settings.max_pixels, settings.max_decode_bytes, settings.max_jpeg_scans)
     cache = (
         ResponseCache(settings.cache_max_entries, settings.cache_max_bytes, state.metrics.cache)
         if settings.cache_max_entries

@@ -53,6 +53,34 @@ def png_bomb(side: int = 12_000) -> bytes:
     )
 
 
+def jpeg_segments(data: bytes) -> list[bytes]:
+    """A JPEG's marker segments in order, each scan (SOS) with its entropy-coded data."""
+    segments, at = [], 2
+    while at < len(data):
+        marker = data[at + 1]
+        if marker == 0xD9:  # EOI
+            segments.append(data[at : at + 2])
+            break
+        end = at + 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+        if marker == 0xDA:  # the scan's data runs to the next marker that is not a stuffed 0xFF or RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append(data[at:end])
+        at = end
+    return segments
+
+
+def progressive_jpeg_scan_bomb(side: int = 2000, repeats: int = 1000) -> bytes:
+    """A progressive JPEG whose smallest scan is repeated: libjpeg decodes every scan with a pass
+    over every block of the image, and a flat image's scan codes them all in about a dozen bytes
+    (EOB runs), so decoding time grows with scans x pixels from a small file (libjpeg-turbo's
+    LJT-01-003). Decodable: libjpeg only warns about the repeated progression."""
+    data = encode(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    segments = jpeg_segments(data)
+    smallest_scan = min((s for s in segments if s[1] == 0xDA), key=len)
+    return data[:2] + b"".join(segments[:-1]) + smallest_scan * repeats + segments[-1]
+
+
 def animated_gif() -> bytes:
     frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
@@ -116,6 +144,7 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "png header claims 30000x30000": lambda: png_header_only(30_000, 30_000),
     "png header claims 0x0": lambda: png_header_only(0, 0),
     "png 12000x12000 bomb": png_bomb,
+    "progressive jpeg of 1,010 scans": progressive_jpeg_scan_bomb,
     "gif header only": lambda: b"GIF89a\x10\x00\x10\x00",
     "truncated webp": lambda: encode(gradient(), "WEBP")[:40],
     "bmp header only": lambda: encode(gradient(), "BMP")[:30],

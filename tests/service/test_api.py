@@ -332,3 +332,13 @@ def test_oversized_chunked_upload_is_answered_and_the_connection_closed(server: 
             while sock.recv(65536):
                 pass
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_the_jpeg_scan_limit_is_a_setting(tiny_models_dir: Path, tmp_path: Path) -> None:
+    bomb = images.progressive_jpeg_scan_bomb(side=256, repeats=200)  # 210 scans, cheap at this size
+    with run_server(tiny_models_dir, tmp_path, max_jpeg_scans="300") as live:
+        assert post_files(live, [bomb]).status_code == 200
+    with run_server(tiny_models_dir, tmp_path, max_jpeg_scans="200") as live:
+        response = post_files(live, [bomb])
+        assert_error(response, 413, "image_too_large")
+        assert "210 scans" in response.json()["error"]["message"]

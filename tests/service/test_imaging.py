@@ -119,3 +119,18 @@ def test_large_images_are_shrunk_before_full_size_conversions() -> None:
     image = decode(images.encode(rgba, "PNG"), (100, 100))
     assert image.size == (125, 100)  # reduced by 8, still covering the target
     assert image.getpixel((50, 50)) == (10, 200, 30)
+
+
+def test_a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding() -> None:
+    bomb = images.progressive_jpeg_scan_bomb(side=2000, repeats=1000)
+    with pytest.raises(ImageTooLarge, match="1010 scans"):
+        decode(bomb, SIZE)
+    # The limit is a setting: the same file decodes when the operator allows its scans.
+    assert decode(bomb, SIZE, DecodeLimits(max_jpeg_scans=2000)).size >= SIZE
+
+
+def test_progressive_jpegs_of_common_encoders_are_accepted() -> None:
+    progressive = images.encode(images.gradient(400, 300), "JPEG", progressive=True, quality=90)
+    scans = sum(segment[1] == 0xDA for segment in images.jpeg_segments(progressive))
+    assert scans == 10  # libjpeg's default progression for colour photos
+    assert decode(progressive, SIZE).size >= SIZE
