@@ -9,7 +9,9 @@ PNG of 7071x7071 used to take 1.2 GiB on its way through float64 arrays. So each
 cost in bytes is computed from its header (pixels x the peak bytes per pixel this module needs for
 that mode, JPEGs at their draft scale) and refused above `max_bytes` before any pixel is decoded;
 16- and 32-bit data is scaled with integer arithmetic; and the decoded image is shrunk with a
-cheap box reduction before any full-size conversion (alpha compositing, mode changes).
+cheap box reduction before any full-size conversion (alpha compositing, mode changes). What the
+container around the pixels costs to parse (segments, chunks, scans) is bounded before any
+parser sees the bytes: service/image_structure.py.
 """
 
 from __future__ import annotations
@@ -23,18 +25,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from catdog_core.preprocessing import to_array
 from service.errors import ImageTooLarge, InvalidImage
+from service.image_structure import DEFAULT_MAX_JPEG_SCANS, refuse_costly_structure
 
 # Decoders we accept. Everything else (PSD, EPS, ICO, ...) is refused before any decoding.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_DECODE_BYTES = 200 * 1024 * 1024
-# libjpeg decodes every scan of a progressive JPEG with a pass over every block of the image, and
-# a scan of a flat area codes all of them in a dozen bytes: a 497 kB file of 8,010 scans at
-# 7000x7000 took 13.6 s of one decode thread (0.19 s without the repeated scans), so a 20 MB one
-# would take about 50 minutes (libjpeg-turbo calls this LJT-01-003 and leaves the limit to
-# applications). Common encoders write 10 or so.
-DEFAULT_MAX_JPEG_SCANS = 100
-_START_OF_SCAN = b"\xff\xda"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # Peak bytes per pixel while decode() handles a full-size image of the mode, measured (VmHWM of a
@@ -65,7 +61,7 @@ _REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}
 @dataclass(frozen=True)
 class DecodeLimits:
     """What one image may cost to decode: decoded pixels, peak bytes (see the module doc), and the
-    scans of a JPEG (the time its decoding takes grows with scans x pixels)."""
+    scans of a JPEG (service/image_structure.py: its decoding time grows with scans x pixels)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES
@@ -148,10 +144,10 @@ def decode(data: bytes, target_size: tuple[int, int], limits: DecodeLimits = Dec
     """
     if not data:
         raise InvalidImage("empty body: no image bytes were sent")
+    refuse_costly_structure(data, limits.max_jpeg_scans)
     image = _open(data, limits.max_pixels)
     try:
         if image.format in ("JPEG", "MPO"):  # MPO: phone cameras' multi-picture JPEG
-            _refuse_costly_scans(data, limits.max_jpeg_scans)
             image.draft(image.mode, target_size)
         cost = decode_cost_bytes(image.mode, image.size, image.format)
         if cost > limits.max_bytes:
@@ -174,19 +170,6 @@ def decode(data: bytes, target_size: tuple[int, int], limits: DecodeLimits = Dec
         raise
     except Exception as exc:
         raise InvalidImage(f"cannot convert the image to RGB: {type(exc).__name__}: {exc}") from exc
-
-
-def _refuse_costly_scans(data: bytes, max_scans: int) -> None:
-    """Refuse a JPEG with more scans than allowed, before any is decoded. Every scan starts with
-    the bytes FF DA and entropy-coded data cannot hold them (an FF there is followed by 00 or a
-    restart marker), so counting them never misses one; it may count a thumbnail's or an MPO's
-    second picture's scans too, which the limit leaves room for."""
-    scans = data.count(_START_OF_SCAN)
-    if scans > max_scans:
-        raise ImageTooLarge(
-            f"this JPEG has {scans} scans; the limit is {max_scans} (common encoders write about 10, "
-            "and each scan costs a pass over the whole image): re-encode it as a baseline JPEG"
-        )
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -81,6 +81,46 @@ def progressive_jpeg_scan_bomb(side: int = 2000, repeats: int = 1000) -> bytes:
     return data[:2] + b"".join(segments[:-1]) + smallest_scan * repeats + segments[-1]
 
 
+def jpeg_with_header_flood(filler: bytes, count: int = 100_000) -> bytes:
+    """A small JPEG with `count` copies of `filler` (an empty APP segment, a fill byte) between SOI
+    and its first real segment: Pillow walks everything before the first scan in Python, a step
+    per segment or fill byte, keeping every APP segment (20 MB of them took 8 s and 700 MiB)."""
+    data = jpeg()
+    return data[:2] + filler * count + data[2:]
+
+
+def png_with_chunks(chunk: bytes, count: int = 100_000, before_image_data: bool = False) -> bytes:
+    """A small PNG with `count` copies of `chunk` before its first IDAT or before IEND: Pillow
+    reads chunks one by one in Python (12 MB of empty chunks took 3 s)."""
+    data = encode(gradient(), "PNG")
+    at = data.index(b"IDAT") - 4 if before_image_data else data.rindex(b"IEND") - 4
+    return data[:at] + chunk * count + data[at:]
+
+
+def png_in_small_chunks(chunk_bytes: int = 1024) -> bytes:
+    """A real photo-sized PNG whose image data is split into IDAT chunks of `chunk_bytes`: some
+    encoders write small chunks, and such a file must not be taken for a chunk flood."""
+    data = encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (400, 600, 3), np.uint8)), "PNG")
+    header_end = data.index(b"IDAT") - 4
+    image_data = b"".join(
+        data[at + 8 : at + 8 + struct.unpack(">I", data[at : at + 4])[0]]
+        for at in _png_chunk_offsets(data)
+        if data[at + 4 : at + 8] == b"IDAT"
+    )
+    chunks = [
+        png_chunk(b"IDAT", image_data[i : i + chunk_bytes]) for i in range(0, len(image_data), chunk_bytes)
+    ]
+    return data[:header_end] + b"".join(chunks) + png_chunk(b"IEND", b"")
+
+
+def _png_chunk_offsets(data: bytes) -> list[int]:
+    offsets, at = [], 8
+    while at < len(data):
+        offsets.append(at)
+        at += 12 + struct.unpack(">I", data[at : at + 4])[0]
+    return offsets
+
+
 def animated_gif() -> bytes:
     frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
@@ -145,6 +185,14 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "png header claims 0x0": lambda: png_header_only(0, 0),
     "png 12000x12000 bomb": png_bomb,
     "progressive jpeg of 1,010 scans": progressive_jpeg_scan_bomb,
+    "jpeg with 100,000 empty APP segments": lambda: jpeg_with_header_flood(b"\xff\xe5\x00\x02"),
+    "jpeg with 100,000 comments": lambda: jpeg_with_header_flood(b"\xff\xfe\x00\x02"),
+    "jpeg with 100,000 fill bytes": lambda: jpeg_with_header_flood(b"\xff"),
+    "png with 100,000 chunks before its image data": lambda: png_with_chunks(
+        png_chunk(b"abCd", b""), before_image_data=True
+    ),
+    "png with 100,000 chunks after its image data": lambda: png_with_chunks(png_chunk(b"tEXt", b"k\x00v")),
+    "png with 100,000 empty IDAT chunks": lambda: png_with_chunks(png_chunk(b"IDAT", b"")),
     "gif header only": lambda: b"GIF89a\x10\x00\x10\x00",
     "truncated webp": lambda: encode(gradient(), "WEBP")[:40],
     "bmp header only": lambda: encode(gradient(), "BMP")[:30],

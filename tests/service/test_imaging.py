@@ -134,3 +134,16 @@ def test_progressive_jpegs_of_common_encoders_are_accepted() -> None:
     scans = sum(segment[1] == 0xDA for segment in images.jpeg_segments(progressive))
     assert scans == 10  # libjpeg's default progression for colour photos
     assert decode(progressive, SIZE).size >= SIZE
+
+
+def test_a_png_written_in_small_chunks_is_not_taken_for_a_flood() -> None:
+    small_chunks = images.png_in_small_chunks(1024)
+    assert small_chunks.count(b"IDAT") > 600
+    assert decode(small_chunks, SIZE).size >= SIZE
+
+
+def test_floods_are_refused_with_what_was_counted() -> None:
+    with pytest.raises(InvalidImage, match="before its first scan"):
+        decode(images.jpeg_with_header_flood(b"\xff\xe5\x00\x02"), SIZE)
+    with pytest.raises(InvalidImage, match="chunks"):
+        decode(images.png_with_chunks(images.png_chunk(b"abCd", b"")), SIZE)

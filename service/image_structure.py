@@ -1,0 +1,98 @@
+"""What an upload's container costs to parse, bounded before Pillow or libjpeg parse it.
+
+The pixel cap and the decode-bytes cap (service/imaging.py) bound what the pixels cost. The
+container around them can cost more than its bytes suggest, in time and in memory:
+- Pillow walks a JPEG's segments before the first scan in Python, a step per segment or fill
+  byte, and keeps every APP segment: 20 MB of empty APP segments took 8.2 s and 700 MiB.
+- Pillow reads a PNG's chunks one by one in Python, before, between and after the image data:
+  12 MB of empty chunks took 3 s.
+- libjpeg decodes every scan of a progressive JPEG with a pass over every block of the image,
+  and a scan of a flat area codes all of them in a dozen bytes: a 497 kB file of 8,010 scans at
+  7000x7000 took 13.6 s (0.19 s without the repeated scans), so a 20 MB one would take about 50
+  minutes (libjpeg-turbo calls this LJT-01-003 and leaves the limit to applications).
+Each check here is a bounded count over the bytes, done before any parser sees them.
+"""
+
+from __future__ import annotations
+
+from service.errors import ImageTooLarge, InvalidImage
+
+DEFAULT_MAX_JPEG_SCANS = 100  # common encoders write about 10
+# Encoders write 10-30 segments before the first scan (APP0/APP1 EXIF/APP2 ICC chunks, tables,
+# SOF); an ICC profile or extended XMP split into 64 KB segments adds a few dozen more.
+MAX_JPEG_STEPS_BEFORE_SCAN = 1_000
+# Chunks a PNG may have: a thousand, and one per KiB of file beyond that, so that image data
+# written in small IDAT chunks (8 KiB is common, 1 KiB is seen) is never taken for a flood.
+MAX_PNG_CHUNKS_BASE = 1_000
+PNG_BYTES_PER_EXTRA_CHUNK = 1_024
+
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_START_OF_SCAN = b"\xff\xda"
+_STANDALONE_JPEG_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
+
+
+def refuse_costly_structure(data: bytes, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> None:
+    """Raise InvalidImage (a structure no encoder writes) or ImageTooLarge (more scans than
+    allowed) when parsing `data` would cost far more than its size suggests."""
+    if data.startswith(_JPEG_SIGNATURE):
+        _refuse_jpeg_header_flood(data)
+        _refuse_costly_scans(data, max_jpeg_scans)
+    elif data.startswith(_PNG_SIGNATURE):
+        _refuse_png_chunk_flood(data)
+
+
+def jpeg_steps_before_first_scan(data: bytes, limit: int) -> int:
+    """The steps Pillow's JPEG header parser takes before the first scan (a segment, a standalone
+    marker or a fill byte each), counted up to limit + 1."""
+    at, steps = 2, 0
+    while at + 1 < len(data) and steps <= limit:
+        steps += 1
+        marker = data[at + 1]
+        if data[at] != 0xFF or marker == _START_OF_SCAN[1]:
+            break  # not a marker (Pillow refuses it) or the first scan: the header ends here
+        if marker in (0xFF, 0x00):
+            at += 1  # a fill byte
+        elif marker in _STANDALONE_JPEG_MARKERS:
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return steps
+
+
+def png_chunk_count(data: bytes, limit: int) -> int:
+    """The chunks of a PNG, counted up to limit + 1 (a truncated last chunk counts)."""
+    at, chunks = len(_PNG_SIGNATURE), 0
+    while at < len(data) and chunks <= limit:
+        chunks += 1
+        at += 12 + int.from_bytes(data[at : at + 4], "big")  # length, type, data, CRC
+    return chunks
+
+
+def _refuse_jpeg_header_flood(data: bytes) -> None:
+    if jpeg_steps_before_first_scan(data, MAX_JPEG_STEPS_BEFORE_SCAN) > MAX_JPEG_STEPS_BEFORE_SCAN:
+        raise InvalidImage(
+            f"this JPEG has more than {MAX_JPEG_STEPS_BEFORE_SCAN} segments or fill bytes before its "
+            "first scan (encoders write a few dozen at most): refused before parsing"
+        )
+
+
+def _refuse_costly_scans(data: bytes, max_scans: int) -> None:
+    """Every scan starts with the bytes FF DA and entropy-coded data cannot hold them (an FF there
+    is followed by 00 or a restart marker), so counting them never misses one; it may count a
+    thumbnail's or an MPO's second picture's scans too, which the limit leaves room for."""
+    scans = data.count(_START_OF_SCAN)
+    if scans > max_scans:
+        raise ImageTooLarge(
+            f"this JPEG has {scans} scans; the limit is {max_scans} (common encoders write about 10, "
+            "and each scan costs a pass over the whole image): re-encode it as a baseline JPEG"
+        )
+
+
+def _refuse_png_chunk_flood(data: bytes) -> None:
+    limit = MAX_PNG_CHUNKS_BASE + len(data) // PNG_BYTES_PER_EXTRA_CHUNK
+    if png_chunk_count(data, limit) > limit:
+        raise InvalidImage(
+            f"this PNG has more than {limit} chunks ({MAX_PNG_CHUNKS_BASE} and one per KiB of file are "
+            "allowed): refused before parsing"
+        )
