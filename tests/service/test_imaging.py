@@ -147,3 +147,8 @@ def test_floods_are_refused_with_what_was_counted() -> None:
         decode(images.jpeg_with_header_flood(b"\xff\xe5\x00\x02"), SIZE)
     with pytest.raises(InvalidImage, match="chunks"):
         decode(images.png_with_chunks(images.png_chunk(b"abCd", b"")), SIZE)
+
+
+def test_a_gif_with_a_long_comment_in_full_sub_blocks_is_accepted() -> None:
+    comment = b"\x21\xfe" + (b"\xff" + b"c" * 255) * 4_000 + b"\x00"  # a 1 MB comment, 4,000 sub-blocks
+    assert decode(images.gif_with_blocks_before_image(comment), SIZE).size >= SIZE
