@@ -152,3 +152,7 @@ def test_floods_are_refused_with_what_was_counted() -> None:
 def test_a_gif_with_a_long_comment_in_full_sub_blocks_is_accepted() -> None:
     comment = b"\x21\xfe" + (b"\xff" + b"c" * 255) * 4_000 + b"\x00"  # a 1 MB comment, 4,000 sub-blocks
     assert decode(images.gif_with_blocks_before_image(comment), SIZE).size >= SIZE
+
+
+def test_a_tiff_with_as_many_strips_as_rows_is_accepted() -> None:
+    assert decode(images.tiff_with_strips(64, side=64), SIZE).size >= SIZE
