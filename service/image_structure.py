@@ -14,6 +14,8 @@ container around them can cost more than its bytes suggest, in time and in memor
   minutes (libjpeg-turbo calls this LJT-01-003 and leaves the limit to applications).
 - Pillow makes a tile of every entry of a TIFF's strip or tile tables, in Python: 2.4 million
   strips in 19 MB took 12.4 s and 750 MiB.
+- Pillow decodes RLE-compressed BMPs in Python, a step per command, and a delta of (0, 0) moves
+  nothing: 4 MB of them took 1.1 s.
 Each check here is a bounded count over the bytes, done before any parser sees them.
 """
 
@@ -43,6 +45,9 @@ _GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 # colour planes, or 256x256 tiles of several gigapixels, fit.
 MAX_TIFF_STRIPS = 100_000
 MAX_TIFF_TAGS = 10_000  # encoders write a few dozen; a BigTIFF's count is not capped by its format
+# RLE compresses flat graphics, not photos; past this size its Python decoding costs seconds.
+MAX_RLE_BMP_BYTES = 1024 * 1024
+_BMP_RLE_COMPRESSIONS = {1, 2}  # BI_RLE8, BI_RLE4
 _TIFF_STRIP_TAGS = {273, 279, 324, 325}  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 # byte order, size of the directory's entry count, size of an entry, size of an entry's value count
 _TIFF_LAYOUTS = {
@@ -69,6 +74,8 @@ def refuse_costly_structure(data: bytes, max_jpeg_scans: int = DEFAULT_MAX_JPEG_
         _refuse_gif_block_flood(data)
     elif data[:4] in _TIFF_LAYOUTS:
         _refuse_tiff_table_flood(data)
+    elif data.startswith(b"BM"):
+        _refuse_large_rle_bmp(data)
 
 
 def jpeg_steps_before_first_scan(data: bytes, limit: int) -> int:
@@ -181,4 +188,14 @@ def _refuse_tiff_table_flood(data: bytes) -> None:
             f"this TIFF's first image has {tags} tags and strip or tile tables of up to {strips} "
             f"entries; at most {MAX_TIFF_TAGS} tags and {MAX_TIFF_STRIPS} strips or tiles are "
             "allowed: refused before parsing"
+        )
+
+
+def _refuse_large_rle_bmp(data: bytes) -> None:
+    header_size = int.from_bytes(data[14:18], "little")
+    compression = int.from_bytes(data[30:34], "little") if header_size >= 40 else 0  # not in OS/2's 12
+    if compression in _BMP_RLE_COMPRESSIONS and len(data) > MAX_RLE_BMP_BYTES:
+        raise InvalidImage(
+            f"an RLE-compressed BMP of {len(data)} bytes; at most {MAX_RLE_BMP_BYTES} are accepted "
+            "(its decoding runs a step per command): re-save it as PNG or as an uncompressed BMP"
         )

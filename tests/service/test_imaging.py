@@ -156,3 +156,8 @@ def test_a_gif_with_a_long_comment_in_full_sub_blocks_is_accepted() -> None:
 
 def test_a_tiff_with_as_many_strips_as_rows_is_accepted() -> None:
     assert decode(images.tiff_with_strips(64, side=64), SIZE).size >= SIZE
+
+
+def test_a_small_rle_bmp_is_accepted() -> None:
+    row = b"\x40\x80" + b"\x00\x00"  # 64 pixels of grey 128, end of line
+    assert decode(images.rle_bmp(row * 64 + b"\x00\x01"), SIZE).size >= SIZE
