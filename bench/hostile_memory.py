@@ -33,6 +33,7 @@ import httpx
 import yaml
 from PIL import Image
 
+from bench.hostile_images import container_floods
 from bench.images import write_bench_images
 from bench.load import ROOT, server, stop_on_sigterm
 from service.imaging import decode_cost_bytes
@@ -81,6 +82,9 @@ def worst_cases(settings: Settings) -> dict[str, bytes]:
         buffer = io.BytesIO()
         Image.new(mode, (side, side), value).save(buffer, fmt, **options)
         cases[f"{name} {side}x{side}"] = buffer.getvalue()
+    # Containers that cost far more to parse than their bytes (refused before parsing since
+    # 2026-12-05: the JPEG's APP segments alone had taken 700 MiB).
+    cases.update(container_floods(settings.max_body_bytes))
     return cases
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.hostile_images import jpeg_segments
 from service.errors import ImageTooLarge, InvalidImage
 from service.imaging import DecodeLimits, decode, decode_cost_bytes, preprocess
 from tests.service import images
@@ -131,7 +132,7 @@ def test_a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding() -> N
 
 def test_progressive_jpegs_of_common_encoders_are_accepted() -> None:
     progressive = images.encode(images.gradient(400, 300), "JPEG", progressive=True, quality=90)
-    scans = sum(segment[1] == 0xDA for segment in images.jpeg_segments(progressive))
+    scans = sum(segment[1] == 0xDA for segment in jpeg_segments(progressive))
     assert scans == 10  # libjpeg's default progression for colour photos
     assert decode(progressive, SIZE).size >= SIZE
 
