@@ -25,30 +25,29 @@ from typing import Literal
 
 from service.errors import ImageTooLarge, InvalidImage
 
+_ENDIAN: dict[str, Literal["little", "big"]] = {"<": "little", ">": "big"}
+
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_START_OF_SCAN = b"\xff\xda"
+_STANDALONE_JPEG_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
 DEFAULT_MAX_JPEG_SCANS = 100  # common encoders write about 10
 # Encoders write 10-30 segments before the first scan (APP0/APP1 EXIF/APP2 ICC chunks, tables,
 # SOF); an ICC profile or extended XMP split into 64 KB segments adds a few dozen more.
 MAX_JPEG_STEPS_BEFORE_SCAN = 1_000
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks a PNG may have: a thousand, and one per KiB of file beyond that, so that image data
 # written in small IDAT chunks (8 KiB is common, 1 KiB is seen) is never taken for a flood.
 MAX_PNG_CHUNKS_BASE = 1_000
 PNG_BYTES_PER_EXTRA_CHUNK = 1_024
+
+_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+_GIF_EXTENSION = 0x21
 # Extension blocks and their sub-blocks before a GIF's first image: a thousand, and one per 256
 # bytes of file (a full sub-block's size), so a long comment or XMP packet is never a flood.
 MAX_GIF_STEPS_BASE = 1_000
 GIF_BYTES_PER_EXTRA_STEP = 256
 
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
-# Strips or tiles in a TIFF's first image: one strip per row of a 33,000-row image with three
-# colour planes, or 256x256 tiles of several gigapixels, fit.
-MAX_TIFF_STRIPS = 100_000
-MAX_TIFF_TAGS = 10_000  # encoders write a few dozen; a BigTIFF's count is not capped by its format
-# RLE compresses flat graphics, not photos; past this size its Python decoding costs seconds.
-MAX_RLE_BMP_BYTES = 1024 * 1024
-_BMP_RLE_COMPRESSIONS = {1, 2}  # BI_RLE8, BI_RLE4
-_TIFF_STRIP_TAGS = {273, 279, 324, 325}  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 # byte order, size of the directory's entry count, size of an entry, size of an entry's value count
 _TIFF_LAYOUTS = {
     b"II*\x00": ("<", 2, 12, 4),
@@ -56,10 +55,16 @@ _TIFF_LAYOUTS = {
     b"II+\x00": ("<", 8, 20, 8),  # BigTIFF
     b"MM\x00+": (">", 8, 20, 8),
 }
-_GIF_EXTENSION = 0x21
-_START_OF_SCAN = b"\xff\xda"
-_ENDIAN: dict[str, Literal["little", "big"]] = {"<": "little", ">": "big"}
-_STANDALONE_JPEG_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
+_TIFF_STRIP_TAGS = {273, 279, 324, 325}  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+# Strips or tiles in a TIFF's first image: one strip per row of a 33,000-row image with three
+# colour planes, or 256x256 tiles of several gigapixels, fit.
+MAX_TIFF_STRIPS = 100_000
+MAX_TIFF_TAGS = 10_000  # encoders write a few dozen; a BigTIFF's count is not capped by its format
+
+_BMP_SIGNATURE = b"BM"
+_BMP_RLE_COMPRESSIONS = {1, 2}  # BI_RLE8, BI_RLE4
+# RLE compresses flat graphics, not photos; past this size its Python decoding costs seconds.
+MAX_RLE_BMP_BYTES = 1024 * 1024
 
 
 def refuse_costly_structure(data: bytes, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> None:
@@ -74,7 +79,7 @@ def refuse_costly_structure(data: bytes, max_jpeg_scans: int = DEFAULT_MAX_JPEG_
         _refuse_gif_block_flood(data)
     elif data[:4] in _TIFF_LAYOUTS:
         _refuse_tiff_table_flood(data)
-    elif data.startswith(b"BM"):
+    elif data.startswith(_BMP_SIGNATURE):
         _refuse_large_rle_bmp(data)
 
 
