@@ -30,17 +30,18 @@ _ENDIAN: dict[str, Literal["little", "big"]] = {"<": "little", ">": "big"}
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _START_OF_SCAN = b"\xff\xda"
 _STANDALONE_JPEG_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
-# Common encoders write about 10 scans. libtiff stops a JPEG-compressed TIFF strip at 100 scans by
+# libjpeg's default progression writes 10 scans. libtiff stops a JPEG-compressed TIFF strip at 100 scans by
 # itself (LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER; a strip of 1,010 was refused in 0.07 s), so JPEG
 # files are the ones to count here.
 DEFAULT_MAX_JPEG_SCANS = 100
-# Encoders write 10-30 segments before the first scan (APP0/APP1 EXIF/APP2 ICC chunks, tables,
-# SOF); an ICC profile or extended XMP split into 64 KB segments adds a few dozen more.
+# Segments before the first scan: APP0/APP1 EXIF/APP2 ICC, tables, SOF (at most 10 in the 8,419
+# photos of the data folders); an ICC profile or XMP packet split into 64 KB segments adds more.
 MAX_JPEG_STEPS_BEFORE_SCAN = 1_000
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks a PNG may have: a thousand, and one per KiB of file beyond that, so that image data
-# written in small IDAT chunks (8 KiB is common, 1 KiB is seen) is never taken for a flood.
+# written in small IDAT chunks (libpng's default is 8 KiB; the tests pass a file of 1 KiB chunks)
+# is never taken for a flood.
 MAX_PNG_CHUNKS_BASE = 1_000
 PNG_BYTES_PER_EXTRA_CHUNK = 1_024
 
@@ -74,12 +75,28 @@ def refuse_costly_structure(data: bytes, max_jpeg_scans: int = DEFAULT_MAX_JPEG_
     """Raise InvalidImage (a structure no encoder writes) or ImageTooLarge (more scans than
     allowed) when parsing `data` would cost far more than its size suggests."""
     if data.startswith(_JPEG_SIGNATURE):
-        _refuse_jpeg_header_flood(data)
+        limit = MAX_JPEG_STEPS_BEFORE_SCAN
+        _refuse_flood(
+            jpeg_steps_before_first_scan(data, limit),
+            limit,
+            f"JPEG has more than {limit} segments or fill bytes before its first scan",
+        )
         _refuse_costly_scans(data, max_jpeg_scans)
     elif data.startswith(_PNG_SIGNATURE):
-        _refuse_png_chunk_flood(data)
+        limit = MAX_PNG_CHUNKS_BASE + len(data) // PNG_BYTES_PER_EXTRA_CHUNK
+        _refuse_flood(
+            png_chunk_count(data, limit),
+            limit,
+            f"PNG has more than {limit} chunks ({MAX_PNG_CHUNKS_BASE} and one per KiB of file are allowed)",
+        )
     elif data.startswith(_GIF_SIGNATURES):
-        _refuse_gif_block_flood(data)
+        limit = MAX_GIF_STEPS_BASE + len(data) // GIF_BYTES_PER_EXTRA_STEP
+        _refuse_flood(
+            gif_steps_before_first_image(data, limit),
+            limit,
+            f"GIF has more than {limit} extension blocks and sub-blocks before its first image "
+            f"({MAX_GIF_STEPS_BASE} and one per {GIF_BYTES_PER_EXTRA_STEP} bytes of file are allowed)",
+        )
     elif data[:4] in _TIFF_LAYOUTS:
         _refuse_tiff_table_flood(data)
     elif data.startswith(_BMP_SIGNATURE):
@@ -151,12 +168,10 @@ def tiff_first_directory(data: bytes) -> tuple[int, int]:
     return tags, most_strips
 
 
-def _refuse_jpeg_header_flood(data: bytes) -> None:
-    if jpeg_steps_before_first_scan(data, MAX_JPEG_STEPS_BEFORE_SCAN) > MAX_JPEG_STEPS_BEFORE_SCAN:
-        raise InvalidImage(
-            f"this JPEG has more than {MAX_JPEG_STEPS_BEFORE_SCAN} segments or fill bytes before its "
-            "first scan (encoders write a few dozen at most): refused before parsing"
-        )
+def _refuse_flood(counted: int, limit: int, what: str) -> None:
+    """A structure no encoder writes: `counted` went past `limit` (the count stops just past it)."""
+    if counted > limit:
+        raise InvalidImage(f"this {what}: refused before parsing")
 
 
 def _refuse_costly_scans(data: bytes, max_scans: int) -> None:
@@ -166,26 +181,8 @@ def _refuse_costly_scans(data: bytes, max_scans: int) -> None:
     scans = data.count(_START_OF_SCAN)
     if scans > max_scans:
         raise ImageTooLarge(
-            f"this JPEG has {scans} scans; the limit is {max_scans} (common encoders write about 10, "
-            "and each scan costs a pass over the whole image): re-encode it as a baseline JPEG"
-        )
-
-
-def _refuse_png_chunk_flood(data: bytes) -> None:
-    limit = MAX_PNG_CHUNKS_BASE + len(data) // PNG_BYTES_PER_EXTRA_CHUNK
-    if png_chunk_count(data, limit) > limit:
-        raise InvalidImage(
-            f"this PNG has more than {limit} chunks ({MAX_PNG_CHUNKS_BASE} and one per KiB of file are "
-            "allowed): refused before parsing"
-        )
-
-
-def _refuse_gif_block_flood(data: bytes) -> None:
-    limit = MAX_GIF_STEPS_BASE + len(data) // GIF_BYTES_PER_EXTRA_STEP
-    if gif_steps_before_first_image(data, limit) > limit:
-        raise InvalidImage(
-            f"this GIF has more than {limit} extension blocks and sub-blocks before its first image "
-            f"({MAX_GIF_STEPS_BASE} and one per 256 bytes of file are allowed): refused before parsing"
+            f"this JPEG has {scans} scans; the limit is {max_scans} (libjpeg's default progression "
+            "writes 10, and each scan costs a pass over the whole image): re-encode it as a baseline JPEG"
         )
 
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from catdog_core.sessions import DEFAULT_SPINNING, Spinning
+from service.image_structure import DEFAULT_MAX_JPEG_SCANS
 
 CONNECTION_OVERHEAD_BYTES = 16 * 1024
 """An open connection's memory besides its head: 7.6 KiB measured (RSS growth over 15,000
@@ -95,9 +96,9 @@ class Settings(BaseSettings):
     max_decode_bytes: int = Field(200 * 1024 * 1024, ge=1024 * 1024)
     """Peak memory one image may take to decode, estimated from its header (413 above it): pixels
     times the bytes per pixel its mode needs (4 for RGB, 5 for 16-bit grey; JPEGs at draft scale)."""
-    max_jpeg_scans: int = Field(100, ge=1)
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, ge=1)
     """Most scans a JPEG may have (413 above it), counted before decoding: a progressive JPEG's
-    decoding time grows with its scans times its pixels, and common encoders write about 10."""
+    decoding time grows with its scans times its pixels, and libjpeg's default progression writes 10."""
     decode_threads: int | None = Field(None, ge=1, le=64)
     """Thread pool size for image decoding (off the event loop); None: one per four CPUs the
     process may use (CPU quota, then affinity), at least one."""
