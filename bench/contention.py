@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import write_bench_images
-from bench.load import ROOT, require_wrk, server, stop_on_sigterm, wrk
+from bench.load import ROOT, IdleMeter, require_wrk, server, stop_on_sigterm, wrk
 
 PORT = 18760
 URL = f"http://127.0.0.1:{PORT}"
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
-MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors")
+MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors", "idle_percent")
 PLAIN = "plain FastAPI"
 TAIL_AIM = 0.8
 """The tail catdog-serve aims at: at most this fraction of the plain handler's p99."""
@@ -175,12 +175,23 @@ def run_server_points(
                     url = URL + spec["path"].format(model=model)
                     wrk(url, spec["body"], 2, 2, spec["content_type"])  # warm the path
                     results[model] = [
-                        wrk(url, spec["body"], c, seconds, spec["content_type"]) for c in concurrencies
+                        _point_with_idle(url, spec["body"], c, seconds, spec["content_type"])
+                        for c in concurrencies
                     ]
                     if quota:
                         for point in results[model]:
                             point["cgroup"] = str(quota.path)
     return results
+
+
+def _point_with_idle(
+    url: str, body: Path, concurrency: int, seconds: int, content_type: str
+) -> dict[str, Any]:
+    """A wrk point, with the share of the machine's CPU left idle during it (load generator
+    included): the CPU a server did not turn into answers."""
+    meter = IdleMeter()
+    point = wrk(url, body, concurrency, seconds, content_type)
+    return {**point, "idle_percent": meter.percent()}
 
 
 def server_names(chosen: list[str] | None, known: list[str], variants: list[str]) -> list[str]:
@@ -389,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive
                 for model, points in by_model.items():
                     summary = ", ".join(
-                        f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms"
+                        f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms "
+                        f"idle {p['idle_percent']:.1f} %"
                         for p in points
                     )
                     print(f"  {model}: {summary}", flush=True)

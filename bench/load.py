@@ -68,6 +68,26 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
         process.wait(timeout=60)
 
 
+class IdleMeter:
+    """The share of the machine's CPU time left idle between start and `percent()` (/proc/stat:
+    idle and iowait over every CPU). A server that leaves cores idle under load answers less than
+    the CPU allows: two inference workers on two CPUs left 4-6 % idle, a third about 1 % (README,
+    "Performance under contention")."""
+
+    def __init__(self, stat: Path = Path("/proc/stat")) -> None:
+        self._stat = stat
+        self._start = self._ticks()
+
+    def _ticks(self) -> tuple[int, int]:
+        fields = [int(value) for value in self._stat.read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+
+    def percent(self) -> float:
+        total, idle = self._ticks()
+        elapsed = total - self._start[0]
+        return round(100 * (idle - self._start[1]) / elapsed, 1) if elapsed else 0.0
+
+
 def wrk(
     url: str,
     image: Path,

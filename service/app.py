@@ -32,6 +32,7 @@ from service.runtime import (
     batching_in_force,
     cgroup_cpu_quota,
     decode_threads,
+    default_threads,
     inference_layout,
     resolve_providers,
 )
@@ -137,12 +138,18 @@ def create_app(
         providers = resolve_providers(settings.providers)
         quota = cgroup_cpu_quota()  # read once: the thread layout and the batching rules follow it
         workers, threads = inference_layout(
-            settings.inference_workers, settings.intra_op_threads, providers, quota
+            settings.inference_workers,
+            settings.intra_op_threads,
+            providers,
+            quota,
+            settings.spare_inference_workers,
         )
         manifest, paths = check_models(settings)
         balanced = balance_batches(settings.balance_batches, workers, quota.cpus if quota else None)
         batching = batching_in_force(settings.min_batching_gain, settings.max_batch_ms, quota)
-        state.inference = InferenceLane(workers, balanced)
+        cpus = default_threads(quota)
+        spare = max(0, workers - cpus) if settings.inference_workers is None else 0
+        state.inference = InferenceLane(workers, balanced, every_core_threads=cpus, spare=spare)
         state.decode_threads = decode_threads(settings.decode_threads, quota)
         state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="decode")
         log.info(

@@ -44,11 +44,19 @@ T = TypeVar("T")
 class InferenceLane:
     """The threads that run session.run for every model: `workers` batches at once, and how many
     are running. One worker with every core as intra-op threads is the classic layout; several
-    workers of one intra-op thread each keep running when a core is taken away (README,
-    "Performance under contention")."""
+    workers of one intra-op thread each keep running when a core is taken away, and a spare one
+    beyond the cores keeps them busy while another waits between batches (README, "Performance
+    under contention")."""
 
-    def __init__(self, workers: int = 1, balanced: bool = False) -> None:
+    def __init__(
+        self, workers: int = 1, balanced: bool = False, every_core_threads: int | None = None, spare: int = 0
+    ) -> None:
         self.workers = workers
+        # Intra-op threads of a session that runs a lone image on every core (LoneImageLayout):
+        # the CPUs, which spare workers outnumber.
+        self.every_core_threads = every_core_threads
+        # Workers beyond one per CPU, which only models of short runs use (Batcher's max_running).
+        self.spare = spare
         # A freed worker takes its share of a model's queue, not all of it (Batcher.share_of_queue).
         self.balanced = balanced
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="inference")
@@ -274,10 +282,13 @@ class Batcher:
         every_core: tuple[ort.InferenceSession, LoneImageLayout] | None = None,
         on_lone_image: Callable[[str], None] | None = None,
         batch_buckets: dict[int, ort.InferenceSession] | None = None,
+        max_running: int | None = None,
     ) -> None:
         """batch_buckets: pad every batch with blank images up to the next of these sizes and run
         it on that size's own session (on CUDA, where a convolution plans again whenever its
-        input shape changes: each session only ever sees the one shape it was warmed at)."""
+        input shape changes: each session only ever sees the one shape it was warmed at).
+        max_running: most of this model's batches on the lane at once (None: one per worker); a
+        model of long runs is kept off the lane's spare workers this way (registry)."""
         self.name = name
         self._session = session
         self._input = input_name
@@ -308,6 +319,7 @@ class Batcher:
         self._on_lone_image = on_lone_image
         self._bucket_sessions = batch_buckets or {}
         self._buckets = sorted(self._bucket_sessions) or None
+        self._max_running = max_running
 
     @property
     def batch_limit(self) -> int:
@@ -328,7 +340,8 @@ class Batcher:
 
     @property
     def workers(self) -> int:
-        return self._lane.workers
+        """The lane's workers this model may use at once."""
+        return min(self._lane.workers, self._max_running or self._lane.workers)
 
     @property
     def pending(self) -> int:
@@ -393,7 +406,7 @@ class Batcher:
 
     def inference_seconds(self, n_images: int) -> float:
         """Predicted run time of one request's n images, from free workers to the last answer."""
-        return max(self._dispatch(n_images, [0.0] * self._lane.workers))
+        return max(self._dispatch(n_images, [0.0] * self.workers))
 
     def _workers_free_in(self) -> list[float]:
         """Seconds until each worker is free: a running batch's predicted time less what it has
@@ -402,7 +415,7 @@ class Batcher:
         busy = [
             max(0.0, b.predicted - (now - b.began)) for b in self._running_batches for _ in range(b.workers)
         ]
-        return busy + [0.0] * max(0, self._lane.workers - len(busy))
+        return busy + [0.0] * max(0, self.workers - len(busy))
 
     def _dispatch(self, images: int, free_in: list[float]) -> list[float]:
         """The workers' free times after `images` queued images have run, dispatched as the
@@ -429,7 +442,11 @@ class Batcher:
         taken (a worker thread going on with the next batch, _work)."""
         now = time.monotonic()
         others = [max(0.0, b.predicted - (now - b.began)) for b in self._running_batches if b.workers == 1]
-        others += [0.0] * max(0, self._lane.workers - self._lane.submitted - (0 if claimed else 1))
+        # Free workers besides this one: the lane's, and those this model may still use (its
+        # running batches never include this worker's, not started yet or just finished).
+        lane_free = self._lane.workers - self._lane.submitted - (0 if claimed else 1)
+        model_free = self.workers - len(self._running_batches) - 1
+        others += [0.0] * max(0, min(lane_free, model_free))
         per_image = self._seconds_per_image(max(1, min(self.pending, limit)))
         _, taken = deal([0.0, *others], self.pending, per_image)  # this worker first: it wins ties
         return max(1, min(taken[0], limit))
@@ -574,7 +591,7 @@ class Batcher:
     def _take_on_loop(self) -> tuple[list[_Job], float | None]:
         """Under the lock: the jobs of a batch to start now, or none and how long to sleep (None:
         until woken by a new job, a freed worker or close())."""
-        if not self._queue or not self._lane.free:
+        if not self._queue or not self._lane.free or len(self._running_batches) >= self.workers:
             return [], None
         delay = self._batch_ready_at() - time.monotonic()
         limit = self.batch_limit

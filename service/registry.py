@@ -156,6 +156,19 @@ def _batch_limit(
     return limit
 
 
+# Models whose one-image run on one thread takes longer than this stay off the lane's spare
+# workers: a third worker on two CPUs gave MobileNet (21-27 ms a run) 6-13 % more throughput and
+# Xception (150-170 ms) 8-14 % less, quiet Xeon VM, 2026-12-05 (README, "Performance under
+# contention"). Between the two, the bound is a guess.
+SPARE_WORKERS_MAX_RUN_S = 0.05
+
+
+def batches_at_once(lane: InferenceLane, one_image_s: float) -> int | None:
+    """The most batches of a model on the lane at once: None (every worker) for a model whose
+    one-image run (timed at warm-up) is short, the workers less the spare ones otherwise."""
+    return lane.workers - lane.spare if lane.spare and one_image_s > SPARE_WORKERS_MAX_RUN_S else None
+
+
 def load_registry(
     settings: Settings,
     manifest: Manifest,
@@ -204,6 +217,7 @@ def load_registry(
             every_core=every_core,
             on_lone_image=partial(_count_lone_image, metrics, name),
             batch_buckets=by_size,
+            max_running=batches_at_once(lane, one_image_s),
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.
         metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "pending"))
@@ -255,7 +269,8 @@ def _every_core_session(
     (2026-12-03)."""
     if not settings.lone_image_on_every_core or lane.workers == 1:
         return None
-    session = create_session(path, providers, threads * lane.workers, settings.intra_op_spinning)
+    every_core_threads = lane.every_core_threads or threads * lane.workers
+    session = create_session(path, providers, every_core_threads, settings.intra_op_spinning)
     every_core_s = lane.run_and_wait(
         partial(warm, session, entry.input.name, entry.input.height, entry.input.width, [1])
     )

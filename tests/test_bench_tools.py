@@ -1,5 +1,6 @@
-"""Every benchmark that drives load with wrk says so and stops before it starts anything when wrk
-is not installed, instead of a traceback after servers, pods or busy loops were started."""
+"""The benchmarks' own tools. Every benchmark that drives load with wrk says so and stops before
+it starts anything when wrk is not installed, instead of a traceback after servers, pods or busy
+loops were started."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import IdleMeter
 from tests.support import ROOT
 
 WRK_BENCHMARKS = [
@@ -37,3 +39,12 @@ def test_a_benchmark_without_wrk_says_what_to_install(module: str, tmp_path: Pat
     assert result.returncode != 0
     assert "apt-get install wrk" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_the_idle_meter_reads_the_idle_share_of_every_cpu_between_two_readings(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal, summed over the CPUs
+    stat.write_text("cpu  1000 0 200 5000 100 0 0 0 0 0\ncpu0 500 0 100 2500 50 0 0 0 0 0\n")
+    meter = IdleMeter(stat)
+    stat.write_text("cpu  1170 0 220 5008 102 0 0 0 0 0\ncpu0 585 0 110 2504 51 0 0 0 0 0\n")
+    assert meter.percent() == 5.0  # 10 idle or iowait ticks of 200

@@ -23,7 +23,7 @@ from service.batching import (
     pad_batch,
 )
 from service.errors import ModelUnavailable, Overloaded
-from service.registry import ModelRegistry
+from service.registry import SPARE_WORKERS_MAX_RUN_S, ModelRegistry, batches_at_once
 from tests.support import given_back
 
 
@@ -347,6 +347,56 @@ def test_a_lane_of_two_workers_runs_two_batches_at_once_and_never_a_third() -> N
             lane.shutdown()
 
     asyncio.run(test())
+
+
+def test_a_model_of_long_runs_leaves_the_spare_worker_to_the_others() -> None:
+    # Two CPUs, three workers: the slow model runs two batches at once at most, however much is
+    # queued, and the third worker is free for the fast model (registry.batches_at_once).
+    async def test() -> None:
+        slow, fast = ConcurrencySession(), ConcurrencySession()
+        lane = InferenceLane(workers=3, spare=1)
+        slow_batcher = make_batcher(slow, lane, max_wait_s=0.0, max_running=2)
+        fast_batcher = make_batcher(fast, lane, max_wait_s=0.0)
+        for batcher in (slow_batcher, fast_batcher):
+            batcher.start()
+        try:
+            waiting = [asyncio.create_task(slow_batcher.infer(images(1), None))]
+            await asyncio.to_thread(slow.entered.wait, 10)
+            waiting.append(asyncio.create_task(slow_batcher.infer(images(2), None)))
+            for _ in range(200):
+                if slow.inside == 2:
+                    break
+                await asyncio.sleep(0.01)
+            waiting.append(asyncio.create_task(slow_batcher.infer(images(3), None)))
+            await asyncio.sleep(0.1)  # time for a third batch to start, were it allowed
+            assert slow.most_inside == 2 and slow_batcher.pending == 1 and lane.free
+            assert slow_batcher.workers == 2 and fast_batcher.workers == 3
+            waiting.append(asyncio.create_task(fast_batcher.infer(images(4), None)))
+            await asyncio.wait_for(asyncio.to_thread(fast.entered.wait, 10), 10)
+            assert fast.inside == 1 and not lane.free
+            slow.gate.set()
+            fast.gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+            assert [answer[0].logits[0] for answer in answers] == [1, 2, 3, 4]
+            assert slow.most_inside == 2
+        finally:
+            slow.gate.set()
+            fast.gate.set()
+            for batcher in (slow_batcher, fast_batcher):
+                await batcher.close()
+            lane.shutdown()
+
+    asyncio.run(test())
+
+
+def test_only_models_of_long_runs_are_kept_off_the_spare_workers() -> None:
+    lane = InferenceLane(workers=3, spare=1)
+    try:
+        assert batches_at_once(lane, SPARE_WORKERS_MAX_RUN_S * 3) == 2
+        assert batches_at_once(lane, SPARE_WORKERS_MAX_RUN_S / 2) is None
+        assert batches_at_once(InferenceLane(workers=2), SPARE_WORKERS_MAX_RUN_S * 3) is None
+    finally:
+        lane.shutdown()
 
 
 @pytest.mark.parametrize("balance", [True, False])

@@ -7,12 +7,15 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import registry
 from service.batching import EVERY_CORE, ONE_CORE, Batcher, InferenceLane, LoneImageLayout
+from service.settings import Settings
 from tests.service import images as encoded
 from tests.service.test_batching import RecordingSession, images
 from tests.support import given_back, run_server
@@ -137,3 +140,22 @@ def test_a_real_server_with_two_workers_answers_lone_images_alike_on_either_layo
     assert counts[ONE_CORE] >= 1 and counts[EVERY_CORE] >= 1, counts
     assert counts[ONE_CORE] + counts[EVERY_CORE] == len(answers)
     assert max(answers) - min(answers) < 1e-5
+
+
+def test_the_every_core_session_has_a_thread_per_cpu_not_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spare worker (three on two CPUs) must not give the lone-image session three threads."""
+    threads_asked: list[int] = []
+
+    def create_session(path: Path, providers: list[str], threads: int, spinning: str) -> object:
+        threads_asked.append(threads)
+        return object()
+
+    monkeypatch.setattr(registry, "create_session", create_session)
+    lane = InferenceLane(workers=3, every_core_threads=2)
+    monkeypatch.setattr(lane, "run_and_wait", lambda work: 0.01)
+    entry = SimpleNamespace(input=SimpleNamespace(name="image", height=8, width=8))
+    cpu = ["CPUExecutionProvider"]
+    made = registry._every_core_session(Settings(), Path("m.onnx"), entry, cpu, 1, lane, 0.02)
+    lane.shutdown()
+    assert made is not None
+    assert threads_asked == [2]
