@@ -19,18 +19,26 @@ from bench.contention import (
 )
 
 
-def point(concurrency: int, rate: float, p99: float) -> dict[str, float]:
-    return {"concurrency": concurrency, "answered_per_s": rate, "p50_ms": p99 / 2, "p99_ms": p99, "errors": 0}
+def point(concurrency: int, rate: float, p99: float, idle: float = 1.0) -> dict[str, float]:
+    return {
+        "concurrency": concurrency,
+        "answered_per_s": rate,
+        "p50_ms": p99 / 2,
+        "p99_ms": p99,
+        "errors": 0,
+        "idle_percent": idle,
+    }
 
 
 def test_each_point_is_the_median_of_its_rounds_and_keeps_them() -> None:
     rounds = [
-        {"quiet": {"a": {"m": [point(8, rate, p99)]}}}
-        for rate, p99 in ((90.0, 120.0), (60.0, 300.0), (95.0, 110.0))
+        {"quiet": {"a": {"m": [point(8, rate, p99, idle)]}}}
+        for rate, p99, idle in ((90.0, 120.0, 4.0), (60.0, 300.0, 0.5), (95.0, 110.0, 1.0))
     ]
     merged = median_of_rounds(rounds)["quiet"]["a"]["m"][0]
     assert merged["concurrency"] == 8
     assert (merged["answered_per_s"], merged["p99_ms"], merged["p50_ms"]) == (90.0, 120.0, 60.0)
+    assert merged["idle_percent"] == 1.0
     assert [r["answered_per_s"] for r in merged["rounds"]] == [90.0, 60.0, 95.0]
 
 
