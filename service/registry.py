@@ -262,11 +262,11 @@ def _every_core_session(
     lane: InferenceLane,
     one_core_s: float,
 ) -> tuple[ort.InferenceSession, LoneImageLayout] | None:
-    """A second session of the model with every worker's threads, for lone images on an idle
-    lane (service/batching.py, LoneImageLayout); None when the lane has one worker (its session
-    has every core already) or the setting is off. It is warmed at batch 1 only, the one size it
-    runs: the five models' second sessions raise an idle server's RSS from 684 to 847 MiB
-    (2026-12-03)."""
+    """A second session of the model with a thread per CPU (spare workers not counted), for lone
+    images on an idle lane (service/batching.py, LoneImageLayout); None when the lane has one
+    worker (its session has every core already) or the setting is off. It is warmed at batch 1
+    only, the one size it runs: the five models' second sessions raise an idle server's RSS from
+    684 to 847 MiB (2026-12-03)."""
     if not settings.lone_image_on_every_core or lane.workers == 1:
         return None
     every_core_threads = lane.every_core_threads or threads * lane.workers

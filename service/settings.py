@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     quota (README, "Performance under contention")."""
     lone_image_on_every_core: bool = True
     """With several inference workers (one thread each), a lone image on an idle lane may run on
-    a second session of its model with every worker's threads, whichever of the two layouts its
+    a second session of its model with a thread per CPU, whichever of the two layouts its
     recent lone runs measured faster (README, "Performance under contention"). Off saves that
     session's memory (163 MiB for the five models: idle RSS 684 against 847 MiB)."""
     max_batch_size: int = Field(8, ge=1, le=256)
