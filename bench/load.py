@@ -71,8 +71,8 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
 class IdleMeter:
     """The share of the machine's CPU time left idle between start and `percent()` (/proc/stat:
     idle and iowait over every CPU). A server that leaves cores idle under load answers less than
-    the CPU allows: two inference workers on two CPUs left 4-6 % idle, a third about 1 % (README,
-    "Performance under contention")."""
+    the CPU allows: under MobileNet load two inference workers on two CPUs left 3.8-6.2 % idle, a
+    third 0.9-1.4 % (README, "Performance under contention")."""
 
     def __init__(self, stat: Path = Path("/proc/stat")) -> None:
         self._stat = stat

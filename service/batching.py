@@ -53,8 +53,8 @@ class InferenceLane:
     ) -> None:
         self.workers = workers
         # Intra-op threads of a session that runs a lone image on every core (LoneImageLayout):
-        # the CPUs, which spare workers outnumber.
-        self.every_core_threads = every_core_threads
+        # the CPUs (spare workers outnumber them), else one per worker.
+        self.every_core_threads = every_core_threads or workers
         # Workers beyond one per CPU, which only models of short runs use (Batcher's max_running).
         self.spare = spare
         # A freed worker takes its share of a model's queue, not all of it (Batcher.share_of_queue).

@@ -157,9 +157,9 @@ def _batch_limit(
 
 
 # Models whose one-image run on one thread takes longer than this stay off the lane's spare
-# workers: a third worker on two CPUs gave MobileNet (21-27 ms a run) 6-13 % more throughput and
-# Xception (150-170 ms) 8-14 % less, quiet Xeon VM, 2026-12-05 (README, "Performance under
-# contention"). Between the two, the bound is a guess.
+# workers: on a quiet 2-CPU Xeon VM (2026-12-05) a third worker gave MobileNet (21-27 ms a run)
+# about 5 % more throughput at c=32 in paired runs and Xception (150-170 ms) 9-12 % less (README,
+# "Performance under contention"). Between the two, the bound is a guess.
 SPARE_WORKERS_MAX_RUN_S = 0.05
 
 
@@ -269,8 +269,7 @@ def _every_core_session(
     684 to 847 MiB (2026-12-03)."""
     if not settings.lone_image_on_every_core or lane.workers == 1:
         return None
-    every_core_threads = lane.every_core_threads or threads * lane.workers
-    session = create_session(path, providers, every_core_threads, settings.intra_op_spinning)
+    session = create_session(path, providers, lane.every_core_threads, settings.intra_op_spinning)
     every_core_s = lane.run_and_wait(
         partial(warm, session, entry.input.name, entry.input.height, entry.input.width, [1])
     )

@@ -117,9 +117,10 @@ def inference_layout(
     and on CUDA one worker with every CPU (the GPU runs one batch at a time; the threads only serve
     the nodes it leaves to the CPU).
 
-    Spare workers: two workers on two CPUs left 4-6 % of the CPU idle under load on a quiet
-    machine, a third about 1 %, for 10-13 % more MobileNet throughput; under a CPU quota, which
-    leaves no idle CPU to fill, the third measured slower (README, "Performance under contention")."""
+    Spare workers: under MobileNet load on a quiet machine two workers on two CPUs left 3.8-6.2 %
+    of the CPU idle, a third 0.9-1.4 %, for about 5 % more throughput at c=32 in paired runs; under
+    a CPU quota, which leaves no idle CPU to fill, the third measured slower (README, "Performance
+    under contention")."""
     cpus = default_threads(quota)
     if workers is None:
         if providers[0] == "CUDAExecutionProvider" or threads is not None:

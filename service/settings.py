@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     spare_inference_workers: int = Field(1, ge=0, le=8)
     """Inference workers beyond one per CPU, on CPU without a CPU quota, when inference_workers and
     intra_op_threads are unset; only models whose one-image run at warm-up takes at most 50 ms use
-    them (registry.batches_at_once). Two workers on two CPUs left 4-6 % of the CPU idle under load,
-    a third about 1 % (README, "Performance under contention")."""
+    them (registry.batches_at_once). Under MobileNet load two workers on two CPUs left 3.8-6.2 % of
+    the CPU idle, a third 0.9-1.4 % (README, "Performance under contention")."""
     intra_op_threads: int | None = Field(None, ge=1)
     """Threads per inference; None shares the CPUs the process may use (CPU quota, not the host's
     cores) among the inference workers."""
