@@ -89,10 +89,11 @@ bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)
 
 # The project, a plain FastAPI handler and LitServe under contention: quiet, one core taken, CPU
-# quotas of 1.5 and 1 (cgroups: needs root). Table and docs/contention.png.
+# quotas of 1.5 and 1 (cgroups: needs root). Table and docs/contention.png. Options through
+# ARGS, e.g. ARGS="--paired --rounds 5 --models mobilenet".
 bench-contention: models
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m bench.contention --models-dir $(MODELS_DIR)
+	$(PY) -m bench.contention --models-dir $(MODELS_DIR) $(ARGS)
 
 # Each model on the CUDA provider against this machine's CPU: latency, runs at a new batch size,
 # agreement on photos. Needs onnxruntime-gpu in place of onnxruntime and a GPU (README, "GPU").

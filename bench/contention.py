@@ -10,7 +10,16 @@ wrk (closed loop, one thread) at concurrency 1, 8 and 32 on `mobilenet` and `xce
 500x375 JPEG. catdog-serve runs with its default settings except the admission cap, raised to 64,
 and the queue-wait cap, raised to 60 s, so that concurrency 32 measures admitted work (the other
 two servers admit everything).
-Reported per point: answered req/s (non-error), p50 and p99; a table per condition and a plot.
+Reported per point: answered req/s (non-error), p50 and p99; a table per condition and a plot,
+and each round's ratios against the plain handler (throughput, p99) with how many rounds met
+each aim.
+
+Two ways to run the rounds. By default each server runs alone: started, measured at every point,
+stopped, the next one started. With `--paired` every server of a condition is up at once (each on
+its own port, each in its own cgroup under a quota), and the servers take turns point by point,
+the order alternating: a VM whose speed drifts by a third within minutes then moves both sides of
+a comparison alike, where a server measured minutes after the other could read 15 % apart on the
+same code.
 Every round's figures stay in the JSON with the kinds of its errors (wrk's http, connect, read,
 timeouts), and every server run's log in `<out>-server-logs/`, so a bad point can be read later.
 Needs root for the cgroups (skipped otherwise, and said so).
@@ -36,8 +45,12 @@ from typing import Any
 from bench.images import write_bench_images
 from bench.load import ROOT, IdleMeter, require_wrk, server, stop_on_sigterm, wrk
 
-PORT = 18760
+PORT = 18760  # the first server's port; paired servers take the next ones
 URL = f"http://127.0.0.1:{PORT}"
+SETTLE_S = (1.0, 15.0)
+"""Between two paired points, how long to let the last server finish what wrk left in flight
+(bounds): a handler that runs every request it admitted goes on computing for up to concurrency /
+throughput seconds after wrk stops, and that CPU would be taken from the next server measured."""
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
 MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors", "idle_percent")
@@ -89,21 +102,36 @@ class CpuQuota:
 
 @contextlib.contextmanager
 def condition(name: str) -> Iterator[CpuQuota | None]:
-    if name == "busy-core":
-        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            yield None
-        finally:
-            busy.kill()
-            busy.wait()
-    elif name.startswith("quota-"):
-        quota = CpuQuota(float(name.removeprefix("quota-")))
-        try:
-            yield quota
-        finally:
-            quota.remove()
-    else:
+    """The condition for one server: the busy process, or its quota's cgroup."""
+    with machine_load(name), confinement(name) as quota:
+        yield quota
+
+
+@contextlib.contextmanager
+def machine_load(name: str) -> Iterator[None]:
+    """What the condition runs beside the servers: a busy process taking a core, or nothing."""
+    if name != "busy-core":
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@contextlib.contextmanager
+def confinement(name: str) -> Iterator[CpuQuota | None]:
+    """A cgroup with the condition's CPU quota for one server (None without a quota)."""
+    if not name.startswith("quota-"):
         yield None
+        return
+    quota = CpuQuota(float(name.removeprefix("quota-")))
+    try:
+        yield quota
+    finally:
+        quota.remove()
 
 
 def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -114,7 +142,7 @@ def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any
     python = sys.executable
     chosen: dict[str, dict[str, Any]] = {
         "catdog-serve": {
-            "command": lambda model: [python, "-m", "service", "--port", str(PORT)],
+            "command": lambda model, port: [python, "-m", "service", "--port", str(port)],
             # Admit what the other two admit: no request cap below 32 connections, and no
             # queue-wait cap (Xception's 32 queued images would wait ~3 s and be refused).
             "env": {**env, "CATDOG_MAX_CONCURRENT_REQUESTS": "64", "CATDOG_MAX_QUEUE_WAIT_MS": "60000"},
@@ -124,13 +152,13 @@ def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any
             "content_type": "image/jpeg",
         },
         PLAIN: {
-            "command": lambda model: [
+            "command": lambda model, port: [
                 python,
                 "-m",
                 "uvicorn",
                 "bench.baselines.plain_fastapi:app",
                 "--port",
-                str(PORT),
+                str(port),
                 "--log-level",
                 "warning",
             ],
@@ -143,7 +171,7 @@ def servers(models_dir: Path, image: Path, out: Path) -> dict[str, dict[str, Any
     }
     if importlib.util.find_spec("litserve") is not None:
         chosen["LitServe"] = {
-            "command": lambda model: [python, "-m", "bench.baselines.litserve_app", str(PORT)],
+            "command": lambda model, port: [python, "-m", "bench.baselines.litserve_app", str(port)],
             "env": {**env, "CATDOG_INTRA_OP_THREADS": "2"},
             "per_model_env": "CATDOG_BENCH_MODEL",
             "ready": "/health",
@@ -160,17 +188,12 @@ def run_server_points(
     """Start the server under `where`, then wrk each model at each concurrency. `log` names the
     server's output file (a model's name is added when each model has a server of its own)."""
     results: dict[str, list[dict[str, Any]]] = {}
-    groups = [[m] for m in models] if "per_model_env" in spec else [models]
+    groups = model_groups(spec, models)
     for group in groups:
-        env = dict(spec["env"])
-        if "per_model_env" in spec:
-            env[spec["per_model_env"]] = group[0]
         with condition(where) as quota:
-            command = spec["command"](group[0])
-            command = quota.wrap(command) if quota else command
             # Names like quota-1.5 hold a dot: the file name is built, not given a suffix.
             name = f"{log.name}-{group[0]}.log" if len(groups) > 1 else f"{log.name}.log"
-            with server(command, env, URL + spec["ready"], log.parent / name):
+            with start(spec, group, PORT, quota, log.parent / name):
                 for model in group:
                     url = URL + spec["path"].format(model=model)
                     wrk(url, spec["body"], 2, 2, spec["content_type"])  # warm the path
@@ -182,6 +205,99 @@ def run_server_points(
                         for point in results[model]:
                             point["cgroup"] = str(quota.path)
     return results
+
+
+def model_groups(spec: dict[str, Any], models: list[str]) -> list[list[str]]:
+    """The models each server process serves: all of them, or one each (LitServe serves one)."""
+    return [[m] for m in models] if "per_model_env" in spec else [models]
+
+
+def start(
+    spec: dict[str, Any], group: list[str], port: int, quota: CpuQuota | None, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """A server for `group`'s models on `port`, inside `quota`'s cgroup if there is one."""
+    env = dict(spec["env"])
+    if "per_model_env" in spec:
+        env[spec["per_model_env"]] = group[0]
+    command = spec["command"](group[0], port)
+    command = quota.wrap(command) if quota else command
+    return server(command, env, f"http://127.0.0.1:{port}{spec['ready']}", log)
+
+
+def run_paired_points(
+    specs: dict[str, dict[str, Any]],
+    names: list[str],
+    models: list[str],
+    where: str,
+    concurrencies: list[int],
+    seconds: int,
+    rounds: int,
+    logs: Path,
+) -> list[dict[str, dict[str, list[dict[str, Any]]]]]:
+    """Every server up at once under `where`, then point by point each server in turn, the order
+    alternating; one {server: {model: points}} per round."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(machine_load(where))
+        urls: dict[tuple[str, str], str] = {}
+        port = PORT - 1
+        for name in names:
+            spec = specs[name]
+            for group in model_groups(spec, models):
+                port += 1
+                quota = stack.enter_context(confinement(where))
+                log = logs / f"paired-{where}-{name.replace(' ', '-')}-{group[0]}.log"
+                stack.enter_context(start(spec, group, port, quota, log))
+                for model in group:
+                    urls[name, model] = f"http://127.0.0.1:{port}" + spec["path"].format(model=model)
+        for (name, _), url in urls.items():
+            wrk(url, specs[name]["body"], 2, 2, specs[name]["content_type"])  # warm the path
+        measured: list[dict[str, dict[str, list[dict[str, Any]]]]] = []
+        for round_index in range(rounds):
+            measured.append({name: {model: [] for model in models} for name in names})
+            for model in models:
+                for index, concurrency in enumerate(concurrencies):
+                    for name in turns(names, round_index + index):
+                        spec = specs[name]
+                        point = _point_with_idle(
+                            urls[name, model], spec["body"], concurrency, seconds, spec["content_type"]
+                        )
+                        measured[-1][name][model].append(point)
+                        time.sleep(settle_seconds(point))
+            print_round(where, round_index, rounds, measured[-1])
+        return measured
+
+
+def turns(names: list[str], index: int) -> list[str]:
+    """The order servers take a paired point in: as given, then reversed, alternating, so that
+    neither side always follows the other (ABBA)."""
+    return names if index % 2 == 0 else names[::-1]
+
+
+def settle_seconds(point: dict[str, Any]) -> float:
+    """How long the work wrk left in flight may still run: its concurrency at the point's rate
+    (Little's law), within SETTLE_S."""
+    low, high = SETTLE_S
+    rate = float(point["answered_per_s"])
+    if rate <= 0:
+        return high
+    return min(high, max(low, int(point["concurrency"]) / rate))
+
+
+def print_round(
+    where: str, round_index: int, rounds: int, by_server: dict[str, dict[str, list[dict[str, Any]]]]
+) -> None:
+    print(f"paired round {round_index + 1}/{rounds}, {where}:", flush=True)
+    for name, by_model in by_server.items():
+        for model, points in by_model.items():
+            print(f"  {name}, {model}: {summary_line(points)}", flush=True)
+
+
+def summary_line(points: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms "
+        f"idle {p['idle_percent']:.1f} %"
+        for p in points
+    )
 
 
 def _point_with_idle(
@@ -257,6 +373,72 @@ def _cell(point: dict[str, Any]) -> str:
         return f"none answered ({errors} errors)" if has_errors else "none finished in the run"
     text = f"{point['answered_per_s']:.1f}, {point['p50_ms']:.0f} / {point['p99_ms']:.0f}"
     return f"{text} ({errors} errors)" if has_errors else text
+
+
+def versus_plain(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> list[dict[str, Any]]:
+    """Each server's rounds against the plain handler's rounds of the same point: throughput and
+    p99 as ratios, round by round, and how many rounds met each aim (throughput at least the plain
+    handler's, p99 at most TAIL_AIM of its). A ratio is nan where a side answered nothing."""
+    rows = []
+    for where, by_server in results.items():
+        plain = by_server.get(PLAIN, {})
+        for name, by_model in by_server.items():
+            for model, points in by_model.items() if name != PLAIN else ():
+                for point, plain_point in zip(points, plain.get(model, []), strict=False):
+                    pairs = list(zip(point["rounds"], plain_point["rounds"], strict=True))
+                    throughput = [_ratio(a["answered_per_s"], b["answered_per_s"]) for a, b in pairs]
+                    tail = [
+                        _ratio(a["p99_ms"], b["p99_ms"]) if a["answered_per_s"] else math.nan
+                        for a, b in pairs
+                    ]
+                    rows.append(
+                        {
+                            "condition": where,
+                            "server": name,
+                            "model": model,
+                            "concurrency": point["concurrency"],
+                            "throughput_ratios": throughput,
+                            "p99_ratios": tail,
+                            "rounds_ahead": sum(r >= 1 for r in throughput),
+                            "rounds_within_tail_aim": sum(r <= TAIL_AIM for r in tail),
+                        }
+                    )
+    return rows
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs > 0 else math.nan
+
+
+def versus_plain_markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> str:
+    """The rounds against the plain handler as a table (empty without the plain handler)."""
+    rows = versus_plain(results)
+    if not rows:
+        return ""
+    lines = [
+        f"**against {PLAIN}, round by round** (throughput ratio, rounds >= 1x; p99 ratio, rounds "
+        f"<= {TAIL_AIM:g}x; then every round's ratios)",
+        "",
+        "| condition | model | server | c | throughput | p99 | rounds: throughput / p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        count = len(row["throughput_ratios"])
+        each = ", ".join(
+            f"{t:.2f}/{r:.2f}" for t, r in zip(row["throughput_ratios"], row["p99_ratios"], strict=True)
+        )
+        lines.append(
+            f"| {row['condition']} | {row['model']} | {row['server']} | {row['concurrency']} "
+            f"| {_median(row['throughput_ratios']):.2f}x ({row['rounds_ahead']} of {count}) "
+            f"| {_median(row['p99_ratios']):.2f}x ({row['rounds_within_tail_aim']} of {count}) | {each} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _median(values: list[float]) -> float:
+    """The median of the values that are numbers (nan if none is)."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return statistics.median(numbers) if numbers else math.nan
 
 
 def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> list[str]:
@@ -342,6 +524,34 @@ def plot(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: P
     fig.savefig(path, dpi=90)
 
 
+def run_one_at_a_time(
+    specs: dict[str, dict[str, Any]],
+    names: list[str],
+    args: argparse.Namespace,
+    conditions: list[str],
+    logs: Path,
+) -> list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]]:
+    """Each server alone, started, measured at every point and stopped in turn; every round of
+    every condition, the server order alternating."""
+    rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []
+    for round_index in range(args.rounds):
+        rounds.append({})
+        for index, where in enumerate(conditions):
+            rounds[-1][where] = {}
+            # The machine drifts within a sitting: alternate the order, so no server always goes first.
+            for name in names if (index + round_index) % 2 == 0 else names[::-1]:
+                print(f"round {round_index + 1}/{args.rounds}, {where}: {name}", flush=True)
+                log = logs / f"round{round_index + 1}-{where}-{name.replace(' ', '-')}"
+                by_model = run_server_points(
+                    specs[name], args.models, where, args.concurrency, args.seconds, log
+                )
+                rounds[-1][where][name] = by_model
+                args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive
+                for model, points in by_model.items():
+                    print(f"  {model}: {summary_line(points)}", flush=True)
+    return rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
@@ -356,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="repeat every condition this many times, the server order alternating, and report "
         "the median of each point (single points on a shared machine can flip a comparison)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="start every server of a condition at once and let them take turns point by point "
+        "(the order alternating), so that a machine's drift falls on both sides of a comparison",
     )
     parser.add_argument(
         "--variant",
@@ -382,32 +598,24 @@ def main(argv: list[str] | None = None) -> int:
     names = server_names(args.servers, list(specs), [label for label, _, _ in variants])
     if unknown := [name for name in names if name not in specs]:
         parser.error(f"unknown server {unknown[0]!r}; known: {', '.join(map(repr, specs))} and any --variant")
-    rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]] = []
+    rounds: list[dict[str, dict[str, dict[str, list[dict[str, Any]]]]]]
     logs = args.out.with_name(f"{args.out.stem}-server-logs")  # one per server run, kept
     logs.mkdir(parents=True, exist_ok=True)
-    for round_index in range(args.rounds):
-        rounds.append({})
-        for index, where in enumerate(conditions):
-            rounds[-1][where] = {}
-            # The machine drifts within a sitting: alternate the order, so no server always goes first.
-            for name in names if (index + round_index) % 2 == 0 else names[::-1]:
-                print(f"round {round_index + 1}/{args.rounds}, {where}: {name}", flush=True)
-                log = logs / f"round{round_index + 1}-{where}-{name.replace(' ', '-')}"
-                by_model = run_server_points(
-                    specs[name], args.models, where, args.concurrency, args.seconds, log
-                )
-                rounds[-1][where][name] = by_model
-                args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive
-                for model, points in by_model.items():
-                    summary = ", ".join(
-                        f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms "
-                        f"idle {p['idle_percent']:.1f} %"
-                        for p in points
-                    )
-                    print(f"  {model}: {summary}", flush=True)
+    if args.paired:
+        rounds = [{} for _ in range(args.rounds)]
+        for where in conditions:
+            print(f"{where}: {', '.join(names)} side by side", flush=True)
+            by_round = run_paired_points(
+                specs, names, args.models, where, args.concurrency, args.seconds, args.rounds, logs
+            )
+            for measured, by_server in zip(rounds, by_round, strict=True):
+                measured[where] = by_server
+            args.out.write_text(json.dumps(rounds, indent=2) + "\n")  # partial results survive
+    else:
+        rounds = run_one_at_a_time(specs, names, args, conditions, logs)
     results = median_of_rounds(rounds)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results, args.concurrency)
+    table = markdown(results, args.concurrency) + "\n" + versus_plain_markdown(results)
     args.out.with_suffix(".md").write_text(table)
     print(table)
     plot(results, args.plot)

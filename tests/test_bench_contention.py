@@ -3,19 +3,31 @@ not a test)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import bench.contention
 from bench.contention import (
+    PLAIN,
+    SETTLE_S,
     _cell,
     legible_log_range,
     main,
     measured_models,
     median_of_rounds,
     plot,
+    run_paired_points,
     server_names,
+    settle_seconds,
     tail_aim,
+    turns,
+    versus_plain,
+    versus_plain_markdown,
 )
 
 
@@ -101,3 +113,118 @@ def test_a_log_axis_spans_at_least_a_factor_of_four() -> None:
     assert high / low == pytest.approx(4.0)
     assert low < 2288.0 and high > 2661.0
     assert legible_log_range(100.0, 10_000.0) == (100.0, 10_000.0)  # wide already: as it is
+
+
+def test_each_round_is_compared_with_the_plain_handlers_same_round() -> None:
+    # catdog-serve ahead in rounds 1 and 3, its p99 within 0.8x in round 3 only.
+    ours = [(90.0, 150.0), (80.0, 190.0), (100.0, 120.0)]
+    plain = [(85.0, 180.0), (88.0, 200.0), (95.0, 160.0)]
+    rounds = [
+        {"quiet": {"catdog-serve": {"m": [point(8, *a)]}, PLAIN: {"m": [point(8, *b)]}}}
+        for a, b in zip(ours, plain, strict=True)
+    ]
+    (row,) = versus_plain(median_of_rounds(rounds))
+    assert (row["condition"], row["server"], row["model"], row["concurrency"]) == (
+        "quiet",
+        "catdog-serve",
+        "m",
+        8,
+    )
+    assert row["throughput_ratios"] == pytest.approx([90 / 85, 80 / 88, 100 / 95])
+    assert row["p99_ratios"] == pytest.approx([150 / 180, 190 / 200, 120 / 160])
+    assert (row["rounds_ahead"], row["rounds_within_tail_aim"]) == (2, 1)
+    table = versus_plain_markdown(median_of_rounds(rounds))
+    assert "| quiet | m | catdog-serve | 8 | 1.05x (2 of 3) | 0.83x (1 of 3) |" in table
+
+
+def test_a_round_where_a_side_answered_nothing_meets_no_aim() -> None:
+    rounds = [
+        {"quota-1": {"catdog-serve": {"m": [point(32, 0.0, 0.0)]}, PLAIN: {"m": [point(32, 5.0, 900.0)]}}},
+        {"quota-1": {"catdog-serve": {"m": [point(32, 6.0, 800.0)]}, PLAIN: {"m": [point(32, 0.0, 0.0)]}}},
+    ]
+    (row,) = versus_plain(median_of_rounds(rounds))
+    assert row["throughput_ratios"][0] == 0.0 and math.isnan(row["throughput_ratios"][1])
+    assert all(math.isnan(r) for r in row["p99_ratios"])
+    assert (row["rounds_ahead"], row["rounds_within_tail_aim"]) == (0, 0)
+
+
+def test_without_the_plain_handler_there_is_nothing_to_compare() -> None:
+    rounds = [{"quiet": {"catdog-serve": {"m": [point(8, 90.0, 120.0)]}}}]
+    assert versus_plain(median_of_rounds(rounds)) == []
+    assert versus_plain_markdown(median_of_rounds(rounds)) == ""
+
+
+def test_paired_turns_alternate_so_that_neither_server_always_follows_the_other() -> None:
+    names = ["catdog-serve", PLAIN]
+    assert [turns(names, i) for i in range(3)] == [names, names[::-1], names]
+
+
+def test_a_paired_point_waits_for_the_work_wrk_left_in_flight() -> None:
+    low, high = SETTLE_S
+    assert settle_seconds(point(32, 16.0, 2000.0)) == pytest.approx(2.0)  # 32 in flight at 16/s
+    assert settle_seconds(point(8, 100.0, 100.0)) == low
+    assert settle_seconds(point(32, 1.0, 30000.0)) == high
+    assert settle_seconds(point(32, 0.0, 0.0)) == high  # nothing answered: the longest wait
+
+
+def test_paired_servers_are_up_at_once_each_on_its_port_and_in_its_cgroup_taking_turns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The schedule of a paired sitting, with the servers, wrk and the cgroups replaced by
+    recorders: what runs where and in which order is the part that can be got wrong here."""
+    started: list[dict[str, Any]] = []
+    up: set[int] = set()
+    measured: list[tuple[str, int, set[int]]] = []
+
+    @contextlib.contextmanager
+    def fake_start(
+        spec: dict[str, Any], group: list[str], port: int, quota: Any, log: Path
+    ) -> Iterator[None]:
+        started.append({"server": spec["name"], "models": group, "port": port, "quota": quota})
+        up.add(port)
+        yield
+        up.discard(port)
+
+    @contextlib.contextmanager
+    def fake_confinement(where: str) -> Iterator[object]:
+        yield object()  # a distinct group per server
+
+    def fake_point(url: str, body: Path, concurrency: int, seconds: int, content_type: str) -> dict[str, Any]:
+        measured.append((url, concurrency, set(up)))
+        return point(concurrency, 50.0, 100.0)
+
+    monkeypatch.setattr(bench.contention, "start", fake_start)
+    monkeypatch.setattr(bench.contention, "confinement", fake_confinement)
+    monkeypatch.setattr(bench.contention, "_point_with_idle", fake_point)
+    monkeypatch.setattr(bench.contention, "wrk", lambda *args: {})
+    monkeypatch.setattr(bench.contention.time, "sleep", lambda seconds: None)
+    spec = {"ready": "/", "path": "/classify?model={model}", "body": tmp_path, "content_type": "image/jpeg"}
+    specs = {
+        "catdog-serve": {**spec, "name": "catdog-serve"},
+        PLAIN: {**spec, "name": PLAIN},
+        "LitServe": {**spec, "name": "LitServe", "per_model_env": "M", "path": "/predict"},
+    }
+    names = list(specs)
+    rounds = run_paired_points(specs, names, ["a", "b"], "quota-1", [8, 32], 10, 2, tmp_path)
+
+    # catdog-serve and the plain handler serve both models; LitServe one process per model.
+    assert [(s["server"], s["models"]) for s in started] == [
+        ("catdog-serve", ["a", "b"]),
+        (PLAIN, ["a", "b"]),
+        ("LitServe", ["a"]),
+        ("LitServe", ["b"]),
+    ]
+    ports = [s["port"] for s in started]
+    assert len(set(ports)) == 4 and len({id(s["quota"]) for s in started}) == 4
+    assert all(alive == set(ports) for _, _, alive in measured)  # all up at every point
+    assert len(measured) == 2 * 2 * 2 * 3  # rounds x models x concurrencies x servers
+    first_turns = [url for url, _, _ in measured[:6]]
+    assert first_turns[:3] == [
+        f"http://127.0.0.1:{ports[0]}/classify?model=a",
+        f"http://127.0.0.1:{ports[1]}/classify?model=a",
+        f"http://127.0.0.1:{ports[2]}/predict",
+    ]
+    assert first_turns[3:] == first_turns[:3][::-1]  # the next point, the other way round
+    assert len(rounds) == 2
+    assert all(len(rounds[r][name][m]) == 2 for r in range(2) for name in names for m in ("a", "b"))
+    assert up == set()  # every server stopped
