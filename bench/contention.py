@@ -53,7 +53,7 @@ SETTLE_S = (1.0, 15.0)
 throughput seconds after wrk stops, and that CPU would be taken from the next server measured."""
 CONDITIONS = ("quiet", "busy-core", "quota-1.5", "quota-1")
 MODELS = ("mobilenet", "xception")
-MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors", "idle_percent")
+MEDIAN_KEYS = ("answered_per_s", "p50_ms", "p99_ms", "errors", "idle_percent", "steal_percent")
 PLAIN = "plain FastAPI"
 TAIL_AIM = 0.8
 """The tail catdog-serve aims at: at most this fraction of the plain handler's p99."""
@@ -295,7 +295,7 @@ def print_round(
 def summary_line(points: list[dict[str, Any]]) -> str:
     return ", ".join(
         f"c={p['concurrency']} {p['answered_per_s']}/s p99 {p['p99_ms']:.0f} ms "
-        f"idle {p['idle_percent']:.1f} %"
+        f"idle {p['idle_percent']:.1f} % steal {p['steal_percent']:.1f} %"
         for p in points
     )
 
@@ -304,10 +304,11 @@ def _point_with_idle(
     url: str, body: Path, concurrency: int, seconds: int, content_type: str
 ) -> dict[str, Any]:
     """A wrk point, with the share of the machine's CPU left idle during it (load generator
-    included): the CPU a server did not turn into answers."""
+    included): the CPU a server did not turn into answers; and the share a VM's hypervisor gave
+    to others (steal): a point taken while the host was busy reads slow whatever the server."""
     meter = IdleMeter()
     point = wrk(url, body, concurrency, seconds, content_type)
-    return {**point, "idle_percent": meter.percent()}
+    return {**point, "idle_percent": meter.percent(), "steal_percent": meter.steal_percent()}
 
 
 def server_names(chosen: list[str] | None, known: list[str], variants: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ def point(concurrency: int, rate: float, p99: float, idle: float = 1.0) -> dict[
         "p99_ms": p99,
         "errors": 0,
         "idle_percent": idle,
+        "steal_percent": 0.0,
     }
 
 

@@ -48,3 +48,13 @@ def test_the_idle_meter_reads_the_idle_share_of_every_cpu_between_two_readings(t
     meter = IdleMeter(stat)
     stat.write_text("cpu  1170 0 220 5008 102 0 0 0 0 0\ncpu0 585 0 110 2504 51 0 0 0 0 0\n")
     assert meter.percent() == 5.0  # 10 idle or iowait ticks of 200
+
+
+def test_the_idle_meter_reads_the_time_the_hypervisor_gave_to_others(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest is inside user already
+    stat.write_text("cpu  1000 0 200 5000 100 0 0 300 50 0\n")
+    meter = IdleMeter(stat)
+    stat.write_text("cpu  1150 0 220 5010 100 0 0 320 90 0\n")
+    assert meter.steal_percent() == 10.0  # 20 stolen ticks of 200 (the 40 guest ticks not twice)
+    assert meter.percent() == 5.0
