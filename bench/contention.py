@@ -442,6 +442,47 @@ def _median(values: list[float]) -> float:
     return statistics.median(numbers) if numbers else math.nan
 
 
+def versus_plain_path(plot_path: Path) -> Path:
+    """Where the round-by-round plot goes: beside the main plot."""
+    return plot_path.with_name(f"{plot_path.stem}-versus-plain{plot_path.suffix}")
+
+
+def plot_versus_plain(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every round's throughput and p99 as ratios of the plain handler's, one dot per round, one
+    column per point (condition, model, concurrency), with the two aims drawn: what a table of
+    medians hides is how many rounds fell on each side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({row["server"] for row in rows})
+    points = list(dict.fromkeys((row["condition"], row["model"], row["concurrency"]) for row in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(points) + 2), 7), sharex=True)
+    for offset, name in enumerate(names):
+        shift = (offset - (len(names) - 1) / 2) * 0.15
+        for x, key in enumerate(points):
+            for row in rows:
+                if row["server"] != name or (row["condition"], row["model"], row["concurrency"]) != key:
+                    continue
+                for axis, ratios in zip(axes, (row["throughput_ratios"], row["p99_ratios"]), strict=True):
+                    axis.plot([x + shift] * len(ratios), ratios, "o", color=f"C{offset}", alpha=0.7, ms=5)
+        axes[0].plot([], [], "o", color=f"C{offset}", label=name)
+    axes[0].axhline(1.0, color="black", linestyle="--", label=f"aim: at least {PLAIN}'s")
+    axes[1].axhline(TAIL_AIM, color="black", linestyle="--", label=f"aim: at most {TAIL_AIM:g}x")
+    axes[0].set(ylabel=f"throughput / {PLAIN}'s", title="each round against the plain handler's same round")
+    axes[1].set(ylabel=f"p99 / {PLAIN}'s")
+    labels = [f"{where}\n{model} c={c}" for where, model, c in points]
+    axes[1].set_xticks(range(len(points)), labels, rotation=60, ha="right", fontsize=8)
+    for axis in axes:
+        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> list[str]:
     """The models with points in any condition, in MODELS' order: the plot's rows."""
     seen = {model for by_server in results.values() for by_model in by_server.values() for model in by_model}
@@ -620,7 +661,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(table)
     print(table)
     plot(results, args.plot)
-    print(f"written to {args.out}, {args.out.with_suffix('.md')} and {args.plot}")
+    written = [str(args.out), str(args.out.with_suffix(".md")), str(args.plot)]
+    if rows := versus_plain(results):
+        plot_versus_plain(rows, versus_plain_path(args.plot))
+        written.append(str(versus_plain_path(args.plot)))
+    print(f"written to {', '.join(written)}")
     return 0
 
 

@@ -21,6 +21,7 @@ from bench.contention import (
     measured_models,
     median_of_rounds,
     plot,
+    plot_versus_plain,
     run_paired_points,
     server_names,
     settle_seconds,
@@ -229,3 +230,15 @@ def test_paired_servers_are_up_at_once_each_on_its_port_and_in_its_cgroup_taking
     assert len(rounds) == 2
     assert all(len(rounds[r][name][m]) == 2 for r in range(2) for name in names for m in ("a", "b"))
     assert up == set()  # every server stopped
+
+
+def test_the_round_by_round_plot_draws_every_round(tmp_path: Path) -> None:
+    rounds = [
+        {
+            where: {"catdog-serve": {"m": [point(8, 90.0 + i, 150.0)]}, PLAIN: {"m": [point(8, 85.0, 180.0)]}}
+            for where in ("quiet", "quota-1")
+        }
+        for i in range(3)
+    ]
+    plot_versus_plain(versus_plain(median_of_rounds(rounds)), tmp_path / "rounds.png")
+    assert (tmp_path / "rounds.png").stat().st_size > 0
