@@ -147,9 +147,11 @@ class Window:
 
     def __init__(self, size: int = 64) -> None:
         self.samples: collections.deque[float] = collections.deque(maxlen=size)
+        self.updates = 0  # how many samples it has taken: a full window's length stops changing
 
     def update(self, sample: float) -> None:
         self.samples.append(sample)
+        self.updates += 1
 
     @property
     def value(self) -> float | None:
@@ -231,6 +233,11 @@ TRUSTED_RUNS = 3  # runs at a batch size before their median alone is its estima
 @dataclass
 class BatchStats:
     batch_seconds: dict[int, Window] = field(default_factory=dict)  # per batch size
+    # The medians as of the windows' update counts: the event loop predicts waits several times
+    # per request, each over every queued image, and the medians change only with a new run.
+    _medians: tuple[tuple[tuple[int, int], ...], dict[int, float], dict[int, float]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def seconds_for(self, batch: int, fallback: float) -> float:
         """Estimated session.run time for a batch: its own median once run TRUSTED_RUNS times;
@@ -241,11 +248,7 @@ class BatchStats:
         Taken as the estimate, one stall would put the size above the batch limit, so it would
         never run again to correct it, and admission would refuse on the predicted waits. Batch
         one is never excluded, so its runs become trusted soon and bound the others."""
-        # Snapshots (each one C call): worker threads record runs while the event loop reads.
-        runs = {b: list(w.samples) for b, w in list(self.batch_seconds.items()) if w.samples}
-        medians = {b: statistics.median(r) for b, r in runs.items()}
-        trusted = {b: m for b, m in medians.items() if len(runs[b]) >= TRUSTED_RUNS}
-        reference = trusted or medians
+        reference, medians = self._reference()
         if batch in reference:
             return reference[batch]
         if not reference:
@@ -253,6 +256,22 @@ class BatchStats:
         nearest = min(reference, key=lambda b: abs(b - batch))
         scaled = reference[nearest] * batch / nearest
         return min(scaled, medians[batch]) if batch in medians else scaled
+
+    def _reference(self) -> tuple[dict[int, float], dict[int, float]]:
+        """The trusted medians (or, before any size is trusted, all of them) and all the medians,
+        taken again only when a window has taken a sample since."""
+        windows = list(self.batch_seconds.items())  # one C call: workers record while we read
+        key = tuple((size, window.updates) for size, window in windows)
+        cached = self._medians
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        # A run recorded after `key` was read may be in these samples: the next call, seeing the
+        # new count, takes the medians again, so the estimate is never more than one run behind.
+        runs = {b: list(w.samples) for b, w in windows if w.samples}
+        medians = {b: statistics.median(r) for b, r in runs.items()}
+        trusted = {b: m for b, m in medians.items() if len(runs[b]) >= TRUSTED_RUNS}
+        self._medians = (key, trusted or medians, medians)
+        return trusted or medians, medians
 
 
 @dataclass
@@ -426,10 +445,11 @@ class Batcher:
             return deal(free_in, images, self._seconds_per_image(min(images, limit)))[0]
         heap = list(free_in)
         heapq.heapify(heap)
-        while images > 0:
-            size = min(images, limit)
-            images -= size
-            heapq.heappush(heap, heapq.heappop(heap) + self.stats.seconds_for(size, self.fallback_seconds))
+        full_batches, last = divmod(images, limit)
+        sizes = [limit] * full_batches + ([last] if last else [])
+        run_seconds = {size: self.stats.seconds_for(size, self.fallback_seconds) for size in set(sizes)}
+        for size in sizes:
+            heapq.heappush(heap, heapq.heappop(heap) + run_seconds[size])
         return heap
 
     def share_of_queue(self, limit: int, claimed: bool = False) -> int:

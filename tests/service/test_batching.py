@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from types import SimpleNamespace
@@ -624,3 +625,35 @@ def test_an_abandoned_request_behind_others_gives_its_queue_places_back_at_once(
         await asyncio.wait_for(asyncio.gather(running, ahead), 10)
 
     asyncio.run(_with_batcher(test, max_wait_s=0.0))
+
+
+def test_a_backlog_estimate_takes_each_sizes_median_once_not_once_per_queued_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop predicts a request's wait several times on its way in (admission, deadline,
+    `auto`), and each prediction dispatched every queued image in turn, taking the median of every
+    batch size's recent runs for each: with 30 images queued at MobileNet-160's 140 requests a
+    second, py-spy found those medians in 15 % of the samples where a thread held the GIL, while
+    the CPU stood 4 % idle. The medians change only when a run is recorded."""
+    session, lane = RecordingSession(), InferenceLane(workers=2)
+    batcher = make_batcher(session, lane, max_wait_s=0.01, max_batch_s=0.5)
+    measured(batcher.stats, 1, 0.006)
+    measured(batcher.stats, 4, 0.020)
+    batcher.reserved = 30  # places held by requests decoding: queued ahead of the next one
+    medians_taken = 0
+    real_median = statistics.median
+
+    def counting_median(values: Any) -> Any:
+        nonlocal medians_taken
+        medians_taken += 1
+        return real_median(values)
+
+    monkeypatch.setattr(statistics, "median", counting_median)
+    first = batcher.backlog_seconds()
+    for _ in range(5):
+        assert batcher.backlog_seconds() == first
+    assert medians_taken <= 2  # one per batch size measured, once
+    for _ in range(TRUSTED_RUNS + 1):  # new runs, slower: the estimate follows them
+        batcher.stats.batch_seconds[4].update(0.040)
+    assert batcher.backlog_seconds() > first
+    lane.shutdown()
