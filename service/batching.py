@@ -445,7 +445,7 @@ class Batcher:
             return deal(free_in, images, self._seconds_per_image(min(images, limit)))[0]
         heap = list(free_in)
         heapq.heapify(heap)
-        full_batches, last = divmod(images, limit)
+        full_batches, last = divmod(max(0, images), limit)  # none queued: nothing to add
         sizes = [limit] * full_batches + ([last] if last else [])
         run_seconds = {size: self.stats.seconds_for(size, self.fallback_seconds) for size in set(sizes)}
         for size in sizes:

@@ -656,4 +656,5 @@ def test_a_backlog_estimate_takes_each_sizes_median_once_not_once_per_queued_ima
     for _ in range(TRUSTED_RUNS + 1):  # new runs, slower: the estimate follows them
         batcher.stats.batch_seconds[4].update(0.040)
     assert batcher.backlog_seconds() > first
+    assert sorted(batcher._dispatch(-1, [0.0, 0.0])) == [0.0, 0.0]  # fewer than none: no batch
     lane.shutdown()
