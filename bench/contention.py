@@ -354,7 +354,7 @@ def markdown(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], con
             "| model | server | " + " | ".join(f"c={c} req/s, p50 / p99 ms" for c in concurrencies) + " |",
             "|---|---|" + "---|" * len(concurrencies),
         ]
-        for model in MODELS:
+        for model in measured_models(results):
             for name, by_model in by_server.items():
                 if model not in by_model:
                     continue
@@ -484,9 +484,11 @@ def plot_versus_plain(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def measured_models(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]]) -> list[str]:
-    """The models with points in any condition, in MODELS' order: the plot's rows."""
-    seen = {model for by_server in results.values() for by_model in by_server.values() for model in by_model}
-    return [model for model in MODELS if model in seen]
+    """The models with points in any condition: the table's and the plot's rows, MODELS first in
+    their order, then any other model asked for (--models takes every model of the manifest)."""
+    seen = [model for by_server in results.values() for by_model in by_server.values() for model in by_model]
+    others = [model for model in dict.fromkeys(seen) if model not in MODELS]
+    return [model for model in MODELS if model in seen] + others
 
 
 def p99s(points: list[dict[str, Any]]) -> list[float]:

@@ -18,6 +18,7 @@ from bench.contention import (
     _cell,
     legible_log_range,
     main,
+    markdown,
     measured_models,
     median_of_rounds,
     plot,
@@ -242,3 +243,23 @@ def test_the_round_by_round_plot_draws_every_round(tmp_path: Path) -> None:
     ]
     plot_versus_plain(versus_plain(median_of_rounds(rounds)), tmp_path / "rounds.png")
     assert (tmp_path / "rounds.png").stat().st_size > 0
+
+
+def test_a_model_outside_the_default_pair_has_its_rows_and_plot(tmp_path: Path) -> None:
+    # --models takes any model of the manifest; mobilenet-160's points were measured and then
+    # left out of the table and the plot, which knew only the default two.
+    results = {
+        "quiet": {
+            "catdog-serve": {
+                "mobilenet-160": [point(32, 150.0, 260.0)],
+                "mobilenet": [point(32, 80.0, 450.0)],
+            },
+            PLAIN: {"mobilenet-160": [point(32, 140.0, 300.0)], "mobilenet": [point(32, 75.0, 700.0)]},
+        }
+    }
+    assert measured_models(results) == ["mobilenet", "mobilenet-160"]
+    table = markdown(results, [32])
+    assert "| mobilenet-160 | catdog-serve | 150.0, 130 / 260 |" in table
+    assert "| mobilenet-160 | plain FastAPI | 140.0, 150 / 300 |" in table
+    plot(results, tmp_path / "three.png")
+    assert (tmp_path / "three.png").stat().st_size > 0
