@@ -384,7 +384,9 @@ def versus_plain(results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]])
     for where, by_server in results.items():
         plain = by_server.get(PLAIN, {})
         for name, by_model in by_server.items():
-            for model, points in by_model.items() if name != PLAIN else ():
+            if name == PLAIN:
+                continue
+            for model, points in by_model.items():
                 for point, plain_point in zip(points, plain.get(model, []), strict=False):
                     pairs = list(zip(point["rounds"], plain_point["rounds"], strict=True))
                     throughput = [_ratio(a["answered_per_s"], b["answered_per_s"]) for a, b in pairs]
@@ -459,14 +461,13 @@ def plot_versus_plain(rows: list[dict[str, Any]], path: Path) -> None:
     names = sorted({row["server"] for row in rows})
     points = list(dict.fromkeys((row["condition"], row["model"], row["concurrency"]) for row in rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(points) + 2), 7), sharex=True)
+    for row in rows:
+        offset = names.index(row["server"])
+        point = points.index((row["condition"], row["model"], row["concurrency"]))
+        x = point + (offset - (len(names) - 1) / 2) * 0.15  # servers side by side within a point
+        for axis, ratios in zip(axes, (row["throughput_ratios"], row["p99_ratios"]), strict=True):
+            axis.plot([x] * len(ratios), ratios, "o", color=f"C{offset}", alpha=0.7, ms=5)
     for offset, name in enumerate(names):
-        shift = (offset - (len(names) - 1) / 2) * 0.15
-        for x, key in enumerate(points):
-            for row in rows:
-                if row["server"] != name or (row["condition"], row["model"], row["concurrency"]) != key:
-                    continue
-                for axis, ratios in zip(axes, (row["throughput_ratios"], row["p99_ratios"]), strict=True):
-                    axis.plot([x + shift] * len(ratios), ratios, "o", color=f"C{offset}", alpha=0.7, ms=5)
         axes[0].plot([], [], "o", color=f"C{offset}", label=name)
     axes[0].axhline(1.0, color="black", linestyle="--", label=f"aim: at least {PLAIN}'s")
     axes[1].axhline(TAIL_AIM, color="black", linestyle="--", label=f"aim: at most {TAIL_AIM:g}x")

@@ -137,7 +137,7 @@ def create_app(
         # Everything a wrong setting can break is checked here, so the process fails to start.
         providers = resolve_providers(settings.providers)
         quota = cgroup_cpu_quota()  # read once: the thread layout and the batching rules follow it
-        workers, threads = inference_layout(
+        workers, threads, spare = inference_layout(
             settings.inference_workers,
             settings.intra_op_threads,
             providers,
@@ -147,9 +147,9 @@ def create_app(
         manifest, paths = check_models(settings)
         balanced = balance_batches(settings.balance_batches, workers, quota.cpus if quota else None)
         batching = batching_in_force(settings.min_batching_gain, settings.max_batch_ms, quota)
-        cpus = default_threads(quota)
-        spare = max(0, workers - cpus) if settings.inference_workers is None else 0
-        state.inference = InferenceLane(workers, balanced, every_core_threads=cpus, spare=spare)
+        state.inference = InferenceLane(
+            workers, balanced, every_core_threads=default_threads(quota), spare=spare
+        )
         state.decode_threads = decode_threads(settings.decode_threads, quota)
         state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="decode")
         log.info(

@@ -105,13 +105,19 @@ def decode_threads(setting: int | None, quota: CpuQuota | None) -> int:
     return setting or decode_threads_for(default_threads(quota))
 
 
+class InferenceLayout(NamedTuple):
+    workers: int  # batches at once, each on its own thread
+    threads: int  # intra-op threads per batch
+    spare: int  # workers beyond one per CPU (only models of short runs use them: registry)
+
+
 def inference_layout(
     workers: int | None,
     threads: int | None,
     providers: list[str],
     quota: CpuQuota | None,
     spare_workers: int = 0,
-) -> tuple[int, int]:
+) -> InferenceLayout:
     """Inference workers (batches at once) and intra-op threads per batch: what the settings say,
     else on CPU one worker of one thread per CPU, plus `spare_workers` where no CPU quota applies,
     and on CUDA one worker with every CPU (the GPU runs one batch at a time; the threads only serve
@@ -122,12 +128,14 @@ def inference_layout(
     a CPU quota, which leaves no idle CPU to fill, the third measured slower (README, "Performance
     under contention")."""
     cpus = default_threads(quota)
+    spare = 0
     if workers is None:
         if providers[0] == "CUDAExecutionProvider" or threads is not None:
             workers = 1
         else:
-            workers = cpus + (spare_workers if quota is None else 0)
-    return workers, threads or max(1, cpus // workers)
+            spare = spare_workers if quota is None else 0
+            workers = cpus + spare
+    return InferenceLayout(workers, threads or max(1, cpus // workers), spare)
 
 
 def balance_batches(setting: bool, workers: int, cpu_limit: float | None) -> bool:

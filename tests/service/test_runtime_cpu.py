@@ -73,18 +73,18 @@ CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 @pytest.mark.parametrize(
     ("cpus", "workers", "threads", "providers", "spare", "layout"),
     [
-        (2, 1, None, CPU, 0, (1, 2)),  # one batch at a time on every CPU
-        (2, None, None, CPU, 0, (2, 1)),  # one worker of one thread per CPU
-        (1, None, None, CPU, 0, (1, 1)),  # a 1-CPU quota
-        (4, 2, None, CPU, 0, (2, 2)),  # the CPUs shared among the workers
-        (2, None, 2, CPU, 0, (1, 2)),  # threads named alone: the classic one-worker layout
-        (2, 3, 1, CPU, 0, (3, 1)),  # both named: as said, even oversubscribed
-        (2, None, None, CUDA, 0, (1, 2)),  # the GPU runs one batch at a time
-        (2, None, None, CPU, 1, (3, 1)),  # a spare worker beside one per CPU
-        (1, None, None, CPU, 1, (2, 1)),  # one CPU, no quota: two workers of one thread
-        (2, 2, None, CPU, 1, (2, 1)),  # workers named: no spare
-        (2, None, 2, CPU, 1, (1, 2)),  # threads named: the one-worker layout, no spare
-        (2, None, None, CUDA, 1, (1, 2)),  # no spare on the GPU
+        (2, 1, None, CPU, 0, (1, 2, 0)),  # one batch at a time on every CPU
+        (2, None, None, CPU, 0, (2, 1, 0)),  # one worker of one thread per CPU
+        (1, None, None, CPU, 0, (1, 1, 0)),  # a 1-CPU quota
+        (4, 2, None, CPU, 0, (2, 2, 0)),  # the CPUs shared among the workers
+        (2, None, 2, CPU, 0, (1, 2, 0)),  # threads named alone: the classic one-worker layout
+        (2, 3, 1, CPU, 0, (3, 1, 0)),  # both named: as said, even oversubscribed
+        (2, None, None, CUDA, 0, (1, 2, 0)),  # the GPU runs one batch at a time
+        (2, None, None, CPU, 1, (3, 1, 1)),  # a spare worker beside one per CPU
+        (1, None, None, CPU, 1, (2, 1, 1)),  # one CPU, no quota: two workers of one thread
+        (2, 2, None, CPU, 1, (2, 1, 0)),  # workers named: no spare
+        (2, None, 2, CPU, 1, (1, 2, 0)),  # threads named: the one-worker layout, no spare
+        (2, None, None, CUDA, 1, (1, 2, 0)),  # no spare on the GPU
     ],
 )
 def test_inference_layout(
@@ -94,7 +94,7 @@ def test_inference_layout(
     threads: int | None,
     providers: list[str],
     spare: int,
-    layout: tuple[int, int],
+    layout: tuple[int, int, int],
 ) -> None:
     monkeypatch.setattr(runtime, "default_threads", lambda quota: cpus)
     assert inference_layout(workers, threads, providers, quota=None, spare_workers=spare) == layout
@@ -104,8 +104,7 @@ def test_inference_layout(
 def test_no_spare_worker_under_a_cpu_quota(cpus: float) -> None:
     """A quota leaves no idle CPU for a spare worker to fill; there a third measured slower."""
     quota = CpuQuota(cpus, 0.1)
-    workers, threads = inference_layout(None, None, CPU, quota, spare_workers=1)
-    assert (workers, threads) == (runtime.default_threads(quota), 1)
+    assert inference_layout(None, None, CPU, quota, spare_workers=1) == (runtime.default_threads(quota), 1, 0)
 
 
 @pytest.mark.parametrize(
