@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+
+from model_export.channel_padding import pad_depthwise_channels
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ def export_keras(model: object, path: Path) -> str:
     if folded:
         log.info("%s: folded %d batch-norm Mul/Add pairs into their convolutions", path.name, folded)
     canonical_names(exported)
+    if widened := pad_depthwise_channels(exported):
+        log.info("%s: %d depthwise convolutions widened for the fast int8 kernel", path.name, widened)
     onnx.save(exported, str(path))
     check(path)
     versions = f"keras {keras.__version__} (tensorflow {tf.__version__}) + tf2onnx {tf2onnx.__version__}"
@@ -156,7 +161,11 @@ def io_names(path: Path) -> tuple[str, str]:
 
 
 def count_flops(path: Path) -> int:
-    """FLOPs (2 x multiply-adds) of Conv, MatMul and Gemm for one image, via shape inference."""
+    """FLOPs (2 x multiply-adds) of Conv, MatMul and Gemm for one image, via shape inference.
+
+    A convolution's last filters and input channels, when their weights are all zero, are not
+    counted: they are the channels pad_depthwise_channels adds for onnxruntime's fast kernels,
+    which compute nothing the model needs, so a model's FLOPs are the same with and without them."""
     model = onnx.load(str(path))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -164,18 +173,34 @@ def count_flops(path: Path) -> int:
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
     }
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     macs = 0
     for node in inferred.graph.node:
         out = shapes.get(node.output[0])
-        if not out or 0 in out:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or not out or 0 in out:
             continue
-        if node.op_type == "Conv":
-            weight = inits.get(node.input[1]) or shapes.get(node.input[1])
-            if weight:  # weight: [M, C/group, kH, kW]; each output element costs C/group*kH*kW
-                macs += int(np.prod(out)) * int(np.prod(weight[1:]))
-        elif node.op_type in ("MatMul", "Gemm"):
-            weight = inits.get(node.input[1]) or shapes.get(node.input[1])
+        weight_name = dequantized.get(node.input[1], node.input[1])
+        if node.op_type == "Conv" and weight_name in inits:
+            macs += int(np.prod(out)) // out[1] * _live_conv_macs(numpy_helper.to_array(inits[weight_name]))
+        elif node.op_type == "Conv" and (shape := shapes.get(node.input[1])):
+            macs += int(np.prod(out)) * int(np.prod(shape[1:]))  # [M, C/group, kH, kW]
+        elif node.op_type != "Conv":
+            weight = list(inits[weight_name].dims) if weight_name in inits else shapes.get(node.input[1])
             if weight:
                 macs += int(np.prod(out)) * int(weight[0])
     return 2 * macs
+
+
+def _live_conv_macs(weight: np.ndarray) -> int:
+    """Multiply-adds per output position of a convolution with this [M, C/group, kH, kW] weight,
+    leaving out the trailing filters and input channels that are zero throughout (the padding)."""
+    filters = np.any(weight != 0, axis=(1, 2, 3))
+    inputs = np.any(weight != 0, axis=(0, 2, 3))
+    return _up_to_last(filters) * _up_to_last(inputs) * int(np.prod(weight.shape[2:]))
+
+
+def _up_to_last(live: np.ndarray) -> int:
+    """How many entries up to and including the last True one."""
+    nonzero = np.flatnonzero(live)
+    return int(nonzero[-1]) + 1 if nonzero.size else 0

@@ -1,0 +1,160 @@
+"""Pad channel counts that onnxruntime's fast int8 depthwise kernel cannot take, before quantizing.
+
+onnxruntime runs an int8 depthwise convolution on its symmetric kernels (MLAS ConvSym: AVX2,
+AVX-VNNI, AVX-512 VNNI) only when the channel count is a multiple of 16; any other count falls back
+to a generic kernel. Xception's middle flow runs at 728 channels (27 of its 34 depthwise
+convolutions): on the 2-CPU Xeon VM one 19x19x728 int8 depthwise convolution took 812 us, one of
+736 channels 461 us, and fp32 483 us (1 thread, a quantize and dequantize around each; docs/models.md,
+"int8 on different CPUs"). So the int8 build widens such a channel stream to the next multiple of
+16 with channels that are zero everywhere: the convolutions that produce the stream get filters of
+zeros (and zero biases), the depthwise ones zero kernels, and the convolutions that read it zero
+weights for the new channels. Relu, max pooling and sums keep zeros zero, so the model computes
+exactly what it did, on wider tensors. A stream that reaches any other operator, or a graph input
+or output, is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+FAST_DEPTHWISE_MULTIPLE = 16
+# Operators that map each channel to the same channel and keep a zero channel zero.
+_CHANNEL_WISE = frozenset({"Relu", "MaxPool", "Add"})
+
+
+def group_count(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def is_depthwise(node: onnx.NodeProto) -> bool:
+    """A convolution with one group per channel (a depth multiplier of 1 is checked by _Graph)."""
+    return node.op_type == "Conv" and group_count(node) > 1
+
+
+@dataclass
+class _Stream:
+    """Tensors that carry the same channels, and the convolutions at its edges."""
+
+    tensors: set[str] = field(default_factory=set)
+    producers: set[str] = field(default_factory=set)  # convolutions that write it: more filters
+    depthwise: set[str] = field(default_factory=set)  # read and write it: more groups
+    readers: set[str] = field(default_factory=set)  # convolutions that read it: more input channels
+
+
+class _Graph:
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.nodes = {node.name: node for node in graph.node}
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.readers[name].append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.boundary = {v.name for v in graph.input} | {v.name for v in graph.output}
+
+    def trace(self, start: str) -> _Stream | None:
+        """The stream `start` belongs to, or None when it reaches an operator it cannot widen."""
+        stream = _Stream()
+        pending = [start]
+        while pending:
+            tensor = pending.pop()
+            if tensor in stream.tensors:
+                continue
+            if tensor in self.boundary or tensor in self.initializers or tensor not in self.producer:
+                return None
+            stream.tensors.add(tensor)
+            producer = self.producer[tensor]
+            if producer.op_type == "Conv" and not is_depthwise(producer):
+                stream.producers.add(producer.name)
+            elif is_depthwise(producer):
+                if self.initializers[producer.input[1]].dims[0] != group_count(producer):
+                    return None  # a depth multiplier above 1: more filters than groups
+                stream.depthwise.add(producer.name)
+                pending.append(producer.input[0])
+            elif producer.op_type in _CHANNEL_WISE:
+                pending.extend(producer.input)
+            else:
+                return None
+            for reader in self.readers[tensor]:
+                if reader.op_type == "Conv" and not is_depthwise(reader) and reader.input[0] == tensor:
+                    stream.readers.add(reader.name)
+                elif is_depthwise(reader) or reader.op_type in _CHANNEL_WISE:
+                    pending.extend(reader.output)
+                else:
+                    return None
+        return stream
+
+    def weights(self, node_name: str) -> list[onnx.TensorProto]:
+        """A convolution's weight and bias initializers, each used by this node only."""
+        node = self.nodes[node_name]
+        found = [self.initializers[name] for name in node.input[1:] if name in self.initializers]
+        if len(found) != len(node.input) - 1 or any(len(self.readers[t.name]) != 1 for t in found):
+            raise ValueError(f"{node_name}: weights are not initializers of this node alone")
+        return found
+
+
+def _padded(tensor: onnx.TensorProto, axis: int, extra: int) -> onnx.TensorProto:
+    array = numpy_helper.to_array(tensor)
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, extra)
+    return numpy_helper.from_array(np.pad(array, widths), tensor.name)
+
+
+def _replace(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
+    for i, existing in enumerate(graph.initializer):
+        if existing.name == tensor.name:
+            graph.initializer[i].CopyFrom(tensor)
+            return
+
+
+def _widen(graph: onnx.GraphProto, view: _Graph, stream: _Stream, extra: int) -> None:
+    for name in stream.producers | stream.depthwise:
+        for tensor in view.weights(name):  # filters (axis 0) and biases: zeros for the new channels
+            _replace(graph, _padded(tensor, 0, extra))
+    for name in stream.depthwise:
+        node = view.nodes[name]
+        for attribute in node.attribute:
+            if attribute.name == "group":
+                attribute.i += extra
+    for name in stream.readers:
+        weight = view.weights(name)[0]
+        _replace(graph, _padded(weight, 1, extra))  # zero weights for the new input channels
+
+
+def pad_depthwise_channels(model: onnx.ModelProto, multiple: int = FAST_DEPTHWISE_MULTIPLE) -> int:
+    """Widen, in place, every channel stream whose depthwise convolutions have a channel count
+    that is not a multiple of `multiple`; return how many depthwise convolutions were widened."""
+    graph = model.graph
+    view = _Graph(graph)
+    widened: set[str] = set()
+    for node in list(graph.node):
+        channels = group_count(node)
+        if not is_depthwise(node) or channels % multiple == 0 or node.name in widened:
+            continue
+        stream = view.trace(node.input[0])
+        if stream is None:
+            log.info(
+                "%s: %d channels left as they are (the stream reaches another operator)", node.name, channels
+            )
+            continue
+        extra = -channels % multiple
+        _widen(graph, view, stream, extra)
+        widened |= stream.depthwise
+        log.info(
+            "%s and %d more depthwise convolutions: %d -> %d channels",
+            node.name,
+            len(stream.depthwise) - 1,
+            channels,
+            channels + extra,
+        )
+    # Shapes recorded for the widened tensors no longer hold: let shape inference redo them all.
+    del graph.value_info[:]
+    return len(widened)
