@@ -47,6 +47,7 @@ class _Stream:
     producers: set[str] = field(default_factory=set)  # convolutions that write it: more filters
     depthwise: set[str] = field(default_factory=set)  # read and write it: more groups
     readers: set[str] = field(default_factory=set)  # convolutions that read it: more input channels
+    weights: dict[str, list[onnx.TensorProto]] = field(default_factory=dict)  # each edge's, checked
 
 
 class _Graph:
@@ -75,8 +76,9 @@ class _Graph:
             if producer.op_type == "Conv" and not is_depthwise(producer):
                 stream.producers.add(producer.name)
             elif is_depthwise(producer):
-                if self.initializers[producer.input[1]].dims[0] != group_count(producer):
-                    return None  # a depth multiplier above 1: more filters than groups
+                weight = self.initializers.get(producer.input[1])
+                if weight is None or weight.dims[0] != group_count(producer):
+                    return None  # computed weights, or a depth multiplier above 1
                 stream.depthwise.add(producer.name)
                 pending.append(producer.input[0])
             elif producer.op_type in _CHANNEL_WISE:
@@ -90,14 +92,20 @@ class _Graph:
                     pending.extend(reader.output)
                 else:
                     return None
+        for name in stream.producers | stream.depthwise | stream.readers:
+            weights = self.weights(name)
+            if weights is None:
+                return None
+            stream.weights[name] = weights
         return stream
 
-    def weights(self, node_name: str) -> list[onnx.TensorProto]:
-        """A convolution's weight and bias initializers, each used by this node only."""
+    def weights(self, node_name: str) -> list[onnx.TensorProto] | None:
+        """A convolution's weight and bias initializers, if each is used by this node alone (None
+        otherwise: widening a shared or computed weight would change another node too)."""
         node = self.nodes[node_name]
         found = [self.initializers[name] for name in node.input[1:] if name in self.initializers]
         if len(found) != len(node.input) - 1 or any(len(self.readers[t.name]) != 1 for t in found):
-            raise ValueError(f"{node_name}: weights are not initializers of this node alone")
+            return None
         return found
 
 
@@ -117,16 +125,14 @@ def _replace(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
 
 def _widen(graph: onnx.GraphProto, view: _Graph, stream: _Stream, extra: int) -> None:
     for name in stream.producers | stream.depthwise:
-        for tensor in view.weights(name):  # filters (axis 0) and biases: zeros for the new channels
+        for tensor in stream.weights[name]:  # filters (axis 0) and biases: zeros for new channels
             _replace(graph, _padded(tensor, 0, extra))
     for name in stream.depthwise:
-        node = view.nodes[name]
-        for attribute in node.attribute:
+        for attribute in view.nodes[name].attribute:
             if attribute.name == "group":
                 attribute.i += extra
     for name in stream.readers:
-        weight = view.weights(name)[0]
-        _replace(graph, _padded(weight, 1, extra))  # zero weights for the new input channels
+        _replace(graph, _padded(stream.weights[name][0], 1, extra))  # zeros for new input channels
 
 
 def pad_depthwise_channels(model: onnx.ModelProto, multiple: int = FAST_DEPTHWISE_MULTIPLE) -> int:

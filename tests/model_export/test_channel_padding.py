@@ -116,3 +116,13 @@ def test_the_widened_model_quantizes_with_the_ranges_measured_before(tmp_path: P
     np.testing.assert_allclose(
         run(tmp_path / "widened-int8.onnx", images()), run(tmp_path / "plain-int8.onnx", images()), atol=1e-5
     )
+
+
+def test_a_stream_whose_weights_another_node_shares_is_left_as_it_is() -> None:
+    """Widening a weight that two convolutions read would change the other one as well."""
+    model = residual_block()
+    dw2 = next(node for node in model.graph.node if node.name == "dw2")
+    dw2.input[1] = "dw1_w"
+    unchanged = model.SerializeToString()
+    assert pad_depthwise_channels(model) == 0
+    assert model.SerializeToString() == unchanged
