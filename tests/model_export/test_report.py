@@ -16,15 +16,16 @@ def test_each_int8_variant_is_timed_against_its_fp32_model_and_the_cpu_is_named(
     manifest.models["fast-int8"] = manifest.models["fast"].model_copy(
         update={"name": "fast-int8", "precision": "int8", "derived_from": "fast"}
     )
-    lines = int8_speedups(manifest, tmp_path, threads=1, pairs=6).splitlines()
-    assert len(lines) == 2
-    assert re.fullmatch(
-        r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x "
-        r"(faster \(in|the speed: (slower|level)[^(]*\(faster in) \d+ of 6 pairs\) "
-        r"\(1 threads, 6 alternating pairs, measured now\)",
-        lines[0],
-    ), lines[0]
-    assert lines[1].startswith("measured on ") and "logical CPUs, onnxruntime" in lines[1]
+    lines = int8_speedups(manifest, tmp_path, threads=(2, 1), pairs=6).splitlines()
+    assert len(lines) == 3  # one line per thread count, then the CPU
+    for line, threads in zip(lines, (2, 1), strict=False):
+        assert re.fullmatch(
+            r"fast-int8: [\d.]+ ms vs fast [\d.]+ ms at batch 1 -> [\d.]+x "
+            r"(faster \(in|the speed: (slower|level)[^(]*\(faster in) \d+ of 6 pairs\) "
+            rf"\({threads} threads, 6 alternating pairs, measured now\)",
+            line,
+        ), line
+    assert lines[2].startswith("measured on ") and "logical CPUs, onnxruntime" in lines[2]
 
 
 def test_a_manifest_without_int8_variants_says_so(tmp_path: Path) -> None:
