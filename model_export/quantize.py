@@ -38,6 +38,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from model_export.channel_padding import narrow_depthwise_channels
+
 log = logging.getLogger(__name__)
 PERCENTILE = 99.99
 
@@ -75,11 +77,28 @@ def depthwise_weights(model_path: Path) -> list[str]:
 
 
 def quantize(fp32: Path, int8: Path, cache: Path, input_name: str, images: np.ndarray | None) -> None:
-    """Write int8 from fp32. With images, (re)compute the cache from them; else the cache must exist."""
+    """Write int8 from fp32. With images, (re)compute the cache from them; else the cache must exist.
+
+    The ranges are measured on the model without the zero channels the export adds for the fast
+    int8 kernels (model_export.channel_padding): percentiles over 736 channels of which 8 are zero
+    are not those of the model's 728, and the committed ranges were measured without them."""
     if images is None and not cache.exists():
         raise FileNotFoundError(f"no int8 activation ranges at {cache}; run `build --int8-ranges --data DIR`")
-    if images is not None and cache.exists():
-        cache.unlink()
+    if images is not None:
+        cache.unlink(missing_ok=True)
+        model = onnx.load(str(fp32))
+        if narrow_depthwise_channels(model):
+            narrowed = int8.with_suffix(".narrowed.onnx")
+            onnx.save(model, str(narrowed))
+            try:
+                _quantize_static(narrowed, int8, cache, input_name, images)  # writes the cache
+            finally:
+                narrowed.unlink(missing_ok=True)
+            images = None
+    _quantize_static(fp32, int8, cache, input_name, images)
+
+
+def _quantize_static(fp32: Path, int8: Path, cache: Path, input_name: str, images: np.ndarray | None) -> None:
     prepared = int8.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     try:

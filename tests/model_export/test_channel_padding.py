@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.channel_padding import group_count, pad_depthwise_channels
+from model_export.channel_padding import group_count, narrow_depthwise_channels, pad_depthwise_channels
 from model_export.onnx_tools import count_flops
 from model_export.quantize import quantize
 
@@ -98,6 +98,30 @@ def test_the_padding_is_not_counted_as_flops(tmp_path: Path) -> None:
     pad_depthwise_channels(model)
     onnx.save(model, str(widened))
     assert count_flops(widened) == count_flops(plain)
+
+
+def test_narrowing_gives_back_the_model_as_it_was() -> None:
+    model = residual_block()
+    before = model.SerializeToString()
+    pad_depthwise_channels(model)
+    assert narrow_depthwise_channels(model) == 1  # one stream, two depthwise convolutions
+    assert model.SerializeToString() == before
+
+
+def test_ranges_measured_on_the_widened_model_are_those_of_the_model(tmp_path: Path) -> None:
+    """Percentiles over a stream's activations would count the zero channels too: calibration
+    narrows the model first, so `build --int8-ranges` measures what it measured before."""
+    plain, widened = tmp_path / "plain.onnx", tmp_path / "widened.onnx"
+    model = residual_block()
+    onnx.save(model, str(plain))
+    pad_depthwise_channels(model)
+    onnx.save(model, str(widened))
+    quantize(plain, tmp_path / "plain-int8.onnx", tmp_path / "plain.json", "image", images(32))
+    quantize(widened, tmp_path / "widened-int8.onnx", tmp_path / "widened.json", "image", images(32))
+    assert (tmp_path / "widened.json").read_text() == (tmp_path / "plain.json").read_text()
+    np.testing.assert_allclose(
+        run(tmp_path / "widened-int8.onnx", images()), run(tmp_path / "plain-int8.onnx", images()), atol=1e-5
+    )
 
 
 def test_the_widened_model_quantizes_with_the_ranges_measured_before(tmp_path: Path) -> None:
