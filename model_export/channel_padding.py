@@ -1,23 +1,27 @@
-"""Pad channel counts that onnxruntime's fast int8 depthwise kernel cannot take, before quantizing.
+"""Widen channel counts that onnxruntime's fast int8 depthwise kernel cannot take, at export.
 
 onnxruntime runs an int8 depthwise convolution on its symmetric kernels (MLAS ConvSym: AVX2,
 AVX-VNNI, AVX-512 VNNI) only when the channel count is a multiple of 16; any other count falls back
 to a generic kernel. Xception's middle flow runs at 728 channels (27 of its 34 depthwise
 convolutions): on the 2-CPU Xeon VM one 19x19x728 int8 depthwise convolution took 812 us, one of
-736 channels 461 us, and fp32 483 us (1 thread, a quantize and dequantize around each; docs/models.md,
-"int8 on different CPUs"). So the int8 build widens such a channel stream to the next multiple of
-16 with channels that are zero everywhere: the convolutions that produce the stream get filters of
-zeros (and zero biases), the depthwise ones zero kernels, and the convolutions that read it zero
-weights for the new channels. Relu, max pooling and sums keep zeros zero, so the model computes
-exactly what it did, on wider tensors. A stream that reaches any other operator, or a graph input
-or output, is left as it is.
+736 channels 461 us, and fp32 483 us (1 thread, a quantize and dequantize around each;
+docs/models.md, "int8 on different CPUs"). So the export widens such a channel stream to the next
+multiple of 16 with channels that are zero everywhere: the convolutions that produce the stream get
+filters of zeros (and zero biases), the depthwise ones zero kernels, and the convolutions that read
+it zero weights for the new channels. ReLU, ReLU6, max pooling and sums keep zeros zero, so the
+model computes exactly what it did, on wider tensors (fp32 a little faster too: its kernels block
+channels by 16). A stream that reaches any other operator, or a graph input or output, is left as
+it is; the widening is recorded in the model's metadata, so that what measures activations
+(the int8 calibration) can undo it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +32,6 @@ log = logging.getLogger(__name__)
 
 FAST_DEPTHWISE_MULTIPLE = 16
 WIDENED_KEY = "catdog.widened_depthwise"  # metadata: {first depthwise node: its channels before}
-# Operators that map each channel to the same channel and keep a zero channel zero.
-_CHANNEL_WISE = frozenset({"Relu", "MaxPool", "Add"})
 
 
 def group_count(node: onnx.NodeProto) -> int:
@@ -83,15 +85,18 @@ class _Graph:
                     return None  # computed weights, or a depth multiplier above 1
                 stream.depthwise.add(producer.name)
                 pending.append(producer.input[0])
-            elif producer.op_type in _CHANNEL_WISE:
-                pending.extend(producer.input)
+            elif (inputs := self._stream_inputs(producer)) is not None:
+                pending.extend(inputs)
             else:
                 return None
             for reader in self.readers[tensor]:
-                if reader.op_type == "Conv" and not is_depthwise(reader) and reader.input[0] == tensor:
-                    stream.readers.add(reader.name)
-                elif is_depthwise(reader) or reader.op_type in _CHANNEL_WISE:
-                    pending.extend(reader.output)
+                if reader.op_type == "Conv" and reader.input[0] == tensor:
+                    if is_depthwise(reader):
+                        pending.extend(reader.output)
+                    else:
+                        stream.readers.add(reader.name)
+                elif (inputs := self._stream_inputs(reader)) is not None and tensor in inputs:
+                    pending.extend([*inputs, *reader.output])
                 else:
                     return None
         for name in stream.producers | stream.depthwise | stream.readers:
@@ -100,6 +105,31 @@ class _Graph:
                 return None
             stream.weights[name] = weights
         return stream
+
+    def _stream_inputs(self, node: onnx.NodeProto) -> list[str] | None:
+        """The inputs of an operator that maps each channel to the same channel and keeps a zero
+        channel zero (ReLU, ReLU6 as Clip, max pooling, sums of two streams), or None."""
+        if node.op_type in ("Relu", "MaxPool") and len(node.output) == 1:
+            return [node.input[0]]
+        if node.op_type == "Add":
+            return list(node.input)
+        if node.op_type == "Clip" and self._keeps_zero(node.input[1:]):
+            return [node.input[0]]
+        return None
+
+    def _keeps_zero(self, bounds: Sequence[str]) -> bool:
+        """Clip's min and max: absent, or scalar constants with min <= 0 <= max."""
+        low, high = [*bounds, "", ""][:2]
+        return self._bound(low, -math.inf) <= 0 <= self._bound(high, math.inf)
+
+    def _bound(self, name: str, absent: float) -> float:
+        """A scalar constant input's value, `absent` for no input, nan for anything else."""
+        if not name:
+            return absent
+        tensor = self.initializers.get(name)
+        if tensor is None or int(np.prod(tensor.dims)) != 1:
+            return math.nan
+        return float(numpy_helper.to_array(tensor).reshape(()))
 
     def weights(self, node_name: str) -> list[onnx.TensorProto] | None:
         """A convolution's weight and bias initializers, if each is used by this node alone (None

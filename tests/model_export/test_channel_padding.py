@@ -150,3 +150,17 @@ def test_a_stream_whose_weights_another_node_shares_is_left_as_it_is() -> None:
     unchanged = model.SerializeToString()
     assert pad_depthwise_channels(model) == 0
     assert model.SerializeToString() == unchanged
+
+
+def test_relu6_passes_zeros_on_and_a_clip_that_moves_zero_does_not() -> None:
+    for low, widened in ((0.0, 2), (0.5, 0)):
+        model = residual_block()
+        relu = next(node for node in model.graph.node if node.name == "relu1")
+        relu.op_type = "Clip"  # ReLU6 as tf2onnx writes it: Clip(x, min, max)
+        relu.input.extend(["low", "high"])
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(np.float32(low), "low"), numpy_helper.from_array(np.float32(6), "high")]
+        )
+        before = run(model, images())
+        assert pad_depthwise_channels(model) == widened, low
+        np.testing.assert_allclose(run(model, images()), before, rtol=1e-5, atol=1e-5)

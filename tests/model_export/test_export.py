@@ -10,6 +10,7 @@ import pytest
 
 from catdog_core.sessions import cpu_session, run_batches
 from model_export import onnx_tools
+from model_export.channel_padding import WIDENED_KEY, group_count
 from model_export.parity import PARITY_TOLERANCE, compare, synthetic_images
 from model_export.quantize import quantize
 
@@ -73,6 +74,15 @@ def test_export_has_dynamic_batch_and_counts_flops(exported: tuple[keras.Model, 
     # Conv 3x3x3->8 on 16x16, two depthwise 3x3 on 16x16x8, pointwise 8->16, dense 16->2.
     expected_macs = 16 * 16 * 8 * 27 + 2 * 16 * 16 * 8 * 9 + 16 * 16 * 16 * 8 + 16 * 2
     assert onnx_tools.count_flops(path) == 2 * expected_macs
+
+
+def test_export_widens_depthwise_streams_for_the_fast_int8_kernel(exported: tuple[keras.Model, Path]) -> None:
+    """The tiny network's 8-channel ReLU6 stream is exported at 16 channels (the parity test above
+    holds on the widened file, and its FLOPs are the 8-channel network's)."""
+    model = onnx.load(str(exported[1]))
+    groups = [group_count(node) for node in model.graph.node if node.op_type == "Conv"]
+    assert [g for g in groups if g > 1] == [16, 16]
+    assert {p.key for p in model.metadata_props} == {WIDENED_KEY}
 
 
 def test_export_is_byte_identical_whatever_ran_before(tmp_path: Path) -> None:
