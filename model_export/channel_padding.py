@@ -151,24 +151,19 @@ def _resized(tensor: onnx.TensorProto, axis: int, size: int) -> onnx.TensorProto
     return numpy_helper.from_array(np.pad(array, widths), tensor.name)
 
 
-def _replace(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
-    for i, existing in enumerate(graph.initializer):
-        if existing.name == tensor.name:
-            graph.initializer[i].CopyFrom(tensor)
-            return
-
-
-def _resize(graph: onnx.GraphProto, view: _Graph, stream: _Stream, channels: int) -> None:
-    """Give a stream `channels` channels: the new ones zero throughout, or the last ones removed."""
+def _resize(view: _Graph, stream: _Stream, channels: int) -> None:
+    """Give a stream `channels` channels: the new ones zero throughout, or the last ones removed
+    (the weights are the graph's own initializers, changed in place)."""
     for name in stream.producers | stream.depthwise:
         for tensor in stream.weights[name]:  # filters (axis 0) and biases
-            _replace(graph, _resized(tensor, 0, channels))
+            tensor.CopyFrom(_resized(tensor, 0, channels))
     for name in stream.depthwise:
         for attribute in view.nodes[name].attribute:
             if attribute.name == "group":
                 attribute.i = channels
     for name in stream.readers:
-        _replace(graph, _resized(stream.weights[name][0], 1, channels))  # input channels (axis 1)
+        weight = stream.weights[name][0]
+        weight.CopyFrom(_resized(weight, 1, channels))  # input channels (axis 1)
 
 
 def _record(model: onnx.ModelProto) -> dict[str, int]:
@@ -194,7 +189,7 @@ def pad_depthwise_channels(model: onnx.ModelProto, multiple: int = FAST_DEPTHWIS
     record = _record(model)
     for node in list(graph.node):
         channels = group_count(node)
-        if not is_depthwise(node) or channels % multiple == 0 or node.name in widened:
+        if not is_depthwise(node) or channels % multiple == 0:  # widened ones are multiples now
             continue
         stream = view.trace(node.input[0])
         if stream is None:
@@ -202,7 +197,7 @@ def pad_depthwise_channels(model: onnx.ModelProto, multiple: int = FAST_DEPTHWIS
                 "%s: %d channels left as they are (the stream reaches another operator)", node.name, channels
             )
             continue
-        _resize(graph, view, stream, channels - channels % -multiple)
+        _resize(view, stream, channels - channels % -multiple)
         widened |= stream.depthwise
         record[node.name] = channels
         log.info(
@@ -228,7 +223,7 @@ def narrow_depthwise_channels(model: onnx.ModelProto) -> int:
         stream = view.trace(view.nodes[name].input[0])
         if stream is None:
             raise ValueError(f"{name}: the widened stream recorded in the metadata is not in the graph")
-        _resize(model.graph, view, stream, channels)
+        _resize(view, stream, channels)
     _set_record(model, {})
     del model.graph.value_info[:]
     return len(record)

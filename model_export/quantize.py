@@ -38,7 +38,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from model_export.channel_padding import narrow_depthwise_channels
+from model_export.channel_padding import is_depthwise, narrow_depthwise_channels
 
 log = logging.getLogger(__name__)
 PERCENTILE = 99.99
@@ -68,12 +68,7 @@ def classifier_head(model_path: Path) -> list[str]:
 
 def depthwise_weights(model_path: Path) -> list[str]:
     """The weight tensors of the depthwise convolutions (one group per channel): kept 8-bit."""
-    nodes = onnx.load(str(model_path)).graph.node
-    return [
-        n.input[1]
-        for n in nodes
-        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
-    ]
+    return [n.input[1] for n in onnx.load(str(model_path)).graph.node if is_depthwise(n)]
 
 
 def quantize(fp32: Path, int8: Path, cache: Path, input_name: str, images: np.ndarray | None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from catdog_core.machine import machine_description
 from catdog_core.sessions import PairedTimes, cpu_session, paired_times_ms, random_batch
-from service.manifest import Manifest, QualityFigures, SourceQuality, load_manifest
+from service.manifest import Manifest, ModelEntry, QualityFigures, SourceQuality, load_manifest
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -142,17 +142,15 @@ def speed_verdict(times: PairedTimes) -> str:
     )
 
 
-def _speedup_line(manifest: Manifest, folder: Path, name: str, threads: int, pairs: int) -> str:
-    entry = manifest.models[name]
-    fp32 = manifest.models[entry.derived_from or name]
+def _speedup_line(folder: Path, int8: ModelEntry, fp32: ModelEntry, threads: int, pairs: int) -> str:
     times = paired_times_ms(
-        _batch1_call(folder / fp32.file, entry.input.width, threads),
-        _batch1_call(folder / entry.file, entry.input.width, threads),
+        _batch1_call(folder / fp32.file, int8.input.width, threads),
+        _batch1_call(folder / int8.file, int8.input.width, threads),
         pairs,
     )
     how = f"({threads} threads, {pairs} alternating pairs, measured now)"
     return (
-        f"{name}: {times.second_ms:.2f} ms vs {fp32.name} {times.first_ms:.2f} ms at batch 1 -> "
+        f"{int8.name}: {times.second_ms:.2f} ms vs {fp32.name} {times.first_ms:.2f} ms at batch 1 -> "
         f"{times.ratio:.2f}x {speed_verdict(times)} {how}"
     )
 
@@ -169,8 +167,8 @@ def int8_speedups(
     """Each int8 variant's batch-1 speed-up over its fp32 model at each thread count, both measured
     now, one call of each in turn (catdog_core.sessions.paired_times_ms), so that a noisy neighbour
     slows both alike."""
-    variants = [name for name, entry in manifest.models.items() if entry.derived_from is not None]
-    rows = [_speedup_line(manifest, folder, name, count, pairs) for count in threads for name in variants]
+    variants = [(e, manifest.models[e.derived_from]) for e in manifest.models.values() if e.derived_from]
+    rows = [_speedup_line(folder, int8, fp32, count, pairs) for count in threads for int8, fp32 in variants]
     if not rows:
         return "no int8 variants in the manifest"
     # The speed-up is mostly the CPU's: at 2 threads about 2.4-2.6x (Xception) and 2.0-2.2x
