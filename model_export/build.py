@@ -148,7 +148,7 @@ def export_int8(fp32: Built, range_images: np.ndarray | None, probe: np.ndarray,
     parity = compare(reference, actual, 1.0, f"{fp32.name} fp32 onnx")
     exporter = (
         f"{fp32.exporter}; onnxruntime.quantization static QDQ per-channel, percentile, "
-        "7-bit weights (depthwise 8-bit)"
+        "7-bit weights (depthwise 8-bit), biases corrected for the weights' rounding"
     )
     return Built(
         fp32.spec,
@@ -267,8 +267,9 @@ def build_all(
     only: Sequence[str] | None = None,
 ) -> Manifest:
     """fit_temperatures: fit each model's temperature on val (recorded in evaluation.json, never in
-    the training record); int8_ranges: recompute the int8 activation ranges from train photos
-    (written to weights/*-int8.ranges.json). Both need the dataset.
+    the training record); int8_ranges: recompute the int8 activation ranges and the convolutions'
+    input means from train photos (written to weights/*-int8.ranges.json and
+    *-int8.input-means.json). Both need the dataset.
 
     only: build just these models (with their int8 variants) and no cascade, for a teacher that
     `make train` needs before the rest is trained; such a partial build records no evaluation."""

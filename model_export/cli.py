@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--int8-ranges",
         action="store_true",
-        help="recompute the int8 activation ranges from train photos (needs --data)",
+        help="recompute the int8 activation ranges and the convolutions' input means (for the "
+        "bias correction) from train photos (needs --data)",
     )
     build.add_argument(
         "--calibrate",
