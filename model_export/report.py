@@ -228,6 +228,8 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
                 {s: v.accuracy for s, v in m.test.by_source.items()},
                 name,
                 {"s": 45, "marker": "s" if int8 else "o", "color": "tab:orange" if int8 else "tab:blue"},
+                # below its marker: an int8 variant's name would run into its fp32 model's
+                (6, -12) if int8 else (6, 4),
             )
     for c in manifest.cascades:
         if c.test is None or c.test_escalation_rate is None:
