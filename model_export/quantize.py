@@ -171,6 +171,8 @@ def correct_biases(int8: onnx.ModelProto, fp32: onnx.ModelProto, means: dict[str
         weight = producers.get(conv.input[1])
         if source not in means or weight is None or weight.op_type != "DequantizeLinear":
             continue
+        if conv.name not in fp32_weights:  # quantization keeps node names; a rename would need a map
+            raise ValueError(f"{conv.name}: no convolution of that name in the fp32 model")
         error = _dequantized(weight, initializers) - numpy_helper.to_array(originals[fp32_weights[conv.name]])
         per_output = error.sum(axis=(2, 3))  # out x in-per-group
         group = next((a.i for a in conv.attribute if a.name == "group"), 1)
