@@ -20,8 +20,9 @@ Equalization and Bias Correction", 2019). Rounding the weights to 7 bits moves e
 channel's mean by (Wq - W) E[x], and across MobileNet's 27 layers that systematic part was most of
 what int8 changed: run as written on 422 validation photos, the whole int8 graph moved its
 probabilities by 0.0031 on average, the weights alone (every activation left in fp32) by 0.0031,
-the activations alone by 0.0006. The inputs' means E[x] are measured on the range photos with the ranges and
-committed beside them (`input_means_file`), so a rebuild needs no dataset for them either.
+the activations alone by 0.0006. The inputs' means E[x] are measured on the range photos with the
+ranges and committed beside them (`input_means_file`), so a rebuild needs no dataset for them
+either.
 
 The depthwise convolutions cannot simply be left in fp32 (nodes_to_exclude): onnxruntime's
 WeightBiasQuantization graph transformer, run when the file is loaded, quantizes the weights of an
@@ -50,11 +51,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from model_export.channel_padding import is_depthwise, narrow_depthwise_channels
+from model_export.channel_padding import group_count, is_depthwise, narrow_depthwise_channels
 
 log = logging.getLogger(__name__)
 PERCENTILE = 99.99
-MEANS_DIGITS = 7  # significant digits kept in the committed input means: the correction moves by < 1e-6
+MEANS_DIGITS = 7  # significant digits kept in the committed input means: each rounded by < 5e-7 of itself
 
 
 class _Reader(CalibrationDataReader):
@@ -175,7 +176,7 @@ def correct_biases(int8: onnx.ModelProto, fp32: onnx.ModelProto, means: dict[str
             raise ValueError(f"{conv.name}: no convolution of that name in the fp32 model")
         error = _dequantized(weight, initializers) - numpy_helper.to_array(originals[fp32_weights[conv.name]])
         per_output = error.sum(axis=(2, 3))  # out x in-per-group
-        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        group = group_count(conv)
         mean = np.zeros(per_output.shape[1] * group)
         mean[: len(means[source])] = means[source]
         outputs_per_group = per_output.shape[0] // group
