@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGET=${TARGET:-runtime}  # or gpu: the runtime image with onnxruntime-gpu (README, "GPU")
-IMAGE=${IMAGE:-localhost/catdog-serve:dev$([ "$TARGET" = gpu ] && echo -gpu)}
+# or gpu / openvino: the runtime image with onnxruntime-gpu (README, "GPU") / onnxruntime-openvino
+TARGET=${TARGET:-runtime}
+IMAGE=${IMAGE:-localhost/catdog-serve:dev$([ "$TARGET" != runtime ] && echo "-$TARGET")}
 BASE=${BASE:-localhost/catdog-base:bookworm-py311}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PY=${PY:-.venv/bin/python}
@@ -30,8 +31,8 @@ fi
 
 echo "== wheelhouse deploy/wheels (runtime + export stack + build backend)"
 "$PY" -m pip download --quiet --dest deploy/wheels '.[export]' 'setuptools>=77' wheel pip
-if [ "$TARGET" = gpu ]; then
-  "$PY" -m pip download --quiet --dest deploy/wheels -r deploy/gpu-requirements.txt
+if [ "$TARGET" != runtime ]; then
+  "$PY" -m pip download --quiet --dest deploy/wheels -r "deploy/$TARGET-requirements.txt"
 fi
 echo "== pretrained weight sources into deploy/cache"
 "$PY" -m model_export --cache-dir deploy/cache fetch

@@ -97,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
         help="shrink every photo to at most PX on its longer side and save it again as JPEG "
         "(quality 75) first: figures for thumbnails and small photos (never written to the manifest)",
     )
+    evaluate.add_argument(
+        "--provider",
+        choices=["cpu", "openvino"],
+        default="cpu",
+        help="the onnxruntime provider that runs the models: the manifest's figures are the CPU "
+        "provider's; openvino (onnxruntime-openvino installed) measures the answers a server with "
+        "CATDOG_PROVIDERS=openvino gives (never written to the manifest)",
+    )
 
     shift = commands.add_parser(
         "source-shift",
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_all(args.out, cache_dir, args.data)
     if args.command == "evaluate":
+        from catdog_core.sessions import CPU, OPENVINO
         from model_export.data import SHRUNK_JPEG_QUALITY
         from model_export.evaluate import remeasure
         from model_export.records import read_training_record
@@ -179,8 +188,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.write and args.max_side:
             parser.error("--write stores the figures of the photos as they are; drop --max-side")
+        if args.write and args.provider != "cpu":
+            parser.error("--write stores the CPU provider's figures; drop --provider")
         seed = read_training_record(TRAINING_RECORD).split.seed
-        manifest = remeasure(args.out / "manifest.json", args.data, args.all_images, seed, args.max_side)
+        provider = OPENVINO if args.provider == "openvino" else CPU
+        manifest = remeasure(
+            args.out / "manifest.json", args.data, args.all_images, seed, args.max_side, provider
+        )
+        if provider == OPENVINO:
+            print("every model run on onnxruntime's OpenVINO provider")
         if args.max_side:
             print(
                 f"every photo shrunk to at most {args.max_side} px and saved again as JPEG "

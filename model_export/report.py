@@ -8,7 +8,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from catdog_core.machine import machine_description
-from catdog_core.sessions import PairedTimes, cpu_session, paired_times_ms, random_batch
+from catdog_core.sessions import (
+    CPU,
+    OPENVINO,
+    PairedTimes,
+    cpu_providers,
+    cpu_session,
+    paired_times_ms,
+    random_batch,
+)
 from service.manifest import Manifest, ModelEntry, QualityFigures, SourceQuality, load_manifest
 
 
@@ -122,8 +130,8 @@ def _source_cell(figures: SourceQuality) -> str:
     return f"{100 * figures.accuracy:>12.2f} / {100 * figures.ece:.2f} {floor:<6}"
 
 
-def _batch1_call(path: Path, size: int, threads: int) -> Callable[[], object]:
-    session = cpu_session(path, threads)
+def _batch1_call(path: Path, size: int, threads: int, provider: str) -> Callable[[], object]:
+    session = cpu_session(path, threads, provider)
     return functools.partial(session.run, None, {session.get_inputs()[0].name: random_batch(1, size)})
 
 
@@ -142,13 +150,16 @@ def speed_verdict(times: PairedTimes) -> str:
     )
 
 
-def _speedup_line(folder: Path, int8: ModelEntry, fp32: ModelEntry, threads: int, pairs: int) -> str:
+def _speedup_line(
+    folder: Path, int8: ModelEntry, fp32: ModelEntry, threads: int, pairs: int, provider: str = CPU
+) -> str:
     times = paired_times_ms(
-        _batch1_call(folder / fp32.file, int8.input.width, threads),
-        _batch1_call(folder / int8.file, int8.input.width, threads),
+        _batch1_call(folder / fp32.file, int8.input.width, threads, provider),
+        _batch1_call(folder / int8.file, int8.input.width, threads, provider),
         pairs,
     )
-    how = f"({threads} threads, {pairs} alternating pairs, measured now)"
+    on = "OpenVINO, " if provider == OPENVINO else ""
+    how = f"({on}{threads} threads, {pairs} alternating pairs, measured now)"
     return (
         f"{int8.name}: {times.second_ms:.2f} ms vs {fp32.name} {times.first_ms:.2f} ms at batch 1 -> "
         f"{times.ratio:.2f}x {speed_verdict(times)} {how}"
@@ -162,13 +173,22 @@ SPEEDUP_THREADS = (2, 1)
 
 
 def int8_speedups(
-    manifest: Manifest, folder: Path, threads: Sequence[int] = SPEEDUP_THREADS, pairs: int = 60
+    manifest: Manifest,
+    folder: Path,
+    threads: Sequence[int] = SPEEDUP_THREADS,
+    pairs: int = 60,
+    providers: Sequence[str] | None = None,
 ) -> str:
     """Each int8 variant's batch-1 speed-up over its fp32 model at each thread count, both measured
     now, one call of each in turn (catdog_core.sessions.paired_times_ms), so that a noisy neighbour
-    slows both alike."""
+    slows both alike; on every CPU provider this onnxruntime offers (OpenVINO too where installed)."""
     variants = [(e, manifest.models[e.derived_from]) for e in manifest.models.values() if e.derived_from]
-    rows = [_speedup_line(folder, int8, fp32, count, pairs) for count in threads for int8, fp32 in variants]
+    rows = [
+        _speedup_line(folder, int8, fp32, count, pairs, provider)
+        for provider in (providers if providers is not None else cpu_providers())
+        for count in threads
+        for int8, fp32 in variants
+    ]
     if not rows:
         return "no int8 variants in the manifest"
     # The speed-up is mostly the CPU's: at 2 threads about 2.4-2.6x (Xception) and 2.0-2.2x

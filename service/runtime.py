@@ -16,8 +16,11 @@ import numpy as np
 import onnxruntime as ort
 
 from catdog_core.sessions import (
+    CPU,
     DEFAULT_SPINNING,
+    OPENVINO,
     Spinning,
+    openvino_options,
     register_shared_cpu_arena,
     run_times_ms,
     session_options,
@@ -170,6 +173,9 @@ def batching_in_force(min_gain: float, max_batch_ms: float, quota: CpuQuota | No
 
 
 def resolve_providers(choice: str) -> list[str]:
+    """The providers a session is created with, first choice first. auto: CUDA where present,
+    else OpenVINO where the installed onnxruntime is onnxruntime-openvino (installing it is the
+    choice), else onnxruntime's CPU provider. A provider asked for by name and absent stops the start."""
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
     if choice == "cuda" and not has_cuda:
@@ -178,10 +184,17 @@ def resolve_providers(choice: str) -> list[str]:
             f"{available}: install onnxruntime-gpu and run on a node with an NVIDIA GPU, "
             "or set CATDOG_PROVIDERS=cpu"
         )
+    if choice == "openvino" and OPENVINO not in available:
+        raise ProviderUnavailable(
+            f"providers=openvino but onnxruntime offers only {available}: install onnxruntime-openvino "
+            'in place of onnxruntime (README, "OpenVINO"), or set CATDOG_PROVIDERS=cpu'
+        )
     if choice == "cuda" or (choice == "auto" and has_cuda):
         load_cuda_libraries()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", CPU]
+    if choice == "openvino" or (choice == "auto" and OPENVINO in available):
+        return [OPENVINO, CPU]
+    return [CPU]
 
 
 def load_cuda_libraries() -> None:
@@ -205,14 +218,17 @@ def create_session(
 ) -> ort.InferenceSession:
     # On CPU every session draws from one arena (register_shared_cpu_arena); CUDA sessions keep
     # onnxruntime's own allocators, the layout their provider was tested with.
-    on_cpu = providers == ["CPUExecutionProvider"]
+    on_cpu = providers == [CPU]
     if on_cpu:
         register_shared_cpu_arena()
     options = session_options(threads, spinning, shared_arena=on_cpu)
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
-        # onnxruntime silently falls back to CPU when CUDA libraries fail to load.
-        raise ProviderUnavailable(f"CUDA provider failed to initialise for {path}; see onnxruntime's log")
+    # OpenVINO runs a model on threads of its own, `threads` of them per session; onnxruntime's
+    # spinning setting applies only to the nodes left to its CPU provider (none in these models).
+    configured = [(p, openvino_options(threads)) if p == OPENVINO else p for p in providers]
+    session = ort.InferenceSession(str(path), options, providers=configured)
+    if providers[0] != CPU and session.get_providers()[0] != providers[0]:
+        # onnxruntime silently falls back to CPU when a provider's libraries fail to load.
+        raise ProviderUnavailable(f"{providers[0]} failed to initialise for {path}; see onnxruntime's log")
     return session
 
 

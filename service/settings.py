@@ -23,8 +23,10 @@ class Settings(BaseSettings):
     """Folder holding manifest.json and the ONNX files it names."""
     default_model: str | None = None
     """Model used when a request names none; None means the manifest's default."""
-    providers: Literal["auto", "cpu", "cuda"] = "auto"
-    """onnxruntime execution provider: auto uses CUDA when present; cuda without a GPU fails at start."""
+    providers: Literal["auto", "cpu", "cuda", "openvino"] = "auto"
+    """onnxruntime execution provider: auto uses CUDA when present, else OpenVINO when the installed
+    onnxruntime is onnxruntime-openvino, else onnxruntime's CPU provider; one named and absent (cuda
+    without a GPU) fails at start."""
     inference_workers: int | None = Field(None, ge=1, le=64)
     """Batches run at once, each on its own thread; None: one per CPU the process may use (from the
     container's CPU quota), one on CUDA (README, "Performance under contention")."""

@@ -198,9 +198,10 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(
-    models_dir: Path, tmp_path: Path, wait_ready: bool = True, **settings: str
+    models_dir: Path, tmp_path: Path, wait_ready: bool = True, python: Path | None = None, **settings: str
 ) -> Iterator[Server]:
-    """A real `python -m service` process on a free port; stopped with SIGTERM afterwards."""
+    """A real `python -m service` process on a free port, on this interpreter or `python` (another
+    venv's); stopped with SIGTERM afterwards."""
     port = free_port()
     env = {
         **os.environ,
@@ -211,7 +212,7 @@ def run_server(
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port)],
+            [str(python or sys.executable), "-m", "service", "--port", str(port)],
             env=env,
             cwd=ROOT,
             stdout=log,

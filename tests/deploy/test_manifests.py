@@ -85,19 +85,24 @@ def test_dockerfile_copies_every_package_the_project_installs() -> None:
         assert package not in ignored, f".dockerignore leaves {package}/ out of the build context"
 
 
-def test_gpu_image_is_the_runtime_image_with_the_gpu_wheel() -> None:
-    # Built on the runtime stage, it serves the same venv and models; only onnxruntime differs,
-    # and with the CUDA and cuDNN wheels it needs no CUDA base image (README, "GPU").
+@pytest.mark.parametrize(
+    ("target", "wheel"), [("gpu", "onnxruntime-gpu[cuda,cudnn]"), ("openvino", "onnxruntime-openvino")]
+)
+def test_gpu_and_openvino_images_are_the_runtime_image_with_another_onnxruntime_wheel(
+    target: str, wheel: str
+) -> None:
+    # Built on the runtime stage, each serves the same venv and models; only onnxruntime differs
+    # (with the CUDA and cuDNN wheels the gpu image needs no CUDA base image; README, "GPU").
     dockerfile = (ROOT / "Dockerfile").read_text()
-    gpu_stage = dockerfile[dockerfile.index(" AS gpu") :]
-    assert "FROM runtime AS gpu" in dockerfile
-    assert "pip uninstall -y onnxruntime" in gpu_stage
-    assert 'pip install --find-links "${PIP_FIND_LINKS}" -r /tmp/gpu-requirements.txt' in gpu_stage
-    lines = (ROOT / "deploy" / "gpu-requirements.txt").read_text().splitlines()
+    stage = dockerfile[dockerfile.index(f" AS {target}\n") :]
+    assert f"FROM runtime AS {target}" in dockerfile
+    assert "pip uninstall -y onnxruntime" in stage
+    assert f'pip install --find-links "${{PIP_FIND_LINKS}}" -r /tmp/{target}-requirements.txt' in stage
+    lines = (ROOT / "deploy" / f"{target}-requirements.txt").read_text().splitlines()
     pins = [line for line in lines if line and not line.startswith("#")]
-    assert [p.split("==")[0] for p in pins] == ["onnxruntime-gpu[cuda,cudnn]"]
-    instructions = [line for line in gpu_stage.split("\nFROM ")[0].splitlines() if not line.startswith("#")]
-    assert instructions[-2:] == ["USER 10001:10001", ""], "the gpu image must not run as root"
+    assert [p.split("==")[0] for p in pins] == [wheel]
+    instructions = [line for line in stage.split("\nFROM ")[0].splitlines() if not line.startswith("#")]
+    assert instructions[-2:] == ["USER 10001:10001", ""], f"the {target} image must not run as root"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

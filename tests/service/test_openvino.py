@@ -1,0 +1,118 @@
+"""The OpenVINO provider path (README, "OpenVINO"). The choice rules run everywhere; the rest drive
+the real built models in a real server from .venv-openvino, where onnxruntime-openvino replaces
+onnxruntime (`make test` builds that venv)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import onnxruntime as ort
+import pytest
+
+from catdog_core.sessions import CPU, OPENVINO
+from service.manifest import load_manifest
+from service.runtime import ProviderUnavailable, resolve_providers
+from tests.support import BUILT_MODELS, ROOT, Server, run_server, shared_photos
+
+OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
+needs_openvino_venv = pytest.mark.skipif(
+    not OPENVINO_PYTHON.exists(), reason="the OpenVINO venv is not built (make test builds it)"
+)
+needs_models = pytest.mark.skipif(
+    not (BUILT_MODELS / "manifest.json").exists(), reason="run `make models` first"
+)
+
+
+def offer(monkeypatch: pytest.MonkeyPatch, *providers: str) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*providers, CPU])
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+
+
+def test_auto_takes_openvino_where_onnxruntime_offers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    offer(monkeypatch, OPENVINO)
+    assert resolve_providers("auto") == [OPENVINO, CPU]
+    assert resolve_providers("openvino") == [OPENVINO, CPU]
+    assert resolve_providers("cpu") == [CPU]
+
+
+def test_auto_prefers_a_gpu_to_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    offer(monkeypatch, "CUDAExecutionProvider", OPENVINO)
+    assert resolve_providers("auto") == ["CUDAExecutionProvider", CPU]
+
+
+def test_openvino_named_and_absent_is_an_error_that_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    offer(monkeypatch)
+    assert resolve_providers("auto") == [CPU]
+    with pytest.raises(ProviderUnavailable, match="install onnxruntime-openvino"):
+        resolve_providers("openvino")
+
+
+def classify(server: Server, photo: Path, model: str) -> tuple[str, float]:
+    response = httpx.post(
+        f"{server.url}/classify",
+        params={"model": model},
+        files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    return result["label"], result["probabilities"]["dog"]
+
+
+@pytest.mark.models
+@pytest.mark.slow
+@needs_models
+@needs_openvino_venv
+def test_every_model_answers_on_openvino_as_on_onnxruntimes_cpu_provider(tmp_path: Path) -> None:
+    """Same files, same photos, two servers: the labels agree and the probabilities are close
+    (fp32 to rounding; int8 to what a different integer kernel changes: mean |dp| 0.0002-0.0014
+    on the 1,265 validation photos, one label in 1,261 test photos)."""
+    photos = shared_photos("cat", 5) + shared_photos("dog", 5)
+    models = list(load_manifest(BUILT_MODELS / "manifest.json").models)
+    answers = {}
+    for provider, python in (("openvino", OPENVINO_PYTHON), ("cpu", None)):
+        with run_server(BUILT_MODELS, tmp_path, python=python, providers=provider) as server:
+            answers[provider] = {(m, p.name): classify(server, p, m) for m in models for p in photos}
+            if provider == "openvino":
+                assert f"providers ['{OPENVINO}', '{CPU}']" in server.log()
+    for key, (label, dog) in answers["cpu"].items():
+        ov_label, ov_dog = answers["openvino"][key]
+        assert ov_label == label, key
+        assert ov_dog == pytest.approx(dog, abs=1e-4 if "int8" not in key[0] else 0.05), key
+
+
+@pytest.mark.models
+@needs_models
+def test_a_server_told_to_use_openvino_without_it_does_not_start(tmp_path: Path) -> None:
+    if OPENVINO in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the OpenVINO provider")
+    with (
+        pytest.raises(RuntimeError, match="install onnxruntime-openvino"),
+        run_server(BUILT_MODELS, tmp_path, providers="openvino"),
+    ):
+        pass
+
+
+@pytest.mark.models
+@needs_models
+@needs_openvino_venv
+def test_report_times_each_int8_variant_on_openvino_too() -> None:
+    """`make report-openvino`'s speed-up lines, a few pairs on one thread (the figures themselves
+    are printed, never asserted)."""
+    script = (
+        "from pathlib import Path; from model_export.report import int8_speedups; "
+        "from service.manifest import load_manifest; "
+        f"folder = Path({str(BUILT_MODELS)!r}); "
+        "print(int8_speedups(load_manifest(folder / 'manifest.json'), folder, threads=(1,), pairs=4))"
+    )
+    command = [str(OPENVINO_PYTHON), "-c", script]
+    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    models = load_manifest(BUILT_MODELS / "manifest.json").models
+    for name in [n for n, e in models.items() if e.precision == "int8"]:
+        lines = [line for line in printed.stdout.splitlines() if line.startswith(f"{name}:")]
+        assert len(lines) == 2, printed.stdout  # onnxruntime's CPU provider, then OpenVINO
+        assert "(OpenVINO, 1 threads" in lines[1] and "OpenVINO" not in lines[0], printed.stdout
