@@ -183,7 +183,7 @@ def load_registry(
     batching: the rules in force on this node (runtime.batching_in_force)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
-        session = create_session(paths[name], providers, threads, settings.intra_op_spinning)
+        session = create_session(paths[name], providers, threads, settings.intra_op_spinning, lane.workers)
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
         device = device_of(session)
         sizes = warm_batch_sizes(device, settings.max_batch_size)

@@ -214,8 +214,14 @@ def load_cuda_libraries() -> None:
 
 
 def create_session(
-    path: Path, providers: list[str], threads: int, spinning: Spinning = DEFAULT_SPINNING
+    path: Path,
+    providers: list[str],
+    threads: int,
+    spinning: Spinning = DEFAULT_SPINNING,
+    concurrent_runs: int = 1,
 ) -> ort.InferenceSession:
+    """concurrent_runs: the inference workers that call this session at once (OpenVINO needs a
+    stream for each, catdog_core.sessions.openvino_options; onnxruntime's own providers do not)."""
     # On CPU every session draws from one arena (register_shared_cpu_arena); CUDA sessions keep
     # onnxruntime's own allocators, the layout their provider was tested with.
     on_cpu = providers == [CPU]
@@ -224,7 +230,7 @@ def create_session(
     options = session_options(threads, spinning, shared_arena=on_cpu)
     # OpenVINO runs a model on threads of its own, `threads` of them per session; onnxruntime's
     # spinning setting applies only to the nodes left to its CPU provider (none in these models).
-    configured = [(p, openvino_options(threads)) if p == OPENVINO else p for p in providers]
+    configured = [(p, openvino_options(threads, concurrent_runs)) if p == OPENVINO else p for p in providers]
     session = ort.InferenceSession(str(path), options, providers=configured)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         # onnxruntime silently falls back to CPU when a provider's libraries fail to load.
