@@ -59,9 +59,9 @@ $(CHECKOV_VENV)/.installed: deploy/checkov-requirements.txt
 # Security policy checks on the rendered manifests and the Dockerfile (offline: --skip-download).
 checkov: $(CHECKOV_VENV)/.installed $(VENV)/.installed
 	mkdir -p build/k8s
-	for overlay in cpu gpu; do $(VENV)/bin/kubectl kustomize k8s/overlays/$$overlay > build/k8s/$$overlay.yaml; done
+	for overlay in cpu gpu openvino; do $(VENV)/bin/kubectl kustomize k8s/overlays/$$overlay > build/k8s/$$overlay.yaml; done
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework kubernetes \
-		-f build/k8s/cpu.yaml -f build/k8s/gpu.yaml
+		-f build/k8s/cpu.yaml -f build/k8s/gpu.yaml -f build/k8s/openvino.yaml
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 
 # KServe's SDK, the other real Open Inference Protocol client the tests drive (tests/clients).
