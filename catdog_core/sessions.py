@@ -70,6 +70,7 @@ Xception, where onnxruntime's own kernels reach 2.6x (README, "OpenVINO")."""
 # OpenVINO pins each session's threads to cores of its choosing, and the server runs a session per
 # inference worker: two one-thread MobileNet sessions run side by side made 47 runs a second
 # between them pinned, 119-125 unpinned (2026-12-06, the 2-CPU Xeon VM); Xception 8.0 against 13.5.
+# A session running alone measured level either way (30 alternating pairs per model and thread count).
 _OPENVINO_CPU_CONFIG = json.dumps({"CPU": {"ENABLE_CPU_PINNING": "NO"}})
 
 
