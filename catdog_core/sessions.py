@@ -63,14 +63,15 @@ def register_shared_cpu_arena() -> None:
 CPU = "CPUExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 """Intel's OpenVINO runtime as an onnxruntime provider (the onnxruntime-openvino wheel, which
-installs in place of onnxruntime): on CPUs with AMX it ran xception-int8 4.5x faster than fp32
-Xception, where onnxruntime's own kernels reach 2.6x (README, "OpenVINO")."""
+installs in place of onnxruntime): on a Xeon with AMX it ran xception-int8 5.9x faster than fp32
+Xception on one thread, where onnxruntime's own kernels reach 2.8x (README, "OpenVINO")."""
 
 
-# OpenVINO pins each session's threads to cores of its choosing, and the server runs a session per
-# inference worker: two one-thread MobileNet sessions run side by side made 47 runs a second
-# between them pinned, 119-125 unpinned (2026-12-06, the 2-CPU Xeon VM); Xception 8.0 against 13.5.
-# A session running alone measured level either way (30 alternating pairs per model and thread count).
+# OpenVINO pins each session's threads to cores of its choosing, and the server runs sessions side
+# by side (one per model, a model's second one for lone images): two one-thread MobileNet sessions
+# running at once made 47 runs a second between them pinned, 119-125 unpinned (2026-12-06, the
+# 2-CPU Xeon VM); Xception 8.0 against 13.5. A session running alone measured level either way
+# (30 alternating pairs per model and thread count).
 _OPENVINO_CPU_CONFIG = json.dumps({"CPU": {"ENABLE_CPU_PINNING": "NO"}})
 
 

@@ -228,8 +228,8 @@ def create_session(
     if on_cpu:
         register_shared_cpu_arena()
     options = session_options(threads, spinning, shared_arena=on_cpu)
-    # OpenVINO runs a model on threads of its own, `threads` of them per session; onnxruntime's
-    # spinning setting applies only to the nodes left to its CPU provider (none in these models).
+    # OpenVINO runs a model on threads of its own, `threads` for each of its concurrent runs;
+    # onnxruntime's spinning setting applies only to the nodes left to its CPU provider (none here).
     configured = [(p, openvino_options(threads, concurrent_runs)) if p == OPENVINO else p for p in providers]
     session = ort.InferenceSession(str(path), options, providers=configured)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
