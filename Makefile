@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 KSERVE_VENV ?= .venv-kserve
 OPENVINO_VENV ?= .venv-openvino
 
-.PHONY: install models verify report report-openvino serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-gpu bench-features soak overload hostile-memory train clean
+.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-gpu bench-features soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -33,8 +33,11 @@ $(MODELS_DIR)/manifest.json: $(VENV)/.installed $(wildcard model_export/weights/
 verify: models
 	$(PY) -m model_export verify --out $(MODELS_DIR) $(DATA_ARG)
 
-report: models
+# The tables, the plot and the int8 speed-ups on onnxruntime's CPU provider, then the same
+# speed-ups on OpenVINO (README, "OpenVINO"), in one run.
+report: models $(OPENVINO_VENV)/.installed
 	$(PY) -m model_export report --out $(MODELS_DIR) --plot docs/frontier.png
+	$(OPENVINO_VENV)/bin/python -m model_export report --out $(MODELS_DIR) --speedups-only --provider openvino
 
 serve: models
 	CATDOG_MODELS_DIR=$(MODELS_DIR) $(VENV)/bin/catdog-serve --host $(HOST) --port $(PORT)
@@ -71,21 +74,20 @@ $(KSERVE_VENV)/.installed: tests/clients/kserve-requirements.txt
 	touch $@
 
 # The service on onnxruntime's OpenVINO provider: onnxruntime-openvino installs the same
-# `onnxruntime` module as onnxruntime, so it replaces it in a venv of its own (README, "OpenVINO").
+# `onnxruntime` module as onnxruntime, so it replaces it in a venv of its own (README, "OpenVINO");
+# make test, make report and make serve-openvino use it.
 $(OPENVINO_VENV)/.installed: pyproject.toml deploy/openvino-requirements.txt
 	$(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/pip install --quiet --upgrade pip
 	$(OPENVINO_VENV)/bin/pip install --quiet -e . 'tqdm>=4.66,<5'
-	$(OPENVINO_VENV)/bin/pip uninstall --quiet --yes onnxruntime
+	# Both out, then the OpenVINO wheel in: on a re-run the line above has put onnxruntime's files
+	# over onnxruntime-openvino's, and removing one of the two removes files the other needs.
+	$(OPENVINO_VENV)/bin/pip uninstall --quiet --yes onnxruntime onnxruntime-openvino
 	$(OPENVINO_VENV)/bin/pip install --quiet -r deploy/openvino-requirements.txt
 	touch $@
 
 serve-openvino: models $(OPENVINO_VENV)/.installed
 	CATDOG_MODELS_DIR=$(MODELS_DIR) CATDOG_PROVIDERS=openvino $(OPENVINO_VENV)/bin/catdog-serve --host $(HOST) --port $(PORT)
-
-# make report's int8 speed-ups on both CPU providers: onnxruntime's own and OpenVINO.
-report-openvino: models $(OPENVINO_VENV)/.installed
-	$(OPENVINO_VENV)/bin/python -m model_export report --out $(MODELS_DIR)
 
 test: models lint typecheck checkov $(KSERVE_VENV)/.installed $(OPENVINO_VENV)/.installed
 	$(PY) -m pytest

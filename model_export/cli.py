@@ -76,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the manifest as a table")
     report.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
     report.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
+    report.add_argument(
+        "--speedups-only",
+        action="store_true",
+        help="print only the int8 speed-ups (make report runs this in .venv-openvino for OpenVINO's)",
+    )
+    report.add_argument(
+        "--provider",
+        choices=["all", "cpu", "openvino"],
+        default="all",
+        help="whose speed-ups to measure: every CPU provider the installed onnxruntime offers (all), "
+        "onnxruntime's own (cpu) or OpenVINO (openvino, onnxruntime-openvino installed)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="measure built models (and the cascade) on a dataset")
     evaluate.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
@@ -223,6 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from model_export.report import print_report
 
-        print_report(args.out, args.plot)
+        print_report(args.out, args.plot, args.speedups_only, args.provider)
         return 0
     raise AssertionError(args.command)

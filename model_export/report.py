@@ -286,13 +286,18 @@ def plot_frontier(manifest: Manifest, path: Path) -> None:
     plt.close(fig)
 
 
-def print_report(out: Path, plot: Path | None) -> None:
+PROVIDER_CHOICES = {"all": None, "cpu": [CPU], "openvino": [OPENVINO]}
+"""report --provider: the providers whose int8 speed-ups it measures (None: every CPU one offered)."""
+
+
+def print_report(out: Path, plot: Path | None, speedups_only: bool = False, provider: str = "all") -> None:
     manifest = load_manifest(out / "manifest.json")
-    print(table(manifest))
-    print()
-    print(source_table(manifest))
-    print()
-    print(int8_speedups(manifest, out))
+    if not speedups_only:
+        print(table(manifest))
+        print()
+        print(source_table(manifest))
+        print()
+    print(int8_speedups(manifest, out, providers=PROVIDER_CHOICES[provider]))
     if plot is not None:
         plot_frontier(manifest, plot)
         print(f"frontier plot written to {plot}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from catdog_core.sessions import PairedTimes
+from model_export import report
 from model_export.report import int8_speedups, source_table, speed_verdict, table
+from service.manifest import write_manifest
 from tests.support import write_tiny_models
 
 
@@ -100,3 +104,18 @@ def test_the_main_table_gives_the_overall_ece_beside_its_noise_floor(tmp_path: P
     assert rows["fast"][ece_end - 8 : p95_end].split() == ["0.0070", "0.0053"]
     assert rows["slow"][p95_end - 8 : p95_end].strip() == "-"  # recorded before the floor was
     assert "p95" in lines[-len(manifest.cascades) - 1]  # the footnote says what it is
+
+
+def test_speedups_only_prints_the_speed_ups_alone_on_the_provider_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """make report's second step (in .venv-openvino): the speed-ups on one provider, no tables."""
+    manifest = write_tiny_models(tmp_path, heavy_layers=2)
+    manifest.models["fast-int8"] = manifest.models["fast"].model_copy(
+        update={"name": "fast-int8", "precision": "int8", "derived_from": "fast"}
+    )
+    write_manifest(manifest, tmp_path / "manifest.json")
+    report.print_report(tmp_path, None, speedups_only=True, provider="cpu")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == ["fast-int8", "fast-int8"]  # 2 and 1 threads
+    assert all("OpenVINO" not in line for line in lines) and lines[-1].startswith("measured on ")

@@ -147,8 +147,8 @@ def test_a_server_told_to_use_openvino_without_it_does_not_start(tmp_path: Path)
 @needs_models
 @needs_openvino_venv
 def test_report_times_each_int8_variant_on_openvino_too() -> None:
-    """`make report-openvino`'s speed-up lines, a few pairs on one thread (the figures themselves
-    are printed, never asserted)."""
+    """In .venv-openvino, the speed-ups on both CPU providers (make report's OpenVINO lines come from
+    there), a few pairs on one thread; the figures are printed, never asserted."""
     script = (
         "from pathlib import Path; from model_export.report import int8_speedups; "
         "from service.manifest import load_manifest; "
