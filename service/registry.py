@@ -40,6 +40,11 @@ class LoadedModel:
     def size(self) -> tuple[int, int]:
         return self.entry.input.width, self.entry.input.height
 
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs it: `device` says cpu for both CPU providers."""
+        return str(self.session.get_providers()[0])
+
 
 ROUTERS = ("auto", "cascade")  # names that pick a model per request rather than being one
 

@@ -233,6 +233,7 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
         family=entry.family,
         precision=entry.precision,
         device=loaded.device,
+        provider=loaded.provider,
         labels=entry.labels,
         input_width=entry.input.width,
         input_height=entry.input.height,

@@ -74,6 +74,10 @@ class ModelInfo(BaseModel):
     family: str
     precision: str
     device: str
+    provider: str = Field(
+        description="The onnxruntime execution provider that runs it: CPUExecutionProvider, "
+        "OpenVINOExecutionProvider (device cpu too) or CUDAExecutionProvider."
+    )
     labels: list[str]
     input_width: int = Field(description="Width the image is resized to.")
     input_height: int = Field(description="Height the image is resized to.")

@@ -126,6 +126,7 @@ def test_model_listing(server: Server) -> None:
     assert cascade["rule_threshold"] == 0.8
     one = httpx.get(f"{server.url}/models/slow").json()
     assert (one["input_width"], one["input_height"]) == (48, 48) and one["device"] == "cpu"
+    assert one["provider"] == "CPUExecutionProvider"
     assert_error(httpx.get(f"{server.url}/models/../etc"), 404)
 
 

@@ -123,6 +123,9 @@ def test_every_model_answers_on_openvino_as_on_onnxruntimes_cpu_provider(tmp_pat
     for provider, python in (("openvino", OPENVINO_PYTHON), ("cpu", None)):
         with run_server(BUILT_MODELS, tmp_path, python=python, providers=provider) as server:
             answers[provider] = {(m, p.name): classify(server, p, m) for m in models for p in photos}
+            listed = httpx.get(f"{server.url}/models").json()["models"]
+            expected = OPENVINO if provider == "openvino" else CPU
+            assert {m["name"]: m["provider"] for m in listed} == dict.fromkeys(models, expected)
             if provider == "openvino":
                 assert f"providers ['{OPENVINO}', '{CPU}']" in server.log()
     for key, (label, dog) in answers["cpu"].items():
