@@ -75,11 +75,12 @@ $(KSERVE_VENV)/.installed: tests/clients/kserve-requirements.txt
 
 # The service on onnxruntime's OpenVINO provider: onnxruntime-openvino installs the same
 # `onnxruntime` module as onnxruntime, so it replaces it in a venv of its own (README, "OpenVINO");
-# make test, make report and make serve-openvino use it.
+# make test, make report and make serve-openvino use it (tqdm, httpx and matplotlib: evaluate
+# --provider openvino and bench.contention run from it too).
 $(OPENVINO_VENV)/.installed: pyproject.toml deploy/openvino-requirements.txt
 	$(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/pip install --quiet --upgrade pip
-	$(OPENVINO_VENV)/bin/pip install --quiet -e . 'tqdm>=4.66,<5'
+	$(OPENVINO_VENV)/bin/pip install --quiet -e . 'tqdm>=4.66,<5' 'httpx>=0.27,<1' 'matplotlib>=3.9,<4'
 	# Both out, then the OpenVINO wheel in: on a re-run the line above has put onnxruntime's files
 	# over onnxruntime-openvino's, and removing one of the two removes files the other needs.
 	$(OPENVINO_VENV)/bin/pip uninstall --quiet --yes onnxruntime onnxruntime-openvino
