@@ -71,8 +71,8 @@ USER 10001:10001
 
 # --- openvino: the runtime image with onnxruntime-openvino, which carries Intel's OpenVINO runtime
 # and installs the same module as onnxruntime: swap one for the other, as for the GPU. On a Xeon
-# with AMX it ran the int8 models up to 1.8x faster than onnxruntime's own kernels, and the server
-# took more memory (README, "OpenVINO": raise the pod's memory limit).
+# with AMX it ran the int8 models up to 1.75x faster than onnxruntime's own kernels (bare, one
+# model at a time), and the server took more memory (README, "OpenVINO": raise the pod's memory limit).
 FROM runtime AS openvino
 ARG PIP_FIND_LINKS=/wheels
 ARG PIP_NO_INDEX=0

@@ -98,16 +98,20 @@ def cpu_providers() -> list[str]:
     return [p for p in (CPU, OPENVINO) if p in ort.get_available_providers()]
 
 
+def configured_providers(
+    providers: list[str], threads: int, concurrent_runs: int = 1
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers as onnxruntime takes them, OpenVINO with its options (openvino_options)."""
+    return [(p, openvino_options(threads, concurrent_runs)) if p == OPENVINO else p for p in providers]
+
+
 def cpu_session(path: Path, threads: int, provider: str = CPU) -> ort.InferenceSession:
     """A session on one CPU provider; OpenVINO keeps onnxruntime's CPU provider only for nodes it
     declines (it took every node of these models), and a session it did not start is an error."""
-    if provider != OPENVINO:
-        return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
-    session = ort.InferenceSession(
-        str(path), session_options(threads), providers=[(OPENVINO, openvino_options(threads)), CPU]
-    )
-    if session.get_providers()[0] != OPENVINO:
-        raise RuntimeError(f"the OpenVINO provider did not start for {path}: {session.get_providers()}")
+    providers = configured_providers([provider, CPU] if provider != CPU else [CPU], threads)
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    if session.get_providers()[0] != provider:
+        raise RuntimeError(f"{provider} did not start for {path}: {session.get_providers()}")
     return session
 
 

@@ -20,7 +20,7 @@ from catdog_core.sessions import (
     DEFAULT_SPINNING,
     OPENVINO,
     Spinning,
-    openvino_options,
+    configured_providers,
     register_shared_cpu_arena,
     run_times_ms,
     session_options,
@@ -230,7 +230,7 @@ def create_session(
     options = session_options(threads, spinning, shared_arena=on_cpu)
     # OpenVINO runs a model on threads of its own, `threads` for each of its concurrent runs;
     # onnxruntime's spinning setting applies only to the nodes left to its CPU provider (none here).
-    configured = [(p, openvino_options(threads, concurrent_runs)) if p == OPENVINO else p for p in providers]
+    configured = configured_providers(providers, threads, concurrent_runs)
     session = ort.InferenceSession(str(path), options, providers=configured)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         # onnxruntime silently falls back to CPU when a provider's libraries fail to load.
