@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 KSERVE_VENV ?= .venv-kserve
 OPENVINO_VENV ?= .venv-openvino
 
-.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-gpu bench-features soak overload hostile-memory train clean
+.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-contention-bf16 bench-gpu bench-features soak overload hostile-memory train clean
 
 install: $(VENV)/.installed
 
@@ -115,6 +115,14 @@ bench: models
 bench-contention: models
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.contention --models-dir $(MODELS_DIR) $(ARGS)
+
+# The same sitting on onnxruntime's OpenVINO provider with the fp32 models computed in bf16 (CPUs
+# with AMX or AVX-512 BF16; README, "OpenVINO"): catdog-serve with CATDOG_OPENVINO_PRECISION=bf16
+# against the plain handler on the same ONNX files, both from .venv-openvino.
+bench-contention-bf16: models $(OPENVINO_VENV)/.installed
+	$(OPENVINO_VENV)/bin/python -m bench.contention --models-dir $(MODELS_DIR) --paired \
+		--servers "plain FastAPI" --variant "catdog-serve bf16:CATDOG_OPENVINO_PRECISION=bf16" \
+		--out bench/results/contention-bf16.json --plot bench/results/contention-bf16.png $(ARGS)
 
 # Each model on the CUDA provider against this machine's CPU: latency, runs at a new batch size,
 # agreement on photos. Needs onnxruntime-gpu in place of onnxruntime and a GPU (README, "GPU").

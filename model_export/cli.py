@@ -111,11 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--provider",
-        choices=["cpu", "openvino"],
+        choices=["cpu", "openvino", "openvino-bf16"],
         default="cpu",
         help="the onnxruntime provider that runs the models: the manifest's figures are the CPU "
         "provider's; openvino (onnxruntime-openvino installed) measures the answers a server with "
-        "CATDOG_PROVIDERS=openvino gives (never written to the manifest)",
+        "CATDOG_PROVIDERS=openvino gives, openvino-bf16 those of one that also has "
+        "CATDOG_OPENVINO_PRECISION=bf16 (never written to the manifest)",
     )
 
     shift = commands.add_parser(
@@ -203,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.write and args.provider != "cpu":
             parser.error("--write stores the CPU provider's figures; drop --provider")
         seed = read_training_record(TRAINING_RECORD).split.seed
-        provider = OPENVINO if args.provider == "openvino" else CPU
+        provider = OPENVINO if args.provider.startswith("openvino") else CPU
+        precision = "bf16" if args.provider == "openvino-bf16" else "fp32"
         manifest = remeasure(
-            args.out / "manifest.json", args.data, args.all_images, seed, args.max_side, provider
+            args.out / "manifest.json", args.data, args.all_images, seed, args.max_side, provider, precision
         )
         if provider == OPENVINO:
-            print("every model run on onnxruntime's OpenVINO provider")
+            print(f"every model run on onnxruntime's OpenVINO provider, floating-point layers in {precision}")
         if args.max_side:
             print(
                 f"every photo shrunk to at most {args.max_side} px and saved again as JPEG "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from catdog_core.probabilities import softmax
-from catdog_core.sessions import CPU, cpu_session, run_batches
+from catdog_core.sessions import CPU, OpenVinoPrecision, cpu_session, run_batches
 from model_export.data import Sample, all_samples, load_images, stratified_split
 from model_export.quality import (
     Quality,
@@ -45,8 +45,10 @@ class Member:
     temperature: float
 
 
-def logits_on(path: Path, images: np.ndarray, provider: str = CPU) -> np.ndarray:
-    return run_batches(cpu_session(path, 2, provider), images)
+def logits_on(
+    path: Path, images: np.ndarray, provider: str = CPU, precision: OpenVinoPrecision = "fp32"
+) -> np.ndarray:
+    return run_batches(cpu_session(path, 2, provider, precision), images)
 
 
 def metrics(
@@ -70,11 +72,16 @@ class Evaluation:
     """Images (decoded once per size) and logits (once per model) for named sample sets."""
 
     def __init__(
-        self, sets: dict[str, list[Sample]], max_side: int | None = None, provider: str = CPU
+        self,
+        sets: dict[str, list[Sample]],
+        max_side: int | None = None,
+        provider: str = CPU,
+        precision: OpenVinoPrecision = "fp32",
     ) -> None:
         self.sets = sets
         self.max_side = max_side  # photos shrunk to this first (model_export.data.shrunk), if set
         self.provider = provider  # the onnxruntime provider that runs the models
+        self.precision = precision  # OpenVINO's (catdog_core.sessions.openvino_options)
         self._images: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._sources: dict[str, np.ndarray] = {}
         self._logits: dict[tuple[str, str], np.ndarray] = {}
@@ -93,7 +100,9 @@ class Evaluation:
     def logits(self, member: Member, set_name: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = self.images(set_name, member.size)
         if (member.name, set_name) not in self._logits:
-            self._logits[(member.name, set_name)] = logits_on(member.path, images, self.provider)
+            self._logits[(member.name, set_name)] = logits_on(
+                member.path, images, self.provider, self.precision
+            )
         return self._logits[(member.name, set_name)], labels
 
     def probabilities(self, member: Member, set_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +211,7 @@ def remeasure(
     seed: int,
     max_side: int | None = None,
     provider: str = CPU,
+    precision: OpenVinoPrecision = "fp32",
 ) -> Manifest:
     """The manifest with every figure measured again on `data`; thresholds are kept, never re-tuned.
 
@@ -209,11 +219,12 @@ def remeasure(
     documented split of `data` is used and val figures are refreshed too.
     max_side: shrink every photo to at most this many px first (model_export.data.shrunk), for
     figures on small photos.
-    provider: the onnxruntime provider that runs the models (catdog_core.sessions.cpu_session).
+    provider: the onnxruntime provider that runs the models (catdog_core.sessions.cpu_session),
+    precision: OpenVINO's.
     """
     manifest = load_manifest(manifest_path)
     sets = {"test": all_samples(data)[1]} if all_images else stratified_split(data, seed).samples
-    evaluation = Evaluation(sets, max_side, provider)
+    evaluation = Evaluation(sets, max_side, provider, precision)
     members = {
         n: Member(n, manifest.path_of(n, manifest_path), e.input.width, e.temperature)
         for n, e in manifest.models.items()

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
+from catdog_core.sessions import OPENVINO
 from service.admission import AdmissionMiddleware
 from service.batching import InferenceLane
 from service.cache import ResponseCache
@@ -31,6 +32,7 @@ from service.runtime import (
     balance_batches,
     batching_in_force,
     cgroup_cpu_quota,
+    check_precision,
     decode_threads,
     default_threads,
     inference_layout,
@@ -70,7 +72,13 @@ async def _load(
         checker: tuple[str, ort.InferenceSession] | None = None
         if state.settings.shadow_rate > 0:
             large = state.settings.shadow_model or default_large_model(registry)
-            session = await asyncio.to_thread(shadow_session, paths[large], providers, manifest.models[large])
+            session = await asyncio.to_thread(
+                shadow_session,
+                paths[large],
+                providers,
+                manifest.models[large],
+                state.settings.openvino_precision,
+            )
             checker = (large, session)
         classifier = _classifier(state, registry, checker)
     except Exception:
@@ -136,6 +144,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Everything a wrong setting can break is checked here, so the process fails to start.
         providers = resolve_providers(settings.providers)
+        check_precision(settings.openvino_precision, providers)
         quota = cgroup_cpu_quota()  # read once: the thread layout and the batching rules follow it
         workers, threads, spare = inference_layout(
             settings.inference_workers,
@@ -153,9 +162,10 @@ def create_app(
         state.decode_threads = decode_threads(settings.decode_threads, quota)
         state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="decode")
         log.info(
-            "providers %s, %d inference workers of %d intra-op threads (spinning %s, queues %s), "
+            "providers %s%s, %d inference workers of %d intra-op threads (spinning %s, queues %s), "
             "%d decode threads, %d models",
             providers,
+            f" (OpenVINO in {settings.openvino_precision})" if OPENVINO in providers else "",
             workers,
             threads,
             settings.intra_op_spinning,

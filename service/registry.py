@@ -11,6 +11,7 @@ import onnxruntime as ort
 from prometheus_client import Histogram
 
 from catdog_core.hashing import sha256_file
+from catdog_core.sessions import OPENVINO, OpenVinoPrecision
 from service.batching import Batcher, InferenceLane, LoneImageLayout, Reservation, batch_buckets
 from service.errors import ModelNotFound
 from service.manifest import Manifest, ModelEntry, load_manifest
@@ -35,6 +36,7 @@ class LoadedModel:
     session: ort.InferenceSession
     batcher: Batcher
     device: str
+    compute_precision: OpenVinoPrecision = "fp32"  # the floating-point layers' (Settings.openvino_precision)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -188,7 +190,14 @@ def load_registry(
     batching: the rules in force on this node (runtime.batching_in_force)."""
     models: dict[str, LoadedModel] = {}
     for name, entry in manifest.models.items():
-        session = create_session(paths[name], providers, threads, settings.intra_op_spinning, lane.workers)
+        session = create_session(
+            paths[name],
+            providers,
+            threads,
+            settings.intra_op_spinning,
+            lane.workers,
+            settings.openvino_precision,
+        )
         check_tensor_names(session, paths[name], entry.input.name, entry.output.name)
         device = device_of(session)
         sizes = warm_batch_sizes(device, settings.max_batch_size)
@@ -226,7 +235,8 @@ def load_registry(
         )
         # Read at every scrape, on the main port and the extra metrics port alike: never stale.
         metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "pending"))
-        models[name] = LoadedModel(entry, session, batcher, device)
+        precision = settings.openvino_precision if providers[0] == OPENVINO else "fp32"
+        models[name] = LoadedModel(entry, session, batcher, device, precision)
         metrics.model_info.labels(name, entry.version, device, entry.precision).set(1)
         log.info("loaded %s (%s, %s) on %s", name, entry.version, entry.precision, device)
     return ModelRegistry(manifest, models, settings.default_model or manifest.default_model)
@@ -252,7 +262,9 @@ def _session_per_padded_size(
     sessions = {1: first}
     shape = (entry.input.name, entry.input.height, entry.input.width)
     for size in padded[1:]:
-        session = create_session(path, providers, threads, settings.intra_op_spinning)
+        session = create_session(
+            path, providers, threads, settings.intra_op_spinning, precision=settings.openvino_precision
+        )
         lane.run_and_wait(partial(warm_at, session, *shape, size))
         sessions[size] = session
     return sessions
@@ -274,7 +286,13 @@ def _every_core_session(
     684 to 847 MiB (2026-12-03)."""
     if not settings.lone_image_on_every_core or lane.workers == 1:
         return None
-    session = create_session(path, providers, lane.every_core_threads, settings.intra_op_spinning)
+    session = create_session(
+        path,
+        providers,
+        lane.every_core_threads,
+        settings.intra_op_spinning,
+        precision=settings.openvino_precision,
+    )
     every_core_s = lane.run_and_wait(
         partial(warm, session, entry.input.name, entry.input.height, entry.input.width, [1])
     )

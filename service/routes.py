@@ -234,6 +234,7 @@ def _info(registry: ModelRegistry, name: str) -> ModelInfo:
         precision=entry.precision,
         device=loaded.device,
         provider=loaded.provider,
+        compute_precision=loaded.compute_precision,
         labels=entry.labels,
         input_width=entry.input.width,
         input_height=entry.input.height,

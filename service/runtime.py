@@ -15,10 +15,12 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from catdog_core.machine import BF16_INSTRUCTIONS, native_bf16
 from catdog_core.sessions import (
     CPU,
     DEFAULT_SPINNING,
     OPENVINO,
+    OpenVinoPrecision,
     Spinning,
     configured_providers,
     register_shared_cpu_arena,
@@ -197,6 +199,24 @@ def resolve_providers(choice: str) -> list[str]:
     return [CPU]
 
 
+def check_precision(precision: OpenVinoPrecision, providers: list[str], cpuinfo: str | None = None) -> None:
+    """bf16 only where OpenVINO runs the models on a CPU that computes bf16 in hardware: elsewhere
+    it would be ignored (another provider) or emulated, several times slower than fp32."""
+    if precision == "fp32":
+        return
+    if providers[0] != OPENVINO:
+        raise ProviderUnavailable(
+            "openvino_precision=bf16 applies to the OpenVINO provider, and the models would run on "
+            f'{providers[0]}: install onnxruntime-openvino (README, "OpenVINO"), '
+            "or set CATDOG_OPENVINO_PRECISION=fp32"
+        )
+    if not native_bf16(cpuinfo):
+        raise ProviderUnavailable(
+            f"openvino_precision=bf16 needs a CPU with {' or '.join(BF16_INSTRUCTIONS)} (this one has "
+            "neither, and OpenVINO would emulate bf16, slower than fp32): set CATDOG_OPENVINO_PRECISION=fp32"
+        )
+
+
 def load_cuda_libraries() -> None:
     """Load CUDA and cuDNN before the first CUDA session. onnxruntime-gpu does not search the
     nvidia-* wheels that its `cuda` and `cudnn` extras install (the gpu image's layout):
@@ -219,9 +239,11 @@ def create_session(
     threads: int,
     spinning: Spinning = DEFAULT_SPINNING,
     concurrent_runs: int = 1,
+    precision: OpenVinoPrecision = "fp32",
 ) -> ort.InferenceSession:
     """concurrent_runs: the inference workers that call this session at once (OpenVINO needs a
-    stream for each, catdog_core.sessions.openvino_options; onnxruntime's own providers do not)."""
+    stream for each, catdog_core.sessions.openvino_options; onnxruntime's own providers do not).
+    precision: OpenVINO's for floating-point layers (check_precision has allowed it)."""
     # On CPU every session draws from one arena (register_shared_cpu_arena); CUDA sessions keep
     # onnxruntime's own allocators, the layout their provider was tested with.
     on_cpu = providers == [CPU]
@@ -230,7 +252,7 @@ def create_session(
     options = session_options(threads, spinning, shared_arena=on_cpu)
     # OpenVINO runs a model on threads of its own, `threads` for each of its concurrent runs;
     # onnxruntime's spinning setting applies only to the nodes left to its CPU provider (none here).
-    configured = configured_providers(providers, threads, concurrent_runs)
+    configured = configured_providers(providers, threads, concurrent_runs, precision)
     session = ort.InferenceSession(str(path), options, providers=configured)
     if providers[0] != CPU and session.get_providers()[0] != providers[0]:
         # onnxruntime silently falls back to CPU when a provider's libraries fail to load.

@@ -78,6 +78,11 @@ class ModelInfo(BaseModel):
         description="The onnxruntime execution provider that runs it: CPUExecutionProvider, "
         "OpenVINOExecutionProvider (device cpu too) or CUDAExecutionProvider."
     )
+    compute_precision: str = Field(
+        description="What the provider computes the model's floating-point layers in: bf16 on "
+        "OpenVINO with CATDOG_OPENVINO_PRECISION=bf16, else fp32 (int8 models' quantized layers "
+        "run in int8 either way)."
+    )
     labels: list[str]
     input_width: int = Field(description="Width the image is resized to.")
     input_height: int = Field(description="Height the image is resized to.")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from catdog_core.sessions import OpenVinoPrecision
 from service.imaging import DecodeLimits, preprocess
 from service.manifest import ModelEntry
 from service.metrics import ShadowMetrics
@@ -70,10 +71,13 @@ def default_large_model(registry: ModelRegistry) -> str:
     )
 
 
-def shadow_session(path: Path, providers: list[str], entry: ModelEntry) -> ort.InferenceSession:
+def shadow_session(
+    path: Path, providers: list[str], entry: ModelEntry, precision: OpenVinoPrecision = "fp32"
+) -> ort.InferenceSession:
     """The large model's session for the checks: one intra-op thread (it runs in the calling,
-    low-priority thread), warmed so the first check is not the slow one."""
-    session = create_session(path, providers, 1)
+    low-priority thread), warmed so the first check is not the slow one; precision: OpenVINO's,
+    the same as the answers' it checks."""
+    session = create_session(path, providers, 1, precision=precision)
     warm(session, entry.input.name, entry.input.height, entry.input.width, [1])
     return session
 

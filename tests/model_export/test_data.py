@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from catdog_core.sessions import CPU, OPENVINO
 from model_export.data import Sample, load_images, shrunk, stratified_split
 
 
@@ -141,3 +143,50 @@ def test_evaluate_refuses_to_write_figures_of_shrunk_photos(tmp_path: Path) -> N
     with pytest.raises(SystemExit) as stopped:
         main(["evaluate", "--out", str(tmp_path), "--data", str(tmp_path), "--write", "--max-side", "100"])
     assert stopped.value.code == 2
+
+
+def test_evaluate_refuses_to_write_figures_of_another_provider(tmp_path: Path) -> None:
+    from model_export.cli import main
+
+    for provider in ("openvino", "openvino-bf16"):
+        with pytest.raises(SystemExit) as stopped:
+            main(
+                [
+                    "evaluate",
+                    "--out",
+                    str(tmp_path),
+                    "--data",
+                    str(tmp_path),
+                    "--write",
+                    "--provider",
+                    provider,
+                ]
+            )
+        assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("choice", "provider", "precision"),
+    [("cpu", CPU, "fp32"), ("openvino", OPENVINO, "fp32"), ("openvino-bf16", OPENVINO, "bf16")],
+)
+def test_evaluate_runs_the_models_on_the_provider_and_precision_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, choice: str, provider: str, precision: str
+) -> None:
+    from model_export import cli, evaluate, records
+
+    class Measured(Exception):
+        pass
+
+    asked: list[tuple[str, str]] = []
+
+    def remeasure(*args: object) -> None:
+        asked.append((str(args[5]), str(args[6])))
+        raise Measured
+
+    monkeypatch.setattr(evaluate, "remeasure", remeasure)
+    monkeypatch.setattr(
+        records, "read_training_record", lambda path: SimpleNamespace(split=SimpleNamespace(seed=0))
+    )
+    with pytest.raises(Measured):
+        cli.main(["evaluate", "--out", str(tmp_path), "--data", str(tmp_path), "--provider", choice])
+    assert asked == [(provider, precision)]

@@ -12,12 +12,19 @@ import httpx
 import onnxruntime as ort
 import pytest
 
+from catdog_core.machine import native_bf16
 from catdog_core.sessions import CPU, OPENVINO, openvino_options
 from service import registry
 from service.batching import InferenceLane
 from service.manifest import load_manifest
 from service.metrics import ServiceMetrics
-from service.runtime import BatchingInForce, ProviderUnavailable, create_session, resolve_providers
+from service.runtime import (
+    BatchingInForce,
+    ProviderUnavailable,
+    check_precision,
+    create_session,
+    resolve_providers,
+)
 from service.settings import Settings
 from tests.support import BUILT_MODELS, ROOT, Server, run_server, shared_photos
 
@@ -64,9 +71,9 @@ def test_each_models_session_is_told_how_many_workers_call_it(
     two. The registry's sessions are shared by every worker of the lane."""
     concurrency: dict[str, int] = {}
 
-    def recording(path: Path, providers: list[str], threads: int, spinning: str, concurrent_runs: int = 1):  # type: ignore[no-untyped-def]
+    def recording(path, providers, threads, spinning, concurrent_runs=1, precision="fp32"):  # type: ignore[no-untyped-def]
         concurrency[path.name] = max(concurrent_runs, concurrency.get(path.name, 0))
-        return create_session(path, providers, threads, "off", concurrent_runs)
+        return create_session(path, providers, threads, "off", concurrent_runs, precision)
 
     monkeypatch.setattr(registry, "create_session", recording)
     manifest = load_manifest(tiny_models_dir / "manifest.json")
@@ -97,6 +104,33 @@ def test_openvino_gets_a_stream_and_threads_for_each_caller_and_no_pinning() -> 
     assert options["precision"] == "FP32" and options["device_type"] == "CPU"
 
 
+def test_bf16_is_asked_of_openvinos_cpu_plugin_itself() -> None:
+    # The provider's own `precision` option refuses BF16 on the CPU ("CPU only supports FP32,
+    # ACCURACY"), and onnxruntime then drops the provider with a warning: the hint goes in load_config.
+    options = openvino_options(threads=1, precision="bf16")
+    assert "precision" not in options
+    plugin = json.loads(options["load_config"])["CPU"]
+    assert plugin == {"ENABLE_CPU_PINNING": "NO", "INFERENCE_PRECISION_HINT": "bf16"}
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx2 avx512f {}\n"
+
+
+def test_bf16_only_where_openvino_runs_on_a_cpu_with_bf16_instructions() -> None:
+    with_amx, without = CPUINFO.format("amx_bf16 amx_int8"), CPUINFO.format("avx512_vnni")
+    assert native_bf16(with_amx) == ["amx_bf16"]
+    assert native_bf16(CPUINFO.format("avx512_bf16")) == ["avx512_bf16"]
+    assert native_bf16(without) == []
+    check_precision("bf16", [OPENVINO, CPU], with_amx)
+    check_precision("fp32", [CPU], without)
+    with pytest.raises(ProviderUnavailable, match="amx_bf16 or avx512_bf16"):
+        check_precision("bf16", [OPENVINO, CPU], without)
+    with pytest.raises(ProviderUnavailable, match="install onnxruntime-openvino"):
+        check_precision("bf16", [CPU], with_amx)
+    with pytest.raises(ProviderUnavailable, match="applies to the OpenVINO provider"):
+        check_precision("bf16", ["CUDAExecutionProvider", CPU], with_amx)
+
+
 def classify(server: Server, photo: Path, model: str) -> tuple[str, float]:
     response = httpx.post(
         f"{server.url}/classify",
@@ -116,33 +150,54 @@ def classify(server: Server, photo: Path, model: str) -> tuple[str, float]:
 def test_every_model_answers_on_openvino_as_on_onnxruntimes_cpu_provider(tmp_path: Path) -> None:
     """Same files, same photos, two servers: the labels agree and the probabilities are close
     (fp32 to rounding; int8 to what a different integer kernel changes: mean |dp| 0.0002-0.0014
-    on the 1,265 validation photos, one label in 1,261 test photos)."""
+    on the 1,265 validation photos, one label in 1,261 test photos). Where the CPU has bf16
+    instructions, a third server computes in bf16 (CATDOG_OPENVINO_PRECISION): the same labels on
+    these photos, probabilities that moved (it did compute in bf16) but not far."""
     photos = shared_photos("cat", 5) + shared_photos("dog", 5)
     models = list(load_manifest(BUILT_MODELS / "manifest.json").models)
+    runs = {"openvino": (OPENVINO_PYTHON, "fp32"), "cpu": (None, "fp32")}
+    if native_bf16():
+        runs["openvino-bf16"] = (OPENVINO_PYTHON, "bf16")
     answers = {}
-    for provider, python in (("openvino", OPENVINO_PYTHON), ("cpu", None)):
-        with run_server(BUILT_MODELS, tmp_path, python=python, providers=provider) as server:
-            answers[provider] = {(m, p.name): classify(server, p, m) for m in models for p in photos}
+    for name, (python, precision) in runs.items():
+        provider = name.partition("-")[0]
+        settings = {"providers": provider, "openvino_precision": precision}
+        with run_server(BUILT_MODELS, tmp_path, python=python, **settings) as server:
+            answers[name] = {(m, p.name): classify(server, p, m) for m in models for p in photos}
             listed = httpx.get(f"{server.url}/models").json()["models"]
             expected = OPENVINO if provider == "openvino" else CPU
             assert {m["name"]: m["provider"] for m in listed} == dict.fromkeys(models, expected)
+            assert {m["name"]: m["compute_precision"] for m in listed} == dict.fromkeys(models, precision)
             if provider == "openvino":
-                assert f"providers ['{OPENVINO}', '{CPU}']" in server.log()
+                assert f"providers ['{OPENVINO}', '{CPU}'] (OpenVINO in {precision})" in server.log()
     for key, (label, dog) in answers["cpu"].items():
         ov_label, ov_dog = answers["openvino"][key]
         assert ov_label == label, key
         assert ov_dog == pytest.approx(dog, abs=1e-4 if "int8" not in key[0] else 0.05), key
+    if "openvino-bf16" in answers:
+        moved = [abs(answers["openvino-bf16"][key][1] - dog) for key, (_, dog) in answers["openvino"].items()]
+        assert [label for label, _ in answers["openvino-bf16"].values()] == [
+            label for label, _ in answers["openvino"].values()
+        ]
+        assert 1e-5 < max(moved) < 0.05, sorted(moved)[-5:]
 
 
 @pytest.mark.models
 @needs_models
-def test_a_server_told_to_use_openvino_without_it_does_not_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"providers": "openvino"}, "install onnxruntime-openvino"),
+        ({"openvino_precision": "bf16"}, "openvino_precision=bf16 applies to the OpenVINO provider"),
+    ],
+    ids=["providers=openvino", "openvino_precision=bf16"],
+)
+def test_a_server_told_to_use_openvino_without_it_does_not_start(
+    tmp_path: Path, setting: dict[str, str], message: str
+) -> None:
     if OPENVINO in ort.get_available_providers():
         pytest.skip("this onnxruntime has the OpenVINO provider")
-    with (
-        pytest.raises(RuntimeError, match="install onnxruntime-openvino"),
-        run_server(BUILT_MODELS, tmp_path, providers="openvino"),
-    ):
+    with pytest.raises(RuntimeError, match=message), run_server(BUILT_MODELS, tmp_path, **setting):
         pass
 
 
