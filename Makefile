@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 KSERVE_VENV ?= .venv-kserve
 OPENVINO_VENV ?= .venv-openvino
 
-.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-contention-bf16 bench-gpu bench-features soak overload hostile-memory train clean
+.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-contention-bf16 bench-gpu bench-features soak overload hostile-memory hostile-memory-openvino train clean
 
 install: $(VENV)/.installed
 
@@ -75,12 +75,12 @@ $(KSERVE_VENV)/.installed: tests/clients/kserve-requirements.txt
 
 # The service on onnxruntime's OpenVINO provider: onnxruntime-openvino installs the same
 # `onnxruntime` module as onnxruntime, so it replaces it in a venv of its own (README, "OpenVINO");
-# make test, make report and make serve-openvino use it (tqdm, httpx and matplotlib: evaluate
-# --provider openvino and bench.contention run from it too).
+# make test, make report and make serve-openvino use it (tqdm, httpx, matplotlib and pyyaml:
+# evaluate --provider openvino, bench.contention and bench.hostile_memory run from it too).
 $(OPENVINO_VENV)/.installed: pyproject.toml deploy/openvino-requirements.txt
 	$(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/pip install --quiet --upgrade pip
-	$(OPENVINO_VENV)/bin/pip install --quiet -e . 'tqdm>=4.66,<5' 'httpx>=0.27,<1' 'matplotlib>=3.9,<4'
+	$(OPENVINO_VENV)/bin/pip install --quiet -e . 'tqdm>=4.66,<5' 'httpx>=0.27,<1' 'matplotlib>=3.9,<4' 'pyyaml>=6,<7'
 	# Both out, then the OpenVINO wheel in: on a re-run the line above has put onnxruntime's files
 	# over onnxruntime-openvino's, and removing one of the two removes files the other needs.
 	$(OPENVINO_VENV)/bin/pip uninstall --quiet --yes onnxruntime onnxruntime-openvino
@@ -141,6 +141,11 @@ overload: models
 # Peak memory under the worst uploads the limits admit, against the Deployment's memory limit.
 hostile-memory: models
 	$(PY) -m bench.hostile_memory --models-dir $(MODELS_DIR)
+
+# The same on onnxruntime's OpenVINO provider, against the openvino overlay's ConfigMap and limit.
+hostile-memory-openvino: models $(OPENVINO_VENV)/.installed
+	$(OPENVINO_VENV)/bin/python -m bench.hostile_memory --models-dir $(MODELS_DIR) --overlay openvino \
+		--out bench/results/hostile_memory_openvino.json
 
 # Memory under 10 minutes of mixed load (RSS plot in bench/results/soak_rss.png).
 soak: models

@@ -43,14 +43,32 @@ PORT = 18431
 URL = f"http://127.0.0.1:{PORT}"
 
 
-def deployment_settings() -> dict[str, str]:
-    """The ConfigMap's settings: the server runs as the Deployment runs it."""
+OVERLAYS = ("openvino",)
+"""Overlays whose ConfigMap and memory limit the run can take instead of the base's (their patches
+set both in files named like the base's, with the overlay's name as suffix)."""
+
+
+def _overlay_file(overlay: str | None, base_name: str) -> Path | None:
+    if overlay is None:
+        return None
+    stem, _, suffix = base_name.partition(".")
+    return ROOT / "k8s" / "overlays" / overlay / f"{stem}-{overlay}.{suffix}"
+
+
+def deployment_settings(overlay: str | None = None) -> dict[str, str]:
+    """The ConfigMap's settings, with the overlay's over them: the server runs as the Deployment
+    runs it. The base's provider is left to `auto` (the machine's), an overlay's is kept."""
     config = yaml.safe_load((ROOT / "k8s" / "base" / "configmap.yaml").read_text())["data"]
-    return {k: v for k, v in config.items() if k not in ("CATDOG_PROVIDERS", "CATDOG_LOG_JSON")}
+    config = {k: v for k, v in config.items() if k not in ("CATDOG_PROVIDERS", "CATDOG_LOG_JSON")}
+    if patch := _overlay_file(overlay, "configmap.yaml"):
+        config |= yaml.safe_load(patch.read_text())["data"]
+    return config
 
 
-def deployment_memory_limit_mib() -> float:
-    deployment = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
+def deployment_memory_limit_mib(overlay: str | None = None) -> float:
+    """The server container's memory limit, the overlay's where its patch sets one."""
+    path = _overlay_file(overlay, "deployment.yaml") or ROOT / "k8s" / "base" / "deployment.yaml"
+    deployment = yaml.safe_load(path.read_text())
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     return float(limit[:-2]) * {"Mi": 1, "Gi": 1024}[limit[-2:]]
 
@@ -295,11 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="xception", help="the model the uploads ask for")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile_memory.json")
+    parser.add_argument(
+        "--overlay",
+        choices=OVERLAYS,
+        default=None,
+        help="take this k8s overlay's ConfigMap and memory limit (openvino: run from .venv-openvino)",
+    )
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still stops what it started
-    env = {"CATDOG_MODELS_DIR": str(args.models_dir), **deployment_settings()}
+    # Extra CATDOG_ variables in the environment reach the server (a setting to try under the limit).
+    env = {"CATDOG_MODELS_DIR": str(args.models_dir), **deployment_settings(args.overlay)}
     settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in env.items()})
-    limit = deployment_memory_limit_mib()
+    limit = deployment_memory_limit_mib(args.overlay)
     print("peak bytes per pixel while decoding, by mode and format:", flush=True)
     per_pixel = bytes_per_pixel_table()
     args.out.parent.mkdir(parents=True, exist_ok=True)

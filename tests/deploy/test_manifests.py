@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bench import hostile_memory
 from service.app import create_app
 from service.runtime import decode_threads_for
 from service.settings import Settings
@@ -258,3 +259,19 @@ def test_memory_limit_follows_from_the_worst_case_formula(
     assert limit >= worst / 0.8, (
         f"limit {limit:.0f} MiB < {worst / 0.8:.0f} MiB (worst case {worst:.0f} MiB / 0.8)"
     )
+
+
+@pytest.mark.parametrize("overlay", [None, *hostile_memory.OVERLAYS])
+def test_hostile_memory_runs_with_the_overlays_settings_and_limit(
+    rendered: dict[str, Path], overlay: str | None
+) -> None:
+    """bench.hostile_memory reads the overlay's patches itself; what it reads is what kustomize
+    renders (the base's provider left to the machine's `auto`, JSON logs off)."""
+    docs = documents(rendered[overlay or "cpu"])
+    config = dict(docs["ConfigMap"]["data"])
+    if overlay is None:
+        del config["CATDOG_PROVIDERS"]
+    del config["CATDOG_LOG_JSON"]
+    assert hostile_memory.deployment_settings(overlay) == config
+    limit = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert hostile_memory.deployment_memory_limit_mib(overlay) == _mebibytes(limit)

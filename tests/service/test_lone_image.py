@@ -146,7 +146,9 @@ def test_the_every_core_session_has_a_thread_per_cpu_not_per_worker(monkeypatch:
     """A spare worker (three on two CPUs) must not give the lone-image session three threads."""
     threads_asked: list[int] = []
 
-    def create_session(path: Path, providers: list[str], threads: int, spinning: str) -> object:
+    def create_session(
+        path: Path, providers: list[str], threads: int, spinning: str, **options: object
+    ) -> object:
         threads_asked.append(threads)
         return object()
 
