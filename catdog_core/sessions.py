@@ -76,7 +76,7 @@ _OPENVINO_CPU_CONFIG = {"ENABLE_CPU_PINNING": "NO"}
 
 OpenVinoPrecision = Literal["fp32", "bf16"]
 """What OpenVINO computes a model's floating-point layers in. fp32: the figures the manifest
-measured. bf16: bfloat16 on CPUs that have it in hardware (AMX or AVX-512 BF16), 3.9-4.2x faster
+measured. bf16: bfloat16 on CPUs that have it in hardware (AMX or AVX-512 BF16), 2.6-4.2x faster
 for the fp32 models on the Xeon VM, with answers measured apart from fp32's (README, "OpenVINO")."""
 
 

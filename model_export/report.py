@@ -7,10 +7,11 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from catdog_core.machine import machine_description
+from catdog_core.machine import machine_description, native_bf16
 from catdog_core.sessions import (
     CPU,
     OPENVINO,
+    OpenVinoPrecision,
     PairedTimes,
     cpu_providers,
     cpu_session,
@@ -130,8 +131,10 @@ def _source_cell(figures: SourceQuality) -> str:
     return f"{100 * figures.accuracy:>12.2f} / {100 * figures.ece:.2f} {floor:<6}"
 
 
-def _batch1_call(path: Path, size: int, threads: int, provider: str) -> Callable[[], object]:
-    session = cpu_session(path, threads, provider)
+def _batch1_call(
+    path: Path, size: int, threads: int, provider: str, precision: OpenVinoPrecision = "fp32"
+) -> Callable[[], object]:
+    session = cpu_session(path, threads, provider, precision)
     return functools.partial(session.run, None, {session.get_inputs()[0].name: random_batch(1, size)})
 
 
@@ -195,6 +198,26 @@ def int8_speedups(
     # (MobileNet) on a Xeon with VNNI and AMX, 1.7x and 1.4-1.7x on an AVX2 EPYC (docs/models.md,
     # "int8 on different CPUs").
     return "\n".join([*rows, f"measured on {machine_description()}"])
+
+
+def bf16_speedups(manifest: Manifest, folder: Path, threads: int = 1, pairs: int = 30) -> str:
+    """Each fp32 model computed in bf16 on OpenVINO (CATDOG_OPENVINO_PRECISION=bf16) against the
+    same file on onnxruntime's CPU provider, batch 1, one call of each in turn; empty where OpenVINO
+    is not installed or the CPU has no bf16 instructions (the server refuses bf16 there)."""
+    if OPENVINO not in cpu_providers() or not native_bf16():
+        return ""
+    rows = []
+    for entry in [e for e in manifest.models.values() if e.precision == "fp32"]:
+        path, size = folder / entry.file, entry.input.width
+        times = paired_times_ms(
+            _batch1_call(path, size, threads, CPU), _batch1_call(path, size, threads, OPENVINO, "bf16"), pairs
+        )
+        rows.append(
+            f"{entry.name} in bf16 on OpenVINO: {times.second_ms:.2f} ms vs fp32 on onnxruntime's CPU "
+            f"provider {times.first_ms:.2f} ms at batch 1 -> {times.ratio:.2f}x {speed_verdict(times)} "
+            f"({threads} threads, {pairs} alternating pairs, measured now)"
+        )
+    return "\n".join(rows)
 
 
 def plot_frontier(manifest: Manifest, path: Path) -> None:
@@ -298,6 +321,8 @@ def print_report(out: Path, plot: Path | None, speedups_only: bool = False, prov
         print(source_table(manifest))
         print()
     print(int8_speedups(manifest, out, providers=PROVIDER_CHOICES[provider]))
+    if provider != "cpu" and (bf16 := bf16_speedups(manifest, out)):
+        print(bf16)
     if plot is not None:
         plot_frontier(manifest, plot)
         print(f"frontier plot written to {plot}")

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     openvino_precision: OpenVinoPrecision = "fp32"
     """What the OpenVINO provider computes floating-point layers in: fp32, the answers the manifest
     measured; bf16 on CPUs with bfloat16 in hardware (AMX or AVX-512 BF16; refused at start
-    elsewhere, and with any other provider), 3.9-4.2x faster for fp32 MobileNet and Xception on a
+    elsewhere, and with any other provider), 2.6-4.2x faster for fp32 MobileNet and Xception on a
     Xeon with AMX, answers measured within a photo per source of fp32's (README, "OpenVINO")."""
     inference_workers: int | None = Field(None, ge=1, le=64)
     """Batches run at once, each on its own thread; None: one per CPU the process may use (from the

@@ -201,22 +201,40 @@ def test_a_server_told_to_use_openvino_without_it_does_not_start(
         pass
 
 
+def report_in_openvino_venv(function: str, arguments: str) -> subprocess.CompletedProcess[str]:
+    """What model_export.report's `function` prints for the built models, run in .venv-openvino."""
+    script = (
+        f"from pathlib import Path; from model_export.report import {function}; "
+        "from service.manifest import load_manifest; "
+        f"folder = Path({str(BUILT_MODELS)!r}); "
+        f"print({function}(load_manifest(folder / 'manifest.json'), folder, {arguments}))"
+    )
+    command = [str(OPENVINO_PYTHON), "-c", script]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+
+
 @pytest.mark.models
 @needs_models
 @needs_openvino_venv
 def test_report_times_each_int8_variant_on_openvino_too() -> None:
     """In .venv-openvino, the speed-ups on both CPU providers (make report's OpenVINO lines come from
     there), a few pairs on one thread; the figures are printed, never asserted."""
-    script = (
-        "from pathlib import Path; from model_export.report import int8_speedups; "
-        "from service.manifest import load_manifest; "
-        f"folder = Path({str(BUILT_MODELS)!r}); "
-        "print(int8_speedups(load_manifest(folder / 'manifest.json'), folder, threads=(1,), pairs=4))"
-    )
-    command = [str(OPENVINO_PYTHON), "-c", script]
-    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    printed = report_in_openvino_venv("int8_speedups", "threads=(1,), pairs=4")
     models = load_manifest(BUILT_MODELS / "manifest.json").models
     for name in [n for n, e in models.items() if e.precision == "int8"]:
         lines = [line for line in printed.stdout.splitlines() if line.startswith(f"{name}:")]
         assert len(lines) == 2, printed.stdout  # onnxruntime's CPU provider, then OpenVINO
         assert "(OpenVINO, 1 threads" in lines[1] and "OpenVINO" not in lines[0], printed.stdout
+
+
+@pytest.mark.models
+@needs_models
+@needs_openvino_venv
+def test_report_times_the_fp32_models_in_bf16_where_the_cpu_has_it() -> None:
+    """make report's bf16 lines (its second step runs in .venv-openvino): a line per fp32 model
+    where the CPU computes bf16 in hardware, none elsewhere; figures printed, never asserted."""
+    printed = report_in_openvino_venv("bf16_speedups", "pairs=4")
+    models = load_manifest(BUILT_MODELS / "manifest.json").models
+    fp32 = sorted(name for name, entry in models.items() if entry.precision == "fp32")
+    lines = [line for line in printed.stdout.splitlines() if " in bf16 on OpenVINO: " in line]
+    assert sorted(line.split(" ", 1)[0] for line in lines) == (fp32 if native_bf16() else []), printed.stdout
