@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 KSERVE_VENV ?= .venv-kserve
 OPENVINO_VENV ?= .venv-openvino
 
-.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-contention-bf16 bench-gpu bench-features soak overload hostile-memory hostile-memory-openvino train clean
+.PHONY: install models verify report serve serve-openvino test unit lint typecheck checkov image smoke-test pod-smoke-test bench bench-contention bench-contention-bf16 bench-gpu bench-features soak overload overload-openvino hostile-memory hostile-memory-openvino train clean
 
 install: $(VENV)/.installed
 
@@ -137,6 +137,13 @@ bench-features: models
 overload: models
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.overload --models-dir $(MODELS_DIR)
+
+# The same with the server on onnxruntime's OpenVINO provider (.venv-openvino; Locust stays in
+# .venv); CATDOG_OPENVINO_PRECISION=bf16 in the environment reaches the server.
+overload-openvino: models $(OPENVINO_VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.overload --models-dir $(MODELS_DIR) --server-python $(OPENVINO_VENV)/bin/python \
+		--out bench/results/overload-openvino.json --plot bench/results/overload-openvino.png $(ARGS)
 
 # Peak memory under the worst uploads the limits admit, against the Deployment's memory limit.
 hostile-memory: models

@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "overload.png")
     parser.add_argument("--condition", choices=CONDITIONS, default="quiet")
     parser.add_argument(
+        "--server-python",
+        type=Path,
+        default=Path(sys.executable),
+        help="the interpreter that runs the server (another venv's: .venv-openvino/bin/python for "
+        "OpenVINO); Locust and wrk stay with this one",
+    )
+    parser.add_argument(
         "--capacity",
         nargs="+",
         type=capacity_pair,
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     image = write_bench_images(args.out.parent)["small"]
     results: dict[str, list[dict[str, Any]]] = {}
     env = {"CATDOG_MODELS_DIR": str(args.models_dir)}
-    command = [sys.executable, "-m", "service", "--port", str(PORT)]
+    command = [str(args.server_python), "-m", "service", "--port", str(PORT)]
     with (
         condition(args.condition) as quota,
         server(quota.wrap(command) if quota else command, env, f"{URL}/readyz", args.out.with_suffix(".log")),
