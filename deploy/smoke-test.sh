@@ -11,6 +11,10 @@ shopt -s nullglob
 photos=(../shared/data/catdog-web/cat/*.jpg)
 PHOTO=${PHOTO:-${photos[0]:-}}
 NAME=catdog-smoke-$$
+# Settings for the container, KEY=VALUE separated by spaces: for the openvino image,
+# SMOKE_ENV="CATDOG_PROVIDERS=openvino CATDOG_OPENVINO_PRECISION=bf16".
+env_args=()
+for setting in ${SMOKE_ENV:-}; do env_args+=(-e "$setting"); done
 export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 
 [ -f "$PHOTO" ] || { echo "set PHOTO=path/to/a/photo.jpg" >&2; exit 2; }
@@ -23,7 +27,7 @@ trap cleanup EXIT
 # nested runtime may set; a pod gets its runtime's defaults instead.
 podman run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" --read-only --tmpfs /tmp:rw,size=256m \
   --cap-drop ALL --security-opt no-new-privileges --user 10001:10001 --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
-  -e CATDOG_INTRA_OP_THREADS=2 "$IMAGE" >/dev/null
+  -e CATDOG_INTRA_OP_THREADS=2 "${env_args[@]}" "$IMAGE" >/dev/null
 
 for _ in $(seq 1 180); do
   curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
@@ -32,6 +36,9 @@ done
 echo "== readyz: $(curl -fsS "http://127.0.0.1:$PORT/readyz")"
 podman healthcheck run "$NAME" && echo "== image HEALTHCHECK: healthy"
 echo "== user in the container: $(podman exec "$NAME" id)"
+echo "== each model's provider and compute precision:"
+curl -fsS "http://127.0.0.1:$PORT/models" | python3 -c 'import json, sys
+for m in json.load(sys.stdin)["models"]: print(m["name"], m["provider"], m["compute_precision"])'
 for model in xception mobilenet cascade; do
   echo "== classify $(basename "$PHOTO") with model=$model"
   curl -fsS -F "file=@$PHOTO" "http://127.0.0.1:$PORT/classify?model=$model"
