@@ -104,7 +104,7 @@ smoke-test:
 # The image from `make image` under the Deployment's own limits (podman kube play of the cpu
 # overlay): worst-case uploads and a 3x burst must not get it OOM-killed or restarted.
 pod-smoke-test: $(VENV)/.installed
-	$(PY) -m bench.pod_smoke
+	$(PY) -m bench.pod_smoke $(ARGS)
 
 bench: models
 	$(PY) -m bench --models-dir $(MODELS_DIR)

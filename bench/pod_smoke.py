@@ -1,6 +1,7 @@
 """`make pod-smoke-test`: the image under the Deployment's own resources, as Kubernetes would run it.
 
-`podman kube play` of the rendered cpu overlay (its ConfigMap and Deployment, one replica, the image
+`podman kube play` of the rendered cpu overlay, or with `--overlay openvino` the openvino one and
+its image (its ConfigMap and Deployment, one replica, the image
 set to the local build with pull policy Never, a host port on 127.0.0.1), so the container gets the
 Deployment's memory and CPU limits, read-only root and UID. Then the worst-case uploads the caps
 admit (one at a time, 8 at once), 30 stalled uploads, the largest v2 JSON request (one, 8 at once)
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.hostile_memory import deployment_settings, send_worst_cases
+from bench.hostile_memory import OVERLAYS, deployment_settings, send_worst_cases
 from bench.images import write_bench_images
 from bench.load import ROOT, require_wrk, stop_on_sigterm, wrk
 from bench.open_loop import run_open_loop
@@ -37,11 +38,14 @@ URL = f"http://127.0.0.1:{PORT}"
 CONTAINERS_CONF = '[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n'
 
 
-def pod_spec(image: str) -> list[dict[str, Any]]:
-    """The cpu overlay's ConfigMap and Deployment, made runnable by podman on this machine."""
+def pod_spec(
+    image: str, overlay: str = "cpu", settings: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The overlay's ConfigMap (with `settings` added) and Deployment, made runnable by podman on
+    this machine."""
     kubectl = ROOT / ".venv" / "bin" / "kubectl"
     rendered = subprocess.run(
-        [str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
+        [str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
@@ -55,6 +59,7 @@ def pod_spec(image: str) -> list[dict[str, Any]]:
             container["ports"][0].update(hostPort=PORT, hostIP="127.0.0.1")
             kept.append(doc)
         elif doc["kind"] == "ConfigMap":
+            doc["data"].update(settings or {})
             kept.append(doc)
     return kept
 
@@ -118,14 +123,28 @@ def exercise(name: str, settings: Settings, seconds: int) -> list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image", default=os.environ.get("IMAGE", "localhost/catdog-serve:dev"))
+    parser.add_argument("--overlay", choices=["cpu", *OVERLAYS], default="cpu")
+    parser.add_argument(
+        "--image", default=os.environ.get("IMAGE"), help="default: make image's tag for the overlay"
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="CATDOG_KEY=VALUE",
+        help="add to the overlay's ConfigMap (CATDOG_OPENVINO_PRECISION=bf16 on the openvino image)",
+    )
     parser.add_argument("--burst-seconds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pod_smoke.json")
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still takes its pod down (the `finally` below)
     require_wrk()
-    settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in deployment_settings().items()})
-    spec = pod_spec(args.image)
+    overlay = None if args.overlay == "cpu" else args.overlay
+    extra = dict(item.split("=", 1) for item in args.setting)
+    config = deployment_settings(overlay) | extra
+    settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in config.items()})
+    image = args.image or f"localhost/catdog-serve:dev{'' if overlay is None else '-' + overlay}"
+    spec = pod_spec(image, args.overlay, extra)
     name = container_name(spec)
     with tempfile.TemporaryDirectory() as tmp:
         play, conf = Path(tmp) / "pod.yaml", Path(tmp) / "containers.conf"
