@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench import hostile_memory
+from bench import hostile_memory, pod_smoke
 from service.app import create_app
 from service.runtime import decode_threads_for
 from service.settings import Settings
@@ -275,3 +275,22 @@ def test_hostile_memory_runs_with_the_overlays_settings_and_limit(
     assert hostile_memory.deployment_settings(overlay) == config
     limit = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     assert hostile_memory.deployment_memory_limit_mib(overlay) == _mebibytes(limit)
+
+
+def test_pod_smoke_plays_the_overlays_deployment_with_the_settings_added() -> None:
+    """bench.pod_smoke --overlay openvino --setting ...: the openvino overlay's Deployment (its 3 GiB
+    limit) on the local image, its ConfigMap with the setting added."""
+    spec = pod_smoke.pod_spec(
+        "localhost/catdog-serve:dev-openvino", "openvino", {"CATDOG_OPENVINO_PRECISION": "bf16"}
+    )
+    docs = {doc["kind"]: doc for doc in spec}
+    assert set(docs) == {"ConfigMap", "Deployment"}
+    assert docs["ConfigMap"]["data"]["CATDOG_PROVIDERS"] == "openvino"
+    assert docs["ConfigMap"]["data"]["CATDOG_OPENVINO_PRECISION"] == "bf16"
+    assert docs["Deployment"]["spec"]["replicas"] == 1
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == (
+        "localhost/catdog-serve:dev-openvino",
+        "Never",
+    )
+    assert container["resources"]["limits"]["memory"] == "3Gi"
