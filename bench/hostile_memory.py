@@ -43,32 +43,31 @@ PORT = 18431
 URL = f"http://127.0.0.1:{PORT}"
 
 
-OVERLAYS = ("openvino",)
-"""Overlays whose ConfigMap and memory limit the run can take instead of the base's (their patches
-set both in files named like the base's, with the overlay's name as suffix)."""
+OVERLAYS = ("cpu", "openvino")
+"""The k8s overlays whose ConfigMap and memory limit a run can take (kubectl kustomize renders them)."""
 
 
-def _overlay_file(overlay: str | None, base_name: str) -> Path | None:
-    if overlay is None:
-        return None
-    stem, _, suffix = base_name.partition(".")
-    return ROOT / "k8s" / "overlays" / overlay / f"{stem}-{overlay}.{suffix}"
+def rendered_overlay(overlay: str) -> dict[str, dict[str, Any]]:
+    """The overlay as kustomize renders it, by kind (kubectl from .venv, whichever venv runs this)."""
+    kubectl = ROOT / ".venv" / "bin" / "kubectl"
+    command = [str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)]
+    rendered = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(rendered) if doc}
 
 
-def deployment_settings(overlay: str | None = None) -> dict[str, str]:
-    """The ConfigMap's settings, with the overlay's over them: the server runs as the Deployment
-    runs it. The base's provider is left to `auto` (the machine's), an overlay's is kept."""
-    config = yaml.safe_load((ROOT / "k8s" / "base" / "configmap.yaml").read_text())["data"]
-    config = {k: v for k, v in config.items() if k not in ("CATDOG_PROVIDERS", "CATDOG_LOG_JSON")}
-    if patch := _overlay_file(overlay, "configmap.yaml"):
-        config |= yaml.safe_load(patch.read_text())["data"]
+def deployment_settings(overlay: str = "cpu") -> dict[str, str]:
+    """The overlay's ConfigMap: the server runs as the Deployment runs it. The cpu overlay's provider
+    is left to `auto` (the machine's), another overlay's is kept; JSON logs off."""
+    config = dict(rendered_overlay(overlay)["ConfigMap"]["data"])
+    config.pop("CATDOG_LOG_JSON", None)
+    if overlay == "cpu":
+        config.pop("CATDOG_PROVIDERS", None)
     return config
 
 
-def deployment_memory_limit_mib(overlay: str | None = None) -> float:
-    """The server container's memory limit, the overlay's where its patch sets one."""
-    path = _overlay_file(overlay, "deployment.yaml") or ROOT / "k8s" / "base" / "deployment.yaml"
-    deployment = yaml.safe_load(path.read_text())
+def deployment_memory_limit_mib(overlay: str = "cpu") -> float:
+    """The server container's memory limit in the overlay's Deployment."""
+    deployment = rendered_overlay(overlay)["Deployment"]
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     return float(limit[:-2]) * {"Mi": 1, "Gi": 1024}[limit[-2:]]
 
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overlay",
         choices=OVERLAYS,
-        default=None,
+        default="cpu",
         help="take this k8s overlay's ConfigMap and memory limit (openvino: run from .venv-openvino)",
     )
     args = parser.parse_args(argv)

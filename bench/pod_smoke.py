@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.hostile_memory import OVERLAYS, deployment_settings, send_worst_cases
+from bench.hostile_memory import OVERLAYS, deployment_settings, rendered_overlay, send_worst_cases
 from bench.images import write_bench_images
 from bench.load import ROOT, require_wrk, stop_on_sigterm, wrk
 from bench.open_loop import run_open_loop
@@ -43,25 +43,14 @@ def pod_spec(
 ) -> list[dict[str, Any]]:
     """The overlay's ConfigMap (with `settings` added) and Deployment, made runnable by podman on
     this machine."""
-    kubectl = ROOT / ".venv" / "bin" / "kubectl"
-    rendered = subprocess.run(
-        [str(kubectl), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    kept = []
-    for doc in yaml.safe_load_all(rendered):
-        if doc["kind"] == "Deployment":
-            doc["spec"]["replicas"] = 1
-            container = doc["spec"]["template"]["spec"]["containers"][0]
-            container.update(image=image, imagePullPolicy="Never")
-            container["ports"][0].update(hostPort=PORT, hostIP="127.0.0.1")
-            kept.append(doc)
-        elif doc["kind"] == "ConfigMap":
-            doc["data"].update(settings or {})
-            kept.append(doc)
-    return kept
+    rendered = rendered_overlay(overlay)
+    deployment, config = rendered["Deployment"], rendered["ConfigMap"]
+    deployment["spec"]["replicas"] = 1
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container.update(image=image, imagePullPolicy="Never")
+    container["ports"][0].update(hostPort=PORT, hostIP="127.0.0.1")
+    config["data"].update(settings or {})
+    return [config, deployment]
 
 
 def podman(*args: str) -> str:
@@ -123,7 +112,7 @@ def exercise(name: str, settings: Settings, seconds: int) -> list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--overlay", choices=["cpu", *OVERLAYS], default="cpu")
+    parser.add_argument("--overlay", choices=OVERLAYS, default="cpu")
     parser.add_argument(
         "--image", default=os.environ.get("IMAGE"), help="default: make image's tag for the overlay"
     )
@@ -139,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a stopped run still takes its pod down (the `finally` below)
     require_wrk()
-    overlay = None if args.overlay == "cpu" else args.overlay
     extra = dict(item.split("=", 1) for item in args.setting)
-    config = deployment_settings(overlay) | extra
+    config = deployment_settings(args.overlay) | extra
     settings = Settings(**{k.removeprefix("CATDOG_").lower(): v for k, v in config.items()})
-    image = args.image or f"localhost/catdog-serve:dev{'' if overlay is None else '-' + overlay}"
+    image = args.image or f"localhost/catdog-serve:dev{'' if args.overlay == 'cpu' else '-' + args.overlay}"
     spec = pod_spec(image, args.overlay, extra)
     name = container_name(spec)
     with tempfile.TemporaryDirectory() as tmp:
